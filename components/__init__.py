@@ -1,0 +1,1 @@
+"""Pure ``torch.nn`` building blocks of the zoo. Nothing here may import Lightning."""

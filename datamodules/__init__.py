@@ -1,0 +1,1 @@
+"""LightningDataModules, shard I/O and normalisation."""

@@ -1,0 +1,1 @@
+"""Environments for data generation and closed-loop evaluation."""

@@ -1,0 +1,1 @@
+"""LightningModules that compose components received as constructor arguments."""

@@ -1,0 +1,29 @@
+"""Shared test helpers. Tests run against this checkout (pyproject sets pythonpath = ["."])."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_cli(args: list[str], entry: str = "module", cwd: Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run the vla-zoo CLI in a subprocess, through a console script or ``python -m vla_zoo``.
+
+    PYTHONPATH points at this checkout so the subprocess tests the code under test even where the installed
+    console script belongs to another checkout.
+    """
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}
+    if entry == "module":
+        cmd = [sys.executable, "-m", "vla_zoo", *args]
+    else:
+        script = Path(sys.executable).parent / entry
+        if not script.exists():
+            pytest.fail(f"console script {entry!r} is not installed next to {sys.executable}: run `pip install -e .`")
+        cmd = [str(script), *args]
+    return subprocess.run(cmd, cwd=cwd or REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout)

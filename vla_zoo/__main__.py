@@ -1,0 +1,4 @@
+from vla_zoo.cli import main
+
+if __name__ == "__main__":
+    main()
