@@ -394,6 +394,8 @@ def _decode_video(seg: _VideoSegment, timestamps: np.ndarray, tol: float, size: 
                 container.seek(int(start / stream.time_base), stream=stream, backward=True)
             for frame in container.decode(stream):
                 t = frame.time
+                if t is None:
+                    raise _Inconsistent(f"video {seg.path.name} has a frame without a presentation timestamp")
                 if t < start:
                     continue
                 if end is not None and t >= end:

@@ -28,7 +28,10 @@ LENGTHS = (12, 9, 11)
 TASKS = ["pick the red block", "push the blue block left"]
 STATE_NAMES = ["x", "y", "z", "grip"]
 ACTION_NAMES = ["dx", "dy", "grip"]
-CODEC = "libx264" if "libx264" in av.codecs_available else "mpeg4"
+# v2.1 fixtures in h264, v3.0 in AV1 (LeRobot's default codec) where the encoders exist; short GOPs so that the
+# v3.0 loader really seeks to a keyframe inside the shared mp4
+H264 = "libx264" if "libx264" in av.codecs_available else "mpeg4"
+AV1 = "libsvtav1" if "libsvtav1" in av.codecs_available else H264
 H, W = 48, 64  # source frames; the loader resizes to image_size
 
 
@@ -59,11 +62,13 @@ def make_episodes(seed: int = 0) -> list[dict]:
     return eps
 
 
-def write_mp4(path: Path, codes: list[int]) -> None:
+def write_mp4(path: Path, codes: list[int], codec: str = H264) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with av.open(str(path), "w") as container:
-        stream = container.add_stream(CODEC, rate=FPS)
+        stream = container.add_stream(codec, rate=FPS)
         stream.width, stream.height, stream.pix_fmt = W, H, "yuv420p"
+        stream.codec_context.gop_size = 4
+        stream.options = {"g": "4"}
         for code in codes:
             for packet in stream.encode(av.VideoFrame.from_ndarray(bars(code), format="rgb24")):
                 container.mux(packet)
@@ -165,7 +170,7 @@ def write_v30(root: Path, eps: list[dict], video_lengths: dict[int, int] | None 
         rows.append(row)
         t += n / FPS
     for cam in codes:
-        write_mp4(root / f"videos/observation.images.{cam}/chunk-000/file-000.mp4", codes[cam])
+        write_mp4(root / f"videos/observation.images.{cam}/chunk-000/file-000.mp4", codes[cam], AV1)
     (root / "meta/episodes/chunk-000").mkdir(parents=True)
     pq.write_table(pa.Table.from_pylist(rows), root / "meta/episodes/chunk-000/file-000.parquet")
     return root
