@@ -127,9 +127,9 @@ def _fail(path: Path | str, key: str, what: str) -> LeRobotFormatError:
     return LeRobotFormatError(f"{path}: {key}: {what}")
 
 
-def _read_json(path: Path) -> Any:
+def _read_json(path: Path, hint: str = "") -> Any:
     if not path.is_file():
-        raise _fail(path, "(file)", "missing; is this a LeRobot dataset folder (it needs meta/info.json)?")
+        raise _fail(path, "(file)", "missing" + hint)
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:
@@ -516,7 +516,7 @@ def load_lerobot_episodes(
     """
     root = Path(root)
     info_path = root / "meta/info.json"
-    info = _read_json(info_path)
+    info = _read_json(info_path, "; a LeRobot dataset folder holds meta/info.json")
     version = _require(info, "codebase_version", info_path)
     if version not in SUPPORTED_VERSIONS:
         raise _fail(info_path, "codebase_version", f"{version!r} is not supported (supported: {SUPPORTED_VERSIONS})")
