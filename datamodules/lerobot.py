@@ -99,9 +99,14 @@ class ConversionReport:
 
 @dataclass
 class _VideoSegment:
-    path: Path
+    root: Path
+    rel: str  # path inside the dataset folder, as the reports show it
     from_ts: float  # where the episode starts in the file (v3.0); 0 for v2.x
     to_ts: float | None  # where it ends (v3.0); None = end of file (v2.x)
+
+    @property
+    def path(self) -> Path:
+        return self.root / self.rel
 
 
 @dataclass
@@ -208,7 +213,7 @@ def _v2_sources(root: Path, info: dict[str, Any], video_keys: list[str]) -> list
         chunk = idx // chunks_size
         try:
             data_path = root / data_tpl.format(episode_chunk=chunk, episode_index=idx)
-            videos = {k: _VideoSegment(root / video_tpl.format(episode_chunk=chunk, video_key=k, episode_index=idx),
+            videos = {k: _VideoSegment(root, video_tpl.format(episode_chunk=chunk, video_key=k, episode_index=idx),
                                        0.0, None) for k in video_keys}
         except (KeyError, IndexError, ValueError) as e:
             raise _fail(info_path, "data_path/video_path", f"template does not format ({e!r})") from e
@@ -241,7 +246,7 @@ def _v3_sources(root: Path, info: dict[str, Any], video_keys: list[str]) -> list
                                                    file_index=row["data/file_index"])
                 videos = {
                     k: _VideoSegment(
-                        root / video_tpl.format(video_key=k, chunk_index=row[f"videos/{k}/chunk_index"],
+                        root, video_tpl.format(video_key=k, chunk_index=row[f"videos/{k}/chunk_index"],
                                                 file_index=row[f"videos/{k}/file_index"]),
                         float(row[f"videos/{k}/from_timestamp"]), float(row[f"videos/{k}/to_timestamp"]))
                     for k in video_keys
@@ -395,7 +400,7 @@ def _decode_video(seg: _VideoSegment, timestamps: np.ndarray, tol: float, size: 
             for frame in container.decode(stream):
                 t = frame.time
                 if t is None:
-                    raise _Inconsistent(f"video {seg.path.name} has a frame without a presentation timestamp")
+                    raise _Inconsistent(f"video {seg.rel} has a frame without a presentation timestamp")
                 if t < start:
                     continue
                 if end is not None and t >= end:
@@ -406,9 +411,9 @@ def _decode_video(seg: _VideoSegment, timestamps: np.ndarray, tol: float, size: 
                 else:  # swscale's area filter: a proper downscale, and the full-size RGB frame is never built
                     images.append(frame.to_ndarray(format="rgb24", width=size, height=size, interpolation="AREA"))
     except av.error.FFmpegError as e:
-        raise _Inconsistent(f"cannot decode {seg.path}: {e}") from e
+        raise _Inconsistent(f"cannot decode video {seg.rel}: {e}") from e
     if len(times) != len(timestamps):
-        raise _Inconsistent(f"video {seg.path.name} holds {len(times)} frames in [{seg.from_ts:.4f}, "
+        raise _Inconsistent(f"video {seg.rel} holds {len(times)} frames in [{seg.from_ts:.4f}, "
                             f"{'end' if seg.to_ts is None else f'{seg.to_ts:.4f}'}) s, parquet has "
                             f"{len(timestamps)} rows")
     query = seg.from_ts + timestamps
@@ -417,7 +422,7 @@ def _decode_video(seg: _VideoSegment, timestamps: np.ndarray, tol: float, size: 
     error = np.abs(times[nearest] - query)
     if error.max() > tol:
         i = int(error.argmax())
-        raise _Inconsistent(f"video {seg.path.name}: no frame within {tol:.4f} s of timestamp {query[i]:.4f} "
+        raise _Inconsistent(f"video {seg.rel}: no frame within {tol:.4f} s of timestamp {query[i]:.4f} "
                             f"(row {i}; nearest frame at {times[nearest[i]]:.4f} s)")
     return np.stack(images)[nearest]
 

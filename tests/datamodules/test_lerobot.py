@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from datamodules.lerobot import LeRobotFormatError, load_lerobot_episodes
+from datamodules.lerobot import LeRobotFormatError, convert_lerobot, load_lerobot_episodes
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 FPS = 10
@@ -342,3 +342,34 @@ def test_cli_reports_malformed_dataset(tmp_path):
     assert proc.returncode != 0
     assert "meta/info.json: codebase_version: 'v9.9' is not supported" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_converted_shards_read_back_equal_the_source(tmp_path, eps):
+    shards = pytest.importorskip("datamodules.shards")
+    root = write_v30(tmp_path / "ds", eps, video_lengths={1: LENGTHS[1] - 1})
+    result = convert_lerobot(root, tmp_path / "out", source="lr", embodiment="test_arm", horizon=4, image_size=32)
+    assert [d["episode_index"] for d in result["report"]["dropped"]] == [1]
+    source = json.loads((tmp_path / "out/source.json").read_text())
+    assert source["episodes"] == result["source"]["episodes"] == 2
+    assert source["embodiment"] == "test_arm" and source["has_action"] and source["fps"] == FPS
+    assert list(source["views"]) == ["top", "wrist"]
+    back = list(shards.read_episodes(tmp_path / "out"))
+    assert len(back) == 2
+    for ep, src in zip(back, [eps[0], eps[2]]):
+        check_frames(ep, src, "top")  # bars survive the JPEG round trip
+        check_frames(ep, src, "wrist", offset=128)
+        np.testing.assert_array_equal(ep.state, src["state"])
+        np.testing.assert_array_equal(ep.actions, src["action"])
+        assert ep.instruction == TASKS[src["task_index"]]
+
+
+def test_cli_converts_and_prints_summary(tmp_path, eps):
+    pytest.importorskip("datamodules.shards")
+    root = write_v21(tmp_path / "ds", eps, video_lengths={2: LENGTHS[2] - 1})
+    proc = subprocess.run([sys.executable, "-m", "datamodules.lerobot", str(root), str(tmp_path / "out"),
+                           "--embodiment", "arm", "--views", "top", "--image-size", "32"],
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(proc.stdout)
+    assert summary["report"]["episodes_converted"] == 2 and summary["report"]["dropped"][0]["episode_index"] == 2
+    assert summary["source"]["name"] == "ds" and summary["source"]["episodes"] == 2
