@@ -261,6 +261,24 @@ def test_timestamp_jump_and_frame_index_gap_dropped(tmp_path, eps):
     assert "frame_index not contiguous" in reasons[2] and "row 5" in reasons[2]
 
 
+def test_images_as_png_files(tmp_path, eps):
+    root = write_v21(tmp_path / "ds", eps)
+    for e in eps:  # move the wrist images out of the parquet into LeRobot's images/ folder layout
+        path = root / f"data/chunk-000/episode_{e['index']:06d}.parquet"
+        table = pq.read_table(path)
+        for f, blob in enumerate(table["observation.images.wrist"].combine_chunks().field("bytes").to_pylist()):
+            png_path = root / f"images/observation.images.wrist/episode-{e['index']:06d}/frame-{f:06d}.png"
+            png_path.parent.mkdir(parents=True, exist_ok=True)
+            png_path.write_bytes(blob)
+        pq.write_table(table.drop_columns(["observation.images.wrist"]), path)
+    (root / "images/observation.images.wrist/episode-000001/frame-000004.png").unlink()
+    episodes, report = load(root, views=["wrist"], image_size=None)
+    assert report.converted == [0, 2] and "image observation.images.wrist of frame 4" in report.dropped[0]["reason"]
+    for ep, src in zip(episodes, [eps[0], eps[2]]):
+        np.testing.assert_array_equal(ep.frames["wrist"], np.stack([bars(255 - g) for g in
+                                                                   range(src["start"], src["start"] + src["length"])]))
+
+
 def test_length_disagreeing_with_episodes_metadata_dropped(tmp_path, eps):
     root = write_v21(tmp_path / "ds", eps)
     lines = (root / "meta/episodes.jsonl").read_text().splitlines()
