@@ -1,0 +1,50 @@
+"""Small synthetic episodes and sources for the datamodule tests (the tabletop world is not needed here)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from datamodules.episode import Episode, Modality
+from datamodules.shards import write_source
+
+
+def smooth_frames(rng: np.random.Generator, length: int, size: int) -> np.ndarray:
+    """uint8 [T, size, size, 3] colour gradients that drift over time: JPEG keeps them within a few grey levels."""
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    phase = rng.uniform(0, 2 * np.pi, 3)
+    t = np.arange(length)[:, None, None, None] / max(length, 1)
+    img = 127 + 100 * np.sin(np.pi * (xx[None, ..., None] + yy[None, ..., None]) / 2 + 2 * np.pi * t + phase)
+    return img.astype(np.uint8)
+
+
+def make_episodes(
+    num: int, *, seed: int = 0, state_dim: int = 3, action_dim: int = 2, length: tuple[int, int] = (6, 14),
+    views: tuple[str, ...] = ("scene", "wrist"), size: int = 16, embodiment: str = "arm", has_action: bool = True,
+    action_offset: float = 0.0, action_scale: float = 1.0,
+) -> list[Episode]:
+    rng = np.random.default_rng(seed)
+    episodes = []
+    for i in range(num):
+        T = int(rng.integers(length[0], length[1] + 1))
+        episodes.append(Episode(
+            frames={v: smooth_frames(rng, T, size) for v in views},
+            instruction=f"task {i % 3}",
+            embodiment=embodiment,
+            fps=10.0,
+            state=rng.normal(size=(T, state_dim)).astype(np.float32) if has_action else None,
+            actions=(action_offset + action_scale * rng.normal(size=(T, action_dim))).astype(np.float32)
+            if has_action else None,
+            metadata={"index": i, "seed": seed},
+        ))
+    return episodes
+
+
+def make_source(
+    out_dir: Path, name: str, num_episodes: int = 6, *, horizon: int = 4, samples_per_shard: int = 20,
+    modality: Modality | None = None, **episode_kwargs,
+) -> Path:
+    write_source(make_episodes(num_episodes, **episode_kwargs), out_dir, source=name, horizon=horizon,
+                 modality=modality, samples_per_shard=samples_per_shard)
+    return Path(out_dir)
