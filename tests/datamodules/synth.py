@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
+import webdataset as wds
 
 from datamodules.episode import Episode, Modality
-from datamodules.shards import write_source
+from datamodules.shards import iter_raw_samples, write_source
 
 
 def smooth_frames(rng: np.random.Generator, length: int, size: int) -> np.ndarray:
@@ -48,3 +50,41 @@ def make_source(
     write_source(make_episodes(num_episodes, **episode_kwargs), out_dir, source=name, horizon=horizon,
                  modality=modality, samples_per_shard=samples_per_shard)
     return Path(out_dir)
+
+
+def _npy(x: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, x)
+    return buf.getvalue()
+
+
+FAULTS = ("truncated_tar", "undecodable_image", "missing_member", "wrong_shape", "non_finite")
+
+
+def corrupt_shard(path: Path, fault: str, every: bool = False) -> str | None:
+    """Inject ``fault`` into the middle sample of a shard (or into every sample); returns the damaged key."""
+    path = Path(path)
+    if fault == "truncated_tar":
+        data = path.read_bytes()
+        path.write_bytes(data[: len(data) // 2 + 100])  # cut inside a member
+        return None
+    samples = list(iter_raw_samples(str(path)))
+    targets = range(len(samples)) if every else [len(samples) // 2]
+    for i in targets:
+        s = samples[i]
+        if fault == "undecodable_image":
+            s["scene_t.jpg"] = b"\xff\xd8 not a jpeg"
+        elif fault == "missing_member":
+            del s["state.npy"]
+        elif fault == "wrong_shape":
+            s["state.npy"] = _npy(np.zeros(7, np.float32))
+        elif fault == "non_finite":
+            a = np.load(io.BytesIO(s["actions.npy"]))
+            a[0, 0] = np.nan
+            s["actions.npy"] = _npy(a)
+        else:
+            raise ValueError(fault)
+    with wds.TarWriter(str(path), encoder=False) as w:
+        for s in samples:
+            w.write({k: v for k, v in s.items() if k == "__key__" or not k.startswith("__")})
+    return samples[targets[0]]["__key__"]
