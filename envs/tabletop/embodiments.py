@@ -120,14 +120,16 @@ class TwoLinkArm:
         )
 
     def state_bounds(self) -> tuple[np.ndarray, np.ndarray]:
-        return np.append(self.limits[:, 0], 0.0).astype(np.float32), np.append(self.limits[:, 1], 1.0).astype(np.float32)
+        low, high = np.append(self.limits[:, 0], 0.0), np.append(self.limits[:, 1], 1.0)
+        return low.astype(np.float32), high.astype(np.float32)
 
     def reset(self, ee: np.ndarray) -> None:
         self.q = np.clip(self.inverse(ee), self.limits[:, 0], self.limits[:, 1])
         self.ee = self.forward(self.q)
 
     def move(self, command: np.ndarray) -> None:
-        self.q = np.clip(self.q + np.clip(command, -1.0, 1.0) * self.max_joint_step, self.limits[:, 0], self.limits[:, 1])
+        q = self.q + np.clip(command, -1.0, 1.0) * self.max_joint_step
+        self.q = np.clip(q, self.limits[:, 0], self.limits[:, 1])
         self.ee = self.forward(self.q)
 
     def joints(self) -> np.ndarray:

@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 # Bump when generation changes what a given config produces, so stale caches are rebuilt.
 GENERATOR_VERSION = 1
 
-DEFAULT_EPISODES: dict[str, int] = {"robot": 60, "robot_b": 60, "sim": 300, "human": 100, "neural": 100}
+DEFAULT_EPISODES: dict[str, int] = {"robot": 50, "robot_b": 50, "sim": 200, "human": 80, "neural": 80}
 MARKER = "READY.json"
 
 
@@ -54,7 +54,8 @@ def _build_tier(root: str, tier: str, config: dict[str, Any]) -> dict[str, Any]:
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
-    log.info("tabletop pyramid: wrote %s (%d episodes) in %.1f s", final, config["episodes"], time.perf_counter() - start)
+    elapsed = time.perf_counter() - start
+    log.info("tabletop pyramid: wrote %s (%d episodes) in %.1f s", final, config["episodes"], elapsed)
     return source
 
 

@@ -83,7 +83,9 @@ def rollout(world: World, expert: ScriptedExpert, renderer: Renderer | None = No
     return frames, np.stack(states[:-1]), np.stack(actions), False
 
 
-def generate_episodes(tier: str, num_episodes: int, seed: int, image_size: int = 64, start: int = 0) -> Iterator[Episode]:
+def generate_episodes(
+    tier: str, num_episodes: int, seed: int, image_size: int = 64, start: int = 0
+) -> Iterator[Episode]:
     """Episodes ``start .. start + num_episodes - 1`` of ``tier`` (see the module table)."""
     if tier not in TIERS:
         raise ValueError(f"Unknown tabletop tier {tier!r}; choose one of {list(TIERS)}")

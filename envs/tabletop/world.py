@@ -93,7 +93,9 @@ def _in_region(p: np.ndarray) -> bool:
     return _REACH[0] <= float(np.linalg.norm(p - _ARM_BASE)) <= _REACH[1]
 
 
-def _sample_point(rng: np.random.Generator, taken: list[tuple[np.ndarray, float]], clearance: float) -> np.ndarray | None:
+def _sample_point(
+    rng: np.random.Generator, taken: list[tuple[np.ndarray, float]], clearance: float
+) -> np.ndarray | None:
     for _ in range(100):
         p = np.array([rng.uniform(*_REGION_X), rng.uniform(*_REGION_Y)])
         if _in_region(p) and all(np.linalg.norm(p - q) >= clearance + r for q, r in taken):
@@ -292,7 +294,9 @@ class World:
         return self.succeeded()
 
 
-def make_world(seed: int, embodiment: str, visuals: str = "default", families: tuple[str, ...] = TASK_FAMILIES) -> World:
+def make_world(
+    seed: int, embodiment: str, visuals: str = "default", families: tuple[str, ...] = TASK_FAMILIES
+) -> World:
     """The world an episode seed denotes: the same seed gives the same scene for every embodiment and visuals."""
     scene_seq, visual_seq = np.random.SeedSequence(seed).spawn(2)
     scene = sample_scene(np.random.default_rng(scene_seq), tuple(families))
