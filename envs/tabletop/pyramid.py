@@ -63,7 +63,9 @@ class TabletopPyramid:
     """Preparer of the embedded world's data (``prepare() -> None``, see ``MixtureDataModule(prepare=...)``).
 
     ``episodes`` maps tier name to episode count (missing tiers take ``DEFAULT_EPISODES``; 0 leaves a tier out).
-    ``num_workers`` processes build tiers in parallel; the data does not depend on it.
+    ``num_workers`` processes build tiers in parallel; the data does not depend on it. The workers are spawned
+    (they re-import the main module), so a script calling ``prepare()`` needs the usual
+    ``if __name__ == "__main__":`` guard when ``num_workers > 1``.
     """
 
     def __init__(
