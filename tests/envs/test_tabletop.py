@@ -211,6 +211,7 @@ def test_bad_names_get_clear_errors():
 _HAVE_WRITER = importlib.util.find_spec("datamodules.shards") is not None
 
 
+@pytest.mark.slow  # ~10 s alone, mostly two spawned workers importing webdataset (and so torch)
 @pytest.mark.skipif(not _HAVE_WRITER, reason="datamodules.shards (the shard writer) is not on this branch yet")
 def test_pyramid_writes_every_tier_once_identically_for_any_worker_count(tmp_path):
     from datamodules.shards import read_episodes
