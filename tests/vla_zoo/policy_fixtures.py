@@ -9,6 +9,8 @@ from typing import Any
 
 import numpy as np
 
+from datamodules.episode import Episode
+
 VIEWS = ["scene", "wrist"]
 EMBODIMENTS = {"point_gripper": (3, 3), "two_link_arm": (3, 3)}  # name -> (state_dim, action_dim)
 
@@ -63,3 +65,14 @@ def make_observation(rng: np.random.Generator, embodiment: str = "point_gripper"
         "instruction": f"pick up the cube {int(rng.integers(100))}",
         "embodiment": embodiment,
     }
+
+
+def make_episodes(rng: np.random.Generator, lengths: list[int], embodiment: str = "point_gripper", image_size: int = 8) -> list[Episode]:
+    return [
+        Episode(
+            frames={v: rng.integers(0, 256, (t, image_size, image_size, 3), dtype=np.uint8) for v in VIEWS},
+            instruction="push the block", embodiment=embodiment, fps=10.0,
+            state=rng.normal(size=(t, 3)).astype(np.float32), actions=rng.normal(size=(t, 3)).astype(np.float32),
+        )
+        for t in lengths
+    ]

@@ -17,9 +17,9 @@ import msgpack
 import numpy as np
 import pytest
 
-from datamodules.episode import Episode
 from tests.conftest import REPO_ROOT
-from tests.vla_zoo.policy_fixtures import VIEWS, make_observation, make_policy
+from tests.vla_zoo.policy_fixtures import VIEWS, make_episodes, make_observation, make_policy
+from vla_zoo.open_loop import episode_observation
 from vla_zoo.deploy.client import PolicyServerError, RemotePolicy
 from vla_zoo.deploy.codec import CodecError, packb, unpackb
 from vla_zoo.deploy.replay import ReplayPolicy
@@ -225,14 +225,19 @@ def test_event_loop_serves_while_policy_is_busy_and_sigterm_exits_cleanly(tmp_pa
             thread.join(5)
             _assert_same_actions(result, local.get_action(obs))  # includes the reset offset
 
-            # SIGTERM while a request is in flight: the call finishes, then the process exits 0.
-            thread = threading.Thread(target=lambda: result.update(busy.get_action(obs)), daemon=True)
+            # SIGTERM while a request is in flight: the call is answered, then the process exits 0.
+            late: dict[str, Any] = {}
+            thread = threading.Thread(target=lambda: late.update(busy.get_action(obs)), daemon=True)
             thread.start()
             time.sleep(0.1)
             start = time.perf_counter()
             srv.proc.send_signal(signal.SIGTERM)
             assert srv.proc.wait(5) == 0, srv.log_path.read_text()[-3000:]
-            assert time.perf_counter() - start < 2.5
+            assert time.perf_counter() - start < 2.0
+            thread.join(1)
+            _assert_same_actions(late, local.get_action(obs))
+            with pytest.raises(ConnectionError):
+                other.ping()
     finally:
         srv.stop()
 
@@ -240,26 +245,8 @@ def test_event_loop_serves_while_policy_is_busy_and_sigterm_exits_cleanly(tmp_pa
 # ---- replay -------------------------------------------------------------------------------------------------
 
 
-def _episodes(rng: np.random.Generator, lengths: list[int], embodiment: str = "point_gripper") -> list[Episode]:
-    return [
-        Episode(
-            frames={v: rng.integers(0, 256, (t, 8, 8, 3), dtype=np.uint8) for v in VIEWS},
-            instruction="push the block", embodiment=embodiment, fps=10.0,
-            state=rng.normal(size=(t, 3)).astype(np.float32), actions=rng.normal(size=(t, 3)).astype(np.float32),
-        )
-        for t in lengths
-    ]
-
-
-def _step_observation(episode: Episode, t: int) -> dict[str, Any]:
-    return {
-        "images": {v: f[t] for v, f in episode.frames.items()}, "state": episode.state[t],
-        "instruction": episode.instruction, "embodiment": episode.embodiment,
-    }
-
-
 def test_replay_returns_recorded_chunks_step_by_step() -> None:
-    episodes = _episodes(np.random.default_rng(0), [10, 7])
+    episodes = make_episodes(np.random.default_rng(0), [10, 7])
     policy = ReplayPolicy(episodes, horizon=4)
     assert policy.metadata() == {
         "embodiments": {"point_gripper": {"state_dim": 3, "action_dim": 3, "image_keys": VIEWS, "image_size": [8, 8]}},
@@ -269,29 +256,26 @@ def test_replay_returns_recorded_chunks_step_by_step() -> None:
         for ep in episodes:
             policy.reset()
             for t in range(0, ep.length, 4):
-                chunk = policy.get_action(_step_observation(ep, t))["actions"]
+                chunk = policy.get_action(episode_observation(ep, t))["actions"]
                 expected = ep.actions[[min(s, ep.length - 1) for s in range(t, t + 4)]]  # held after the end
                 np.testing.assert_array_equal(chunk, expected)
 
     every_two = ReplayPolicy(episodes, horizon=4, stride=2)
-    every_two.get_action(_step_observation(episodes[0], 0))
-    np.testing.assert_array_equal(every_two.get_action(_step_observation(episodes[0], 2))["actions"], episodes[0].actions[2:6])
+    every_two.get_action(episode_observation(episodes[0], 0))
+    np.testing.assert_array_equal(every_two.get_action(episode_observation(episodes[0], 2))["actions"], episodes[0].actions[2:6])
     with pytest.raises(ValueError, match="replaying episode 0 of embodiment 'point_gripper'.*'two_link_arm'"):
-        ReplayPolicy(episodes, horizon=4).get_action({**_step_observation(episodes[0], 0), "embodiment": "two_link_arm"})
+        ReplayPolicy(episodes, horizon=4).get_action({**episode_observation(episodes[0], 0), "embodiment": "two_link_arm"})
 
 
-def test_replay_policy_served_over_the_network(tmp_path: Path) -> None:
-    shards = pytest.importorskip("datamodules.shards")
-    episodes = _episodes(np.random.default_rng(1), [12, 9])
-    shards.write_source(episodes, tmp_path / "robot", source="robot", horizon=4)
-    srv = ServerProcess(tmp_path / "server.log", "--replay", str(tmp_path / "robot"))
-    try:
-        with srv.client() as remote:
-            assert remote.metadata()["horizon"] == 4
-            for ep in episodes:
-                remote.reset()
-                for t in range(0, ep.length, 4):
-                    expected = ep.actions[[min(s, ep.length - 1) for s in range(t, t + 4)]]
-                    np.testing.assert_allclose(remote.get_action(_step_observation(ep, t))["actions"], expected, atol=1e-6)
-    finally:
-        srv.stop()
+def test_replay_from_shards(tmp_path: Path) -> None:
+    from datamodules.shards import write_source
+
+    episodes = make_episodes(np.random.default_rng(1), [12, 9])
+    write_source(episodes, tmp_path / "robot", source="robot", horizon=4)
+    policy = ReplayPolicy.from_shards(tmp_path / "robot")
+    assert policy.metadata()["horizon"] == 4
+    for ep in episodes:
+        policy.reset()
+        for t in range(0, ep.length, 4):
+            expected = ep.actions[[min(s, ep.length - 1) for s in range(t, t + 4)]]
+            np.testing.assert_array_equal(policy.get_action(episode_observation(ep, t))["actions"], expected)

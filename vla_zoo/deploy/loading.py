@@ -20,7 +20,9 @@ def add_policy_arguments(parser: argparse.ArgumentParser) -> None:
         "--policy", metavar="MODULE:FACTORY", help="any callable returning a policy, e.g. my_robot.policies:make_policy"
     )
     parser.add_argument(
-        "--policy-kwargs", default="{}", metavar="JSON", help='keyword arguments for --policy, e.g. \'{"seed": 0}\''
+        "--policy-kwargs", default="{}", metavar="JSON",
+        help='keyword arguments for Policy.from_checkpoint or the --policy factory, '
+        'e.g. \'{"device": "cuda", "system2_period": 4}\'',
     )
 
 
@@ -37,15 +39,15 @@ def import_factory(spec: str) -> Any:
 
 
 def policy_from_args(args: argparse.Namespace, replay_stride: int | None = None) -> Any:
-    if args.checkpoint:
-        from vla_zoo.policy import Policy
-
-        return Policy.from_checkpoint(args.checkpoint)
-    if args.replay:
-        from vla_zoo.deploy.replay import ReplayPolicy
-
-        return ReplayPolicy.from_shards(args.replay, stride=replay_stride)
     kwargs = json.loads(args.policy_kwargs)
     if not isinstance(kwargs, dict):
         raise ValueError(f"--policy-kwargs must be a JSON object, got {args.policy_kwargs!r}")
+    if args.checkpoint:
+        from vla_zoo.policy import Policy
+
+        return Policy.from_checkpoint(args.checkpoint, **kwargs)
+    if args.replay:
+        from vla_zoo.deploy.replay import ReplayPolicy
+
+        return ReplayPolicy.from_shards(args.replay, stride=replay_stride, **kwargs)
     return import_factory(args.policy)(**kwargs)

@@ -11,7 +11,7 @@ request, in order. Requests::
 Any bad request gets ``{"error": {"type": ..., "message": ...}}`` and the connection stays open; error types are
 ``DecodeError`` (not msgpack, malformed array), ``BadRequest`` (not a map, unknown type, no observation),
 ``InvalidObservation`` (does not match ``metadata()``: the message names the key and what was expected) and
-``PolicyError`` (the policy itself raised).
+``PolicyError`` (the policy itself raised); during shutdown, ``ShuttingDown``.
 
 Command::
 
@@ -20,7 +20,8 @@ Command::
     python -m vla_zoo.deploy.server --policy my_pkg.policies:make_policy --policy-kwargs '{"seed": 0}'
 
 It prints ``{"event": "listening", "host": ..., "port": ...}`` as one JSON line on stdout once it accepts
-connections (so ``--port 0`` works for scripts and tests) and exits with status 0 on SIGTERM or SIGINT.
+connections (so ``--port 0`` works for scripts and tests). On SIGTERM or SIGINT it stops accepting requests, answers
+the one in flight, closes every connection and exits with status 0.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import signal
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -66,15 +68,25 @@ class PolicyServer:
     """
 
     def __init__(
-        self, policy: Any, host: str = "127.0.0.1", port: int = 0, max_message_bytes: int = MAX_MESSAGE_BYTES
+        self,
+        policy: Any,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        max_message_bytes: int = MAX_MESSAGE_BYTES,
+        drain_timeout: float = 10.0,
     ) -> None:
         self.policy = policy
         self.host = host
         self.port = port
         self.max_message_bytes = max_message_bytes
+        self.drain_timeout = drain_timeout
         self._metadata = policy.metadata()
         check_metadata(self._metadata)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="policy")
+        self._stopping = False
+        self._in_flight = 0  # requests received and not yet answered
+        self._idle = asyncio.Event()
+        self._idle.set()
 
     async def _call_policy(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
@@ -119,12 +131,25 @@ class PolicyServer:
     async def _handle(self, connection: ServerConnection) -> None:
         try:
             async for message in connection:
-                await connection.send(await self.respond(message))
+                if self._stopping:
+                    await connection.send(packb(error_response("ShuttingDown", "the policy server is shutting down")))
+                    continue
+                self._in_flight += 1
+                self._idle.clear()
+                try:
+                    await connection.send(await self.respond(message))
+                finally:
+                    self._in_flight -= 1
+                    if not self._in_flight:
+                        self._idle.set()
         except ConnectionClosed:
             pass  # a client that vanished mid-request is that client's problem, not the server's
 
-    async def serve(self, stop: asyncio.Event, on_ready: Callable[[str, int], None] | None = None) -> None:
-        """Serve until ``stop`` is set, then close connections and wait for the policy call in flight."""
+    async def serve(self, stop: asyncio.Event, on_ready: Callable[[str, int], None] | None = None) -> bool:
+        """Serve until ``stop`` is set; then answer the requests in flight (up to ``drain_timeout`` s) and close.
+
+        Returns False if a policy call was still running when the drain timed out.
+        """
         # No permessage-deflate: camera images barely compress and deflating them costs more than sending them.
         async with serve(
             self._handle, self.host, self.port, max_size=self.max_message_bytes, compression=None, close_timeout=1
@@ -133,19 +158,25 @@ class PolicyServer:
             if on_ready is not None:
                 on_ready(self.host, self.port)
             await stop.wait()
-        self._executor.shutdown(wait=True)
+            self._stopping = True
+            try:
+                await asyncio.wait_for(self._idle.wait(), self.drain_timeout)
+            except asyncio.TimeoutError:  # not the builtin TimeoutError before Python 3.11
+                log.warning("a policy call is still running after %.1f s; closing connections anyway", self.drain_timeout)
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        return self._idle.is_set()
 
-    def run(self, on_ready: Callable[[str, int], None] | None = None) -> None:
-        """Blocking: serve until SIGTERM or SIGINT (call from the main thread)."""
+    def run(self, on_ready: Callable[[str, int], None] | None = None) -> bool:
+        """Blocking: serve until SIGTERM or SIGINT (call from the main thread); returns what ``serve`` returns."""
 
-        async def main() -> None:
+        async def main() -> bool:
             stop = asyncio.Event()
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, stop.set)
-            await self.serve(stop, on_ready)
+            return await self.serve(stop, on_ready)
 
-        asyncio.run(main())
+        return asyncio.run(main())
 
 
 def _announce(host: str, port: int) -> None:
@@ -164,7 +195,10 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s", stream=sys.stderr)
 
     server = PolicyServer(policy_from_args(args), args.host, args.port, int(args.max_message_mb * 2**20))
-    server.run(on_ready=_announce)
+    if not server.run(on_ready=_announce):
+        # The policy thread is stuck; the interpreter would wait for it forever at exit.
+        log.error("exiting with a policy call still running")
+        os._exit(1)
     log.info("shut down")
 
 
