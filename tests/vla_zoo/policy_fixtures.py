@@ -76,3 +76,12 @@ def make_episodes(rng: np.random.Generator, lengths: list[int], embodiment: str 
         )
         for t in lengths
     ]
+
+
+def lerobot_replay(root: str, embodiment: str, horizon: int, stride: int, image_size: int) -> Any:
+    """A ReplayPolicy over a LeRobot dataset folder (for the open-loop command's --lerobot path)."""
+    from datamodules.lerobot import load_lerobot_episodes
+    from vla_zoo.deploy.replay import ReplayPolicy
+
+    episodes, _ = load_lerobot_episodes(root, embodiment=embodiment, image_size=image_size)
+    return ReplayPolicy(list(episodes), horizon=horizon, stride=stride)

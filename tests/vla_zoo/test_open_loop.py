@@ -93,3 +93,18 @@ def test_command_on_shards_with_replay(tmp_path: Path) -> None:
     summary = result["embodiments"]["point_gripper"]
     assert summary["mse_per_dim"] == [0.0, 0.0, 0.0] and summary["action_names"] == ["dx", "dy", "grip"]
     assert sorted(p.name for p in out.glob("*.png")) == ["episode_0000.png", "episode_0001.png"]
+
+
+def test_command_on_a_lerobot_dataset(tmp_path: Path) -> None:
+    from tests.datamodules.test_lerobot import ACTION_NAMES, make_episodes as lerobot_episodes, write_v21
+
+    root = write_v21(tmp_path / "ds", lerobot_episodes())
+    kwargs = {"root": str(root), "embodiment": "test_arm", "horizon": 4, "stride": 2, "image_size": 32}
+    result = main([
+        "--policy", "tests.vla_zoo.policy_fixtures:lerobot_replay", "--policy-kwargs", json.dumps(kwargs),
+        "--lerobot", str(root), "--embodiment", "test_arm", "--views", "top,wrist", "--execute-every", "2",
+        "--out", str(tmp_path / "eval"),
+    ])
+    summary = result["embodiments"]["test_arm"]
+    assert summary["mse_per_dim"] == [0.0, 0.0, 0.0] and summary["action_names"] == ACTION_NAMES
+    assert summary["episodes"] == 3 and len(list((tmp_path / "eval").glob("*.png"))) == 3
