@@ -140,7 +140,7 @@ def _fuzz_messages(rng: np.random.Generator) -> list[tuple[bytes | str, str]]:
         wrong_shape = {**valid["images"], view: np.zeros(shape, np.uint8)}
         messages.append((request({**valid, "images": wrong_shape}), f"shape [{h}, {h}, 3]"))
         messages.append((request({**valid, "images": "scene.png"}), "['images'] must be a map"))
-        messages.append((request({**valid, "state": np.zeros(int(rng.integers(4, 9)), np.float32)}), "['state'] must be a float32 array of shape [3]"))
+        messages.append((request({**valid, "state": np.zeros(int(rng.integers(4, 9)), np.float32)}), "['state'] must be a float32 (or float64) array of shape [3]"))
         messages.append((request({**valid, "state": np.zeros(3, np.int64)}), "['state'] must be a float32"))
         messages.append((request({**valid, "state": [0.0, 0.0, 0.0]}), "['state'] must be a float32"))
         messages.append((request({**valid, "state": np.array([0, np.nan, 0], np.float32)}), "NaN"))

@@ -79,7 +79,8 @@ def validate_observation(observation: Any, metadata: Mapping[str, Any]) -> None:
     state_dim = spec["state_dim"]
     if not (isinstance(state, np.ndarray) and state.dtype.kind == "f" and state.shape == (state_dim,)):
         raise ObservationError(
-            f"observation['state'] must be a float32 array of shape [{state_dim}] for embodiment {embodiment!r}, "
+            f"observation['state'] must be a float32 (or float64) array of shape [{state_dim}] for embodiment "
+            f"{embodiment!r}, "
             f"got {_describe(state)}"
         )
     if not np.isfinite(state).all():
