@@ -80,8 +80,7 @@ def validate_observation(observation: Any, metadata: Mapping[str, Any]) -> None:
     if not (isinstance(state, np.ndarray) and state.dtype.kind == "f" and state.shape == (state_dim,)):
         raise ObservationError(
             f"observation['state'] must be a float32 (or float64) array of shape [{state_dim}] for embodiment "
-            f"{embodiment!r}, "
-            f"got {_describe(state)}"
+            f"{embodiment!r}, got {_describe(state)}"
         )
     if not np.isfinite(state).all():
         raise ObservationError(f"observation['state'] contains NaN or inf: {state.tolist()}")
