@@ -56,7 +56,7 @@ ERRORS_KEY = "_errors"
 class Preparer(Protocol):
     """Anything that writes the shards a mixture reads (e.g. ``envs.tabletop.pyramid.TabletopPyramid``)."""
 
-    def prepare(self) -> None: ...
+    def prepare(self): ...  # no return annotation: jsonargparse would compare "None" and None literally
 
 
 @dataclass
