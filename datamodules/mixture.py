@@ -512,6 +512,35 @@ class MixtureDataModule(LightningDataModule):
                 log.warning("skipped corrupt samples: %s (totals: %s)", errors, dict(self.error_counts))
         return batch
 
+    def data_spec(self) -> dict[str, Any]:
+        """What inference needs from the data side, stored by the policy in its checkpoints: per embodiment its
+        action-head slot, dims, normaliser and modality; the camera views, image size and horizon."""
+        self.setup()
+        first = self.resolved[0]
+        embodiments = {}
+        for name, slot in self.embodiments.items():
+            normalizer = self.normalizers.get(name)
+            if normalizer is None:  # a slot no source feeds (e.g. filled by pseudo-labels)
+                continue
+            embodiments[name] = {
+                "id": slot,
+                "state_dim": normalizer.dim("state"),
+                "action_dim": normalizer.dim("actions"),
+                "has_action": normalizer.dim("actions") > 0,
+                "normalizer": normalizer.to_dict(),
+                "modality": self.modalities.get(name),
+            }
+        size = [self.image_size] * 2 if self.image_size else list(first.meta["image_size"])
+        return {
+            "embodiments": embodiments,
+            "views": list(first.views),
+            "image_size": size,
+            "horizon": self.horizon,
+            "max_state_dim": self.max_state_dim,
+            "max_action_dim": self.max_action_dim,
+            "sources": self.source_names,
+        }
+
     # ---------------------------------------------------------------- checkpointing
 
     def state_dict(self) -> dict[str, Any]:

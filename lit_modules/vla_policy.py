@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import OptimizerCallable
@@ -79,9 +80,11 @@ class VLAPolicy(LightningModule):
             raise ValueError(f"warmup_ratio must be in [0, 1), got {warmup_ratio}")
         # Injected components are part of the hyper-parameters: the checkpoint must rebuild them alone.
         self.save_hyperparameters()
-        self._backbone_factory, self._head_factory = backbone, action_head
-        self.backbone: nn.Module | None = None
-        self.action_head: nn.Module | None = None
+        # LightningCLI replaces hparams with the parsed config: keep the callables themselves.
+        self._backbone_factory, self._head_factory, self._optimizer_factory = backbone, action_head, optimizer
+        # Modules given directly (Python use) are kept; factories (YAML) are built in configure_model.
+        self.backbone = backbone if isinstance(backbone, nn.Module) else None
+        self.action_head = action_head if isinstance(action_head, nn.Module) else None
         self.pseudo_labelers = nn.ModuleList(pseudo_labelers)
         self.data_spec: dict[str, Any] | None = None  # normalisers + embodiment map, set from the datamodule
 
@@ -165,15 +168,16 @@ class VLAPolicy(LightningModule):
             n = r.index.numel()
             self.log(f"{stage}/loss_{r.name}", per_sample[start:start + n].mean(), batch_size=n)
             start += n
-        names = None
-        datamodule = getattr(self.trainer, "datamodule", None)
-        if datamodule is not None:
-            names = getattr(datamodule, "source_names", None)
-        source = batch[schema.SOURCE_ID][index]
-        for sid in source.unique().tolist():
-            sel = source == sid
-            name = names[sid] if names is not None and sid < len(names) else str(sid)
-            self.log(f"{stage}/loss_source/{name}", per_sample[sel].mean(), batch_size=int(sel.sum()))
+        spec = self.data_spec or {}
+        source_names = spec.get("sources", [])
+        slot_names = {e["id"]: name for name, e in spec.get("embodiments", {}).items()}
+        for key, ids, names in (
+            ("source", batch[schema.SOURCE_ID][index], dict(enumerate(source_names))),
+            ("embodiment", torch.cat([r.embodiment_id for r in rows]), slot_names),
+        ):
+            for i in ids.unique().tolist():
+                sel = ids == i
+                self.log(f"{stage}/loss_{key}/{names.get(i, i)}", per_sample[sel].mean(), batch_size=int(sel.sum()))
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         return self._step(batch, "train")
@@ -185,7 +189,7 @@ class VLAPolicy(LightningModule):
     def configure_optimizers(self):
         from transformers import get_scheduler
 
-        optimizer = self.hparams.optimizer([p for p in self.parameters() if p.requires_grad])
+        optimizer = self._optimizer_factory([p for p in self.parameters() if p.requires_grad])
         total = max(1, int(self.trainer.estimated_stepping_batches))
         names = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
         scheduler = get_scheduler(names[self.hparams.lr_schedule], optimizer,
@@ -201,21 +205,65 @@ class VLAPolicy(LightningModule):
         self.data_spec = checkpoint.get(DATA_SPEC_KEY)
 
     # ------------------------------------------------------------------ inference
+    def _normalizer(self, embodiment: str):
+        from datamodules.normalization import Normalizer
+
+        if self.data_spec is None:
+            raise RuntimeError("this model has no data spec (normalisers, embodiment map): train it with a "
+                               "datamodule that provides `data_spec()`, e.g. datamodules.mixture.MixtureDataModule")
+        spec = self.data_spec["embodiments"].get(embodiment)
+        if spec is None:
+            raise KeyError(f"unknown embodiment {embodiment!r}; this model knows {sorted(self.data_spec['embodiments'])}")
+        cache = self.__dict__.setdefault("_normalizers", {})
+        if embodiment not in cache:
+            cache[embodiment] = Normalizer.from_dict(spec["normalizer"])
+        return spec, cache[embodiment]
+
+    def observation_images(self, observation: dict[str, Any]) -> torch.Tensor:
+        """``observation["images"][view]`` uint8 ``[h, w, 3]`` for the trained views -> ``[1, V, 3, h, w]``."""
+        views = self.data_spec["views"]
+        images = observation.get("images", {})
+        missing = [v for v in views if v not in images]
+        if missing:
+            raise KeyError(f"observation['images'] lacks views {missing}; this model expects {list(views)}")
+        frames = [torch.as_tensor(np.ascontiguousarray(images[v])).permute(2, 0, 1) for v in views]
+        return torch.stack(frames)[None].to(self.device)
+
     @torch.no_grad()
     def encode_observation(self, images: torch.Tensor, instructions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """System 2: uint8 images ``[B, V, 3, h, w]`` + instructions -> VL tokens ``[B, S, D]`` and mask ``[B, S]``."""
         return self.backbone(images, instructions)
 
     @torch.no_grad()
-    def sample_actions(
+    def act(
         self,
         vl_tokens: torch.Tensor,
         vl_mask: torch.Tensor,
-        state: torch.Tensor,
-        embodiment_id: torch.Tensor,
+        state: np.ndarray | torch.Tensor,
+        embodiment: str,
         num_steps: int | None = None,
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
-        """System 1: normalised, padded action chunk ``[B, H, A_max]`` from cached VL tokens."""
-        return self.action_head.sample(vl_tokens, vl_mask, state, embodiment_id, num_steps=num_steps,
-                                       generator=generator)
+        """System 1 from cached VL tokens: raw state ``[B, S]`` -> raw action chunk ``[B, H, A]`` in the
+        embodiment's own units and dimension (K Euler steps, cross-attention K/V computed once)."""
+        spec, normalizer = self._normalizer(embodiment)
+        state = torch.as_tensor(np.asarray(state, dtype=np.float32)).reshape(vl_tokens.shape[0], -1)
+        if state.shape[1] != spec["state_dim"]:
+            raise ValueError(f"state has {state.shape[1]} dims; embodiment {embodiment!r} expects {spec['state_dim']}")
+        padded = torch.zeros(state.shape[0], self.data_spec["max_state_dim"])
+        padded[:, : spec["state_dim"]] = normalizer.normalize(state, "state")
+        embodiment_id = torch.full((state.shape[0],), spec["id"], dtype=torch.long, device=self.device)
+        actions = self.action_head.sample(vl_tokens, vl_mask, padded.to(self.device), embodiment_id,
+                                          num_steps=num_steps, generator=generator)
+        return normalizer.unnormalize(actions[..., : spec["action_dim"]].float().cpu(), "actions")
+
+    @torch.no_grad()
+    def predict_action(
+        self, observation: dict[str, Any], num_steps: int | None = None, generator: torch.Generator | None = None
+    ) -> np.ndarray:
+        """One raw observation (``{"embodiment", "instruction", "images": {view: [h, w, 3]}, "state"}``) -> the
+        action chunk ``[H, A]`` in robot units. VL tokens are computed once per chunk."""
+        self._normalizer(observation.get("embodiment"))  # clear error on an unknown embodiment before any work
+        tokens, mask = self.encode_observation(self.observation_images(observation), [observation["instruction"]])
+        actions = self.act(tokens, mask, observation["state"], observation["embodiment"], num_steps, generator)
+        return actions[0].numpy()
