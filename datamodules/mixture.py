@@ -1,0 +1,540 @@
+"""The mixture DataModule: weighted, seeded, infinite streams over WebDataset sources, in the zoo's batch schema.
+
+Why not ``webdataset.RandomMix`` / ``resampled=True``: RandomMix draws from the global ``random`` module and its
+ratios break when a source ends, and ``resampled`` seeds from time and urandom, so neither is reproducible. Here
+every (rank, worker, source) reads its own infinite stream of shards drawn with replacement from a private RNG,
+a private mixer RNG picks the source of each sample, and every RNG derives from ``(seed, epoch, rank, worker)``.
+
+Batches are assembled inside the workers, and worker w yields batches w, w + W, ... of ``batches_per_epoch``, so
+every rank yields exactly ``batches_per_epoch`` batches whatever the number of workers: DDP never waits on a rank
+that ran dry. Rank and world size are read in the main process (spawned workers see no process group).
+
+Corrupt samples are skipped and counted per source and error kind; the counts travel with the batch under
+``"_errors"`` (a key that ``on_after_batch_transfer`` removes before the model sees the batch) and accumulate in
+``MixtureDataModule.error_counts``. A source that fails ``max_consecutive_errors`` times in a row raises.
+
+Example recipe::
+
+    data:
+      class_path: datamodules.mixture.MixtureDataModule
+      init_args:
+        embodiments: {point_gripper: 0, two_link_arm: 1, human: 2}
+        sources:
+          - {name: robot, shards: data/robot/shard-*.tar, embodiment: point_gripper, weight: 0.5}
+          - {name: human, shards: data/human, embodiment: human, weight: 0.2, has_action: false}
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+import os
+import random
+from collections import Counter, defaultdict
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Protocol, runtime_checkable
+
+import numpy as np
+import torch
+from lightning.pytorch import Callback, LightningDataModule
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data._utils.collate import default_collate
+
+from datamodules import schema
+from datamodules.normalization import MODES, Normalizer, combine_stats
+from datamodules.shards import SampleError, decode_sample, iter_raw_samples, load_sidecars
+
+log = logging.getLogger(__name__)
+
+ERRORS_KEY = "_errors"
+
+
+@runtime_checkable
+class Preparer(Protocol):
+    """Anything that writes the shards a mixture reads (e.g. ``envs.tabletop.pyramid.TabletopPyramid``)."""
+
+    def prepare(self) -> None: ...
+
+
+@dataclass
+class SourceConfig:
+    """One source of a mixture.
+
+    ``shards``: a glob of tar files or a source directory (all shards in it); relative paths are relative to the
+    working directory. All matched shards must lie in one source directory (the one holding the sidecars).
+    ``views``: camera views in the order they are stacked in ``images`` (default: the order in ``source.json``).
+    ``normalization``: overrides the mixture's mode for this source's embodiment.
+    """
+
+    name: str
+    shards: str
+    embodiment: str
+    weight: float = 1.0
+    has_action: bool = True
+    normalization: Optional[str] = None
+    views: Optional[list[str]] = None
+
+
+@dataclass
+class ResolvedSource:
+    """A source after ``setup()``: its shard files and sidecars, picklable for worker processes."""
+
+    config: SourceConfig
+    index: int
+    urls: list[str]
+    meta: dict[str, Any]
+    modality: dict[str, Any]
+    stats: dict[str, Any]
+    samples: int
+    views: list[str] = field(default_factory=list)
+
+
+class ErrorCounter:
+    """Counts skipped samples per (source, kind) and raises once a source fails too often in a row."""
+
+    def __init__(self, max_consecutive: int) -> None:
+        self.max_consecutive = max_consecutive
+        self.pending: Counter[str] = Counter()
+        self.consecutive: Counter[str] = Counter()
+
+    def failure(self, source: str, err: SampleError) -> None:
+        self.pending[f"{source}/{err.kind}"] += 1
+        self.consecutive[source] += 1
+        if self.consecutive[source] >= self.max_consecutive:
+            raise RuntimeError(
+                f"source {source!r} failed {self.consecutive[source]} times in a row without yielding a sample "
+                f"(last: {err}); check its shards with `python -m datamodules.validate <source dir>`"
+            )
+
+    def success(self, source: str) -> None:
+        self.consecutive[source] = 0
+
+    def pop(self) -> dict[str, int]:
+        out, self.pending = dict(self.pending), Counter()
+        return out
+
+
+def source_stream(src: ResolvedSource, rng: random.Random, errors: ErrorCounter, shuffle_buffer: int) -> Iterator[dict]:
+    """Infinite stream of decoded samples of one source: shards drawn with replacement, samples shuffled in a
+    buffer of raw (still encoded) samples so that consecutive steps of one episode do not share a batch."""
+    name = src.config.name
+
+    def on_tar_error(err: SampleError) -> bool:
+        errors.failure(name, err)
+        return True
+
+    def raw_samples() -> Iterator[dict]:
+        while True:
+            url = rng.choice(src.urls)
+            empty = True
+            for raw in iter_raw_samples(url, handler=on_tar_error):
+                empty = False
+                yield raw
+            if empty:  # an unreadable or empty shard is a failure too, or an all-bad source would spin forever
+                errors.failure(name, SampleError("truncated_tar", "shard yielded no samples", url=url))
+
+    buffer: list[dict] = []
+    for raw in raw_samples():
+        if len(buffer) < shuffle_buffer:
+            buffer.append(raw)
+            continue
+        i = rng.randrange(len(buffer))
+        raw, buffer[i] = buffer[i], raw
+        try:
+            sample = decode_sample(raw, src.meta)
+        except SampleError as err:
+            err.url = raw.get("__url__")
+            errors.failure(name, err)
+            continue
+        errors.success(name)
+        yield sample
+
+
+class MixtureStream(IterableDataset):
+    """Yields ``batches_per_epoch`` collated batches per rank, split over the DataLoader's workers."""
+
+    def __init__(
+        self,
+        sources: list[ResolvedSource],
+        weights: list[float],
+        normalizers: dict[str, Normalizer],
+        embodiments: dict[str, int],
+        *,
+        horizon: int,
+        max_state_dim: int,
+        max_action_dim: int,
+        batch_size: int,
+        batches_per_epoch: int,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+        epoch: int = 0,
+        image_size: Optional[int] = None,
+        shuffle_buffer: int = 64,
+        max_consecutive_errors: int = 100,
+    ) -> None:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world size {world_size}")
+        self.sources, self.weights, self.normalizers, self.embodiments = sources, weights, normalizers, embodiments
+        self.horizon, self.max_state_dim, self.max_action_dim = horizon, max_state_dim, max_action_dim
+        self.batch_size, self.batches_per_epoch = batch_size, batches_per_epoch
+        self.seed, self.rank, self.world_size, self.epoch = seed, rank, world_size, epoch
+        self.image_size, self.shuffle_buffer, self.max_consecutive_errors = image_size, shuffle_buffer, max_consecutive_errors
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch
+
+    def _rngs(self, worker: int) -> tuple[random.Random, list[random.Random]]:
+        seq = np.random.SeedSequence([self.seed, self.epoch, self.rank, worker])
+        states = seq.generate_state(len(self.sources) + 1, dtype=np.uint64)
+        return random.Random(int(states[0])), [random.Random(int(s)) for s in states[1:]]
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        mixer, source_rngs = self._rngs(worker)
+        errors = ErrorCounter(self.max_consecutive_errors)
+        streams: dict[int, Iterator[dict]] = {}  # opened lazily: a zero-weight source is never read
+        population = range(len(self.sources))
+        for _ in range(worker, self.batches_per_epoch, num_workers):
+            samples = []
+            for i in mixer.choices(population, weights=self.weights, k=self.batch_size):
+                if i not in streams:
+                    streams[i] = source_stream(self.sources[i], source_rngs[i], errors, self.shuffle_buffer)
+                samples.append(self.to_schema(next(streams[i]), self.sources[i]))
+            batch = default_collate(samples)
+            batch[ERRORS_KEY] = errors.pop()
+            yield batch
+
+    def to_schema(self, s: dict[str, Any], src: ResolvedSource) -> dict[str, Any]:
+        """A decoded sample -> one sample of ``datamodules/schema.py`` (normalised, padded, masked)."""
+        cfg, H = src.config, self.horizon
+        images = s["images"]  # [2, V, h, w, 3] in source.json view order
+        if src.views != src.meta["views"]:
+            images = images[:, [src.meta["views"].index(v) for v in src.views]]
+        if self.image_size is not None and images.shape[2:4] != (self.image_size, self.image_size):
+            size = (self.image_size, self.image_size)
+            images = np.stack([[np.asarray(Image.fromarray(f).resize(size, Image.BILINEAR)) for f in fs] for fs in images])
+        norm = self.normalizers[cfg.embodiment]
+        state = np.zeros(self.max_state_dim, np.float32)
+        state_mask = np.zeros(self.max_state_dim, bool)
+        actions = np.zeros((H, self.max_action_dim), np.float32)
+        action_mask = np.zeros((H, self.max_action_dim), bool)
+        if cfg.has_action:
+            S, A = len(s["state"]), s["actions"].shape[1]
+            state[:S], state_mask[:S] = norm.normalize(s["state"], "state"), True
+            real = ~s["action_pad"][:H]  # [H]
+            actions[:, :A] = norm.normalize(s["actions"][:H], "actions") * real[:, None]
+            action_mask[:, :A] = real[:, None]
+        meta = s["meta"]
+        return {
+            schema.IMAGES: torch.from_numpy(np.ascontiguousarray(images.transpose(0, 1, 4, 2, 3))),
+            schema.STATE: torch.from_numpy(state),
+            schema.STATE_MASK: torch.from_numpy(state_mask),
+            schema.ACTIONS: torch.from_numpy(actions),
+            schema.ACTION_MASK: torch.from_numpy(action_mask),
+            schema.HAS_ACTION: torch.tensor(cfg.has_action),
+            schema.EMBODIMENT_ID: torch.tensor(self.embodiments[cfg.embodiment]),
+            schema.SOURCE_ID: torch.tensor(src.index),
+            schema.INSTRUCTION: s["instruction"],
+            schema.EPISODE: torch.tensor(meta["episode"]),
+            schema.STEP: torch.tensor(meta["t"]),
+        }
+
+
+class _EpochLoader(DataLoader):
+    """A DataLoader that gives its dataset a fresh epoch number (hence fresh streams) each time it is iterated."""
+
+    def __init__(self, dataset: MixtureStream, next_epoch, **kwargs) -> None:
+        super().__init__(dataset, batch_size=None, **kwargs)
+        self._next_epoch = next_epoch
+
+    def __iter__(self):
+        self.dataset.epoch = self._next_epoch()  # set in the main process, before workers copy the dataset
+        return super().__iter__()
+
+
+def _as_config(s: SourceConfig | dict) -> SourceConfig:
+    return s if isinstance(s, SourceConfig) else SourceConfig(**s)
+
+
+def normalizers_from_state(state: dict[str, Any]) -> dict[str, Normalizer]:
+    """Per-embodiment normalisers from ``MixtureDataModule.state_dict()`` or from a whole Lightning checkpoint."""
+    if "normalizers" not in state:
+        if MixtureDataModule.__qualname__ not in state:
+            raise KeyError("no mixture data state found: expected a MixtureDataModule.state_dict() or a checkpoint "
+                           f"with a '{MixtureDataModule.__qualname__}' entry")
+        state = state[MixtureDataModule.__qualname__]
+    return {name: Normalizer.from_dict(d) for name, d in state["normalizers"].items()}
+
+
+class MixtureDataModule(LightningDataModule):
+    """Weighted mixture of shard sources, yielding batches in ``datamodules/schema.py`` format.
+
+    Args:
+        sources: ``SourceConfig``s (or dicts with the same fields) of the training mixture.
+        embodiments: embodiment name -> slot in the action head's per-embodiment tables (``embodiment_id``).
+        horizon: action chunk length H (shards must have been written with at least this horizon).
+        max_state_dim / max_action_dim: padded widths of ``state`` / ``actions``.
+        batch_size: samples per batch (per rank).
+        batches_per_epoch: batches each rank yields per epoch (streams are infinite; this only sets the epoch).
+        num_workers: DataLoader workers per rank.
+        normalization: ``min_max`` (to [-1, 1]), ``q01_q99`` (clipped) or ``mean_std``; sources may override it
+            for their embodiment.
+        balance_by_size: sample sources in proportion to ``weight x number of samples``.
+        seed: data seed; streams derive from (seed, epoch, rank, worker).
+        image_size: resize frames to this square size (needed when sources differ in image size).
+        prepare: an object whose ``prepare()`` writes the shards, called in ``prepare_data``.
+        val_sources / val_batches: optional held-out sources read with a fixed seed for ``val_batches`` batches,
+            normalised with the training statistics (no validation without them).
+        shuffle_buffer: raw samples buffered per source and worker for shuffling.
+        max_consecutive_errors: consecutive failures after which a source raises.
+    """
+
+    def __init__(
+        self,
+        sources: list[SourceConfig],
+        embodiments: dict[str, int],
+        horizon: int = 16,
+        max_state_dim: int = 16,
+        max_action_dim: int = 16,
+        batch_size: int = 32,
+        batches_per_epoch: int = 1000,
+        num_workers: int = 0,
+        normalization: str = "min_max",
+        balance_by_size: bool = False,
+        seed: int = 0,
+        image_size: Optional[int] = None,
+        prepare: Optional[Preparer] = None,
+        val_sources: Optional[list[SourceConfig]] = None,
+        val_batches: int = 8,
+        shuffle_buffer: int = 64,
+        max_consecutive_errors: int = 100,
+    ) -> None:
+        super().__init__()
+        self.sources = [_as_config(s) for s in sources]
+        self.val_sources = [_as_config(s) for s in val_sources or []]
+        self.embodiments = dict(embodiments)
+        self.horizon, self.max_state_dim, self.max_action_dim = horizon, max_state_dim, max_action_dim
+        self.batch_size, self.batches_per_epoch, self.num_workers = batch_size, batches_per_epoch, num_workers
+        self.normalization, self.balance_by_size, self.seed = normalization, balance_by_size, seed
+        self.image_size, self.prepare, self.val_batches = image_size, prepare, val_batches
+        self.shuffle_buffer, self.max_consecutive_errors = shuffle_buffer, max_consecutive_errors
+        self._check_config()
+        self.epochs_started = 0
+        self.normalizers: dict[str, Normalizer] = {}
+        self.modalities: dict[str, dict] = {}
+        self.resolved: list[ResolvedSource] = []
+        self.resolved_val: list[ResolvedSource] = []
+        self.error_counts: Counter[str] = Counter()  # "source/kind" -> skipped samples, over the whole run
+        self.drawn_counts: Counter[int] = Counter()  # source index -> samples drawn for training
+
+    # ---------------------------------------------------------------- configuration
+
+    def _check_config(self) -> None:
+        if self.normalization not in MODES:
+            raise ValueError(f"normalization {self.normalization!r} is not one of {MODES}")
+        if not self.sources:
+            raise ValueError("MixtureDataModule needs at least one source")
+        for group in (self.sources, self.val_sources):
+            names = [s.name for s in group]
+            dup = sorted({n for n in names if names.count(n) > 1})
+            if dup:
+                raise ValueError(f"duplicate source name(s) {dup}: every source needs its own name")
+            for s in group:
+                if s.embodiment not in self.embodiments:
+                    raise ValueError(f"source {s.name!r}: unknown embodiment {s.embodiment!r}; add it to "
+                                     f"`embodiments` (known: {sorted(self.embodiments)})")
+                if not s.weight >= 0:
+                    raise ValueError(f"source {s.name!r}: weight must be >= 0, got {s.weight}")
+                if s.normalization is not None and s.normalization not in MODES:
+                    raise ValueError(f"source {s.name!r}: normalization {s.normalization!r} is not one of {MODES}")
+        if sum(s.weight for s in self.sources) <= 0:
+            raise ValueError("all source weights are zero: give at least one source a positive weight")
+
+    def _resolve(self, cfg: SourceConfig, index: int) -> ResolvedSource:
+        pattern = cfg.shards
+        if os.path.isdir(pattern):
+            pattern = os.path.join(pattern, "shard-*.tar")
+        urls = sorted(glob.glob(pattern))
+        if not urls:
+            raise FileNotFoundError(f"source {cfg.name!r}: shard pattern {cfg.shards!r} matches no files "
+                                    f"(relative to {os.getcwd()})")
+        dirs = {str(Path(u).parent) for u in urls}
+        if len(dirs) != 1:
+            raise ValueError(f"source {cfg.name!r}: shards {cfg.shards!r} span several directories {sorted(dirs)}; "
+                             "declare one source per directory")
+        try:
+            side = load_sidecars(dirs.pop())
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"source {cfg.name!r}: {e}") from None
+        meta = side["source"]
+        if cfg.has_action and not meta["has_action"]:
+            raise ValueError(f"source {cfg.name!r}: declared has_action: true but its shards have no actions")
+        if cfg.has_action and (side["stats"].get("actions") is None or
+                               (meta["state_dim"] and side["stats"].get("state") is None)):
+            raise ValueError(f"source {cfg.name!r}: stats.json has no state/action statistics to normalise with")
+        if meta["horizon"] < self.horizon:
+            raise ValueError(f"source {cfg.name!r}: shards hold action chunks of {meta['horizon']} steps, fewer than "
+                             f"horizon={self.horizon}; rewrite them with a longer horizon")
+        views = cfg.views or meta["views"]
+        unknown = [v for v in views if v not in meta["views"]]
+        if unknown:
+            raise ValueError(f"source {cfg.name!r}: views {unknown} not in its shards (has {meta['views']})")
+        if cfg.has_action and (meta["state_dim"] > self.max_state_dim or meta["action_dim"] > self.max_action_dim):
+            raise ValueError(f"source {cfg.name!r}: state/action dims {meta['state_dim']}/{meta['action_dim']} exceed "
+                             f"max_state_dim/max_action_dim {self.max_state_dim}/{self.max_action_dim}")
+        by_file = {s["file"]: s["samples"] for s in side["index"]["shards"]}
+        samples = sum(by_file.get(Path(u).name, 0) for u in urls)
+        return ResolvedSource(cfg, index, urls, meta, side["modality"], side["stats"], samples, list(views))
+
+    def _check_images(self, resolved: list[ResolvedSource]) -> None:
+        counts = {r.config.name: len(r.views) for r in resolved}
+        if len(set(counts.values())) != 1:
+            raise ValueError(f"sources have different numbers of views {counts}: select the same number with `views`")
+        sizes = {r.config.name: tuple(r.meta["image_size"]) for r in resolved}
+        if self.image_size is None and len(set(sizes.values())) != 1:
+            raise ValueError(f"sources have different image sizes {sizes}: set `image_size` to resize them")
+
+    def _build_normalizers(self) -> None:
+        by_embodiment: dict[str, list[ResolvedSource]] = defaultdict(list)
+        for r in self.resolved:
+            by_embodiment[r.config.embodiment].append(r)
+        for emb, group in by_embodiment.items():
+            modes = {r.config.normalization or self.normalization for r in group if r.config.has_action}
+            if len(modes) > 1:
+                raise ValueError(f"embodiment {emb!r}: its sources ask for different normalisations {sorted(modes)}")
+            acting = [r for r in group if r.config.has_action]
+            dims = {(r.meta["state_dim"], r.meta["action_dim"]) for r in acting}
+            if len(dims) > 1:
+                detail = {r.config.name: (r.meta["state_dim"], r.meta["action_dim"]) for r in acting}
+                raise ValueError(f"embodiment {emb!r}: sources disagree on (state_dim, action_dim): {detail}")
+            stats = {
+                key: combine_stats([r.stats[key] for r in acting]) if acting and acting[0].stats.get(key) else None
+                for key in ("state", "actions")
+            }
+            self.normalizers[emb] = Normalizer(stats, mode=modes.pop() if modes else self.normalization)
+            self.modalities[emb] = (acting or group)[0].modality
+
+    # ---------------------------------------------------------------- Lightning hooks
+
+    def prepare_data(self) -> None:
+        if self.prepare is not None:
+            self.prepare.prepare()
+
+    def setup(self, stage: Optional[str] = None) -> None:
+        if self.resolved:
+            return
+        self.resolved = [self._resolve(cfg, i) for i, cfg in enumerate(self.sources)]
+        self.resolved_val = [self._resolve(cfg, i) for i, cfg in enumerate(self.val_sources)]
+        self._check_images(self.resolved + self.resolved_val)
+        restored = self.normalizers  # a checkpoint loaded before setup keeps its statistics
+        self._build_normalizers()
+        self.normalizers.update(restored)
+        for r in self.resolved_val:
+            if r.config.embodiment not in self.normalizers:
+                raise ValueError(f"validation source {r.config.name!r}: embodiment {r.config.embodiment!r} has no "
+                                 "training source to take normalisation statistics from")
+
+    @property
+    def source_names(self) -> list[str]:
+        return [s.name for s in self.sources]
+
+    def mixture_weights(self) -> list[float]:
+        """Sampling probability of each source (normalised; ``weight x samples`` with ``balance_by_size``)."""
+        w = [r.config.weight * (r.samples if self.balance_by_size else 1) for r in self.resolved]
+        return [x / sum(w) for x in w]
+
+    def _rank(self) -> tuple[int, int]:
+        trainer = self.trainer
+        if trainer is not None:
+            return trainer.global_rank, trainer.world_size
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            return torch.distributed.get_rank(), torch.distributed.get_world_size()
+        return 0, 1
+
+    def make_dataset(self, rank: Optional[int] = None, world_size: Optional[int] = None, *, val: bool = False,
+                     epoch: int = 0) -> MixtureStream:
+        """The training (or validation) stream of one rank; rank/world size default to the running trainer's."""
+        self.setup()
+        if rank is None:
+            rank, world_size = self._rank()
+        resolved = self.resolved_val if val else self.resolved
+        weights = [r.config.weight for r in resolved] if val else self.mixture_weights()
+        return MixtureStream(
+            resolved, weights, self.normalizers, self.embodiments, horizon=self.horizon,
+            max_state_dim=self.max_state_dim, max_action_dim=self.max_action_dim, batch_size=self.batch_size,
+            batches_per_epoch=self.val_batches if val else self.batches_per_epoch,
+            # Validation reads the same samples every time: a seed apart from all training epochs.
+            seed=self.seed + 1_000_003 if val else self.seed, rank=rank, world_size=world_size or 1, epoch=epoch,
+            image_size=self.image_size, shuffle_buffer=self.shuffle_buffer,
+            max_consecutive_errors=self.max_consecutive_errors,
+        )
+
+    def _next_epoch(self) -> int:
+        self.epochs_started += 1
+        return self.epochs_started - 1
+
+    def train_dataloader(self) -> DataLoader:
+        return _EpochLoader(self.make_dataset(), self._next_epoch, num_workers=self.num_workers,
+                            persistent_workers=False)
+
+    def val_dataloader(self):
+        if not self.resolved_val:
+            return []
+        return DataLoader(self.make_dataset(val=True), batch_size=None, num_workers=self.num_workers)
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        errors = batch.pop(ERRORS_KEY, None) if isinstance(batch, dict) else None
+        trainer = self.trainer
+        if trainer is not None and trainer.training:
+            self.drawn_counts.update(batch[schema.SOURCE_ID].tolist())
+            if errors:
+                self.error_counts.update(errors)
+                log.warning("skipped corrupt samples: %s (totals: %s)", errors, dict(self.error_counts))
+        return batch
+
+    # ---------------------------------------------------------------- checkpointing
+
+    def state_dict(self) -> dict[str, Any]:
+        """Saved in every checkpoint by Lightning: what a checkpoint needs to un-normalise actions on its own,
+        and the epoch counter so that a resumed run draws fresh (not replayed) but reproducible streams."""
+        return {
+            "seed": self.seed,
+            "epochs_started": self.epochs_started,
+            "embodiments": dict(self.embodiments),
+            "normalizers": {emb: n.to_dict() for emb, n in self.normalizers.items()},
+            "modalities": dict(self.modalities),
+            "horizon": self.horizon,
+            "max_state_dim": self.max_state_dim,
+            "max_action_dim": self.max_action_dim,
+            "sources": [{**asdict(r.config), "samples": r.samples} for r in self.resolved],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state["embodiments"] != self.embodiments:
+            raise ValueError(f"checkpoint embodiment map {state['embodiments']} differs from this run's "
+                             f"{self.embodiments}: the action head's per-embodiment slots would be mixed up")
+        self.epochs_started = state["epochs_started"]
+        # The model learned in the checkpoint's units: keep its statistics even if the shards changed since.
+        self.normalizers.update(normalizers_from_state(state))
+        self.modalities.update(state["modalities"])
+
+
+class MixtureMonitor(Callback):
+    """Logs the fraction of training samples drawn from each source and the skipped-sample counts."""
+
+    def __init__(self, log_every_n_steps: int = 50) -> None:
+        self.log_every_n_steps = log_every_n_steps
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        dm = trainer.datamodule
+        if not isinstance(dm, MixtureDataModule) or (trainer.global_step % self.log_every_n_steps):
+            return
+        total = sum(dm.drawn_counts.values()) or 1
+        metrics = {f"data/frac_{name}": dm.drawn_counts[i] / total for i, name in enumerate(dm.source_names)}
+        metrics.update({f"data/errors_{key.replace('/', '_')}": float(n) for key, n in dm.error_counts.items()})
+        pl_module.log_dict(metrics, on_step=True, on_epoch=False, batch_size=1)

@@ -1,0 +1,352 @@
+"""WebDataset shards: one sample per anchor step, the same members for every source, plus per-source sidecars.
+
+A source directory holds ``shard-000000.tar``, ... and four sidecars:
+
+- ``index.json``: per shard its sample count, size in bytes and sha256;
+- ``stats.json``: raw-unit statistics of state and actions per dimension (``normalization.compute_stats``);
+- ``modality.json``: the embodiment's named state/action dimensions (``Modality.to_dict``);
+- ``source.json``: name, embodiment, has_action, fps, views, horizon, image size, episode and sample counts.
+
+Sample ``ep000012_t0034`` (keys contain no dots) of a source with views ``scene`` and ``wrist`` has the members::
+
+    scene_t.jpg  scene_th.jpg  wrist_t.jpg  wrist_th.jpg   frames at t and at min(t + H, T - 1), JPEG
+    state.npy        float32 [S]     raw state at t (zeros for actionless sources)
+    actions.npy      float32 [H, A]  raw actions a_t .. a_{t+H-1}, zeros past the episode end (and if actionless)
+    action_pad.npy   bool [H]        True on steps past the episode end
+    instruction.txt  the task instruction
+    meta.json        source, embodiment, episode, t, t_future, length, fps, has_action, has_state,
+                     episode_metadata
+
+Member names are lower case because WebDataset lower-cases suffixes when it groups a sample's members.
+
+Every step of every episode is an anchor, so ``read_episodes`` can rebuild the episodes (frames up to JPEG loss).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import webdataset as wds
+from PIL import Image
+
+from datamodules.episode import Episode, Modality
+from datamodules.normalization import compute_stats
+
+SHARD_PATTERN = "shard-%06d.tar"
+SIDECARS = ("index.json", "stats.json", "modality.json", "source.json")
+ERROR_KINDS = ("truncated_tar", "undecodable_image", "missing_member", "wrong_shape", "non_finite")
+_NAME = re.compile(r"^[a-z0-9_\-]+$")
+
+
+class SampleError(Exception):
+    """A sample that cannot be used; ``kind`` is one of ``ERROR_KINDS``."""
+
+    def __init__(self, kind: str, message: str, key: str | None = None, url: str | None = None) -> None:
+        super().__init__(message)
+        self.kind, self.key, self.url = kind, key, url
+
+    def __str__(self) -> str:
+        where = ":".join(x for x in (self.url, self.key) if x)
+        return f"{where}: {self.kind}: {self.args[0]}" if where else f"{self.kind}: {self.args[0]}"
+
+
+def sample_key(episode: int, t: int) -> str:
+    return f"ep{episode:06d}_t{t:04d}"
+
+
+def encode_jpeg(frame: np.ndarray, quality: int) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(frame).save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def _npy(x: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, x, allow_pickle=False)
+    return buf.getvalue()
+
+
+def _json_default(x: Any) -> Any:
+    if isinstance(x, np.generic):
+        return x.item()
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    raise TypeError(f"episode metadata value of type {type(x).__name__} is not JSON-serialisable")
+
+
+def _check_name(kind: str, name: str) -> None:
+    if not _NAME.match(name):
+        raise ValueError(f"{kind} name {name!r} may only contain lower-case letters, digits, '_' and '-' (no dots: WebDataset "
+                         "splits member names at the first dot)")
+
+
+def encode_episode(
+    episode: Episode, index: int, *, source: str, horizon: int, views: list[str], state_dim: int, action_dim: int,
+    jpeg_quality: int,
+) -> Iterator[dict[str, Any]]:
+    """The WebDataset samples (member name -> bytes) of one episode, one per anchor step."""
+    T = episode.length
+    jpegs = {v: [encode_jpeg(f, jpeg_quality) for f in episode.frames[v]] for v in views}
+    state = episode.state.astype(np.float32) if episode.state is not None else np.zeros((T, state_dim), np.float32)
+    actions = episode.actions.astype(np.float32) if episode.has_action else np.zeros((T, action_dim), np.float32)
+    padded = np.concatenate([actions, np.zeros((horizon, action_dim), np.float32)])  # [T + H, A]
+    for t in range(T):
+        t_future = min(t + horizon, T - 1)
+        sample: dict[str, Any] = {"__key__": sample_key(index, t)}
+        for v in views:
+            sample[f"{v}_t.jpg"] = jpegs[v][t]
+            sample[f"{v}_th.jpg"] = jpegs[v][t_future]
+        sample["state.npy"] = _npy(state[t])
+        sample["actions.npy"] = _npy(padded[t : t + horizon])
+        sample["action_pad.npy"] = _npy(np.arange(t, t + horizon) >= T)
+        sample["instruction.txt"] = episode.instruction.encode("utf-8")
+        meta = {
+            "source": source, "embodiment": episode.embodiment, "episode": index, "t": t, "t_future": t_future,
+            "length": T, "fps": episode.fps, "has_action": episode.has_action,
+            "has_state": episode.state is not None, "episode_metadata": episode.metadata,
+        }
+        sample["meta.json"] = json.dumps(meta, default=_json_default).encode("utf-8")
+        yield sample
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_source(
+    episodes: Iterable[Episode],
+    out_dir: str | os.PathLike,
+    *,
+    source: str,
+    horizon: int = 16,
+    modality: Modality | None = None,
+    jpeg_quality: int = 90,
+    samples_per_shard: int = 1000,
+    extra_metadata: dict | None = None,
+) -> dict:
+    """Write ``episodes`` as shards plus sidecars into ``out_dir`` (created; existing shards are replaced).
+
+    All episodes must share embodiment, views, image size, fps and whether they have actions. ``modality`` names
+    the state/action dimensions; without it names ``state_0``, ``action_0``, ... are made up (or no dims at all for
+    actionless video). Returns the ``source.json`` dict.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for old in out.glob("shard-*.tar"):
+        old.unlink()
+
+    first: dict[str, Any] | None = None
+    states, actions, shards = [], [], []
+    writer: wds.TarWriter | None = None
+    shard_path: Path | None = None
+    in_shard = num_samples = num_episodes = 0
+
+    def close_shard() -> None:
+        writer.close()
+        shards.append({"file": shard_path.name, "samples": in_shard, "bytes": shard_path.stat().st_size,
+                       "sha256": _sha256(shard_path)})
+
+    for index, ep in enumerate(episodes):
+        views = list(ep.frames)
+        props = {
+            "embodiment": ep.embodiment, "views": views, "image_size": list(ep.frames[views[0]].shape[1:3]),
+            "fps": float(ep.fps), "has_action": ep.has_action,
+        }
+        if first is None:
+            for v in views:
+                _check_name("view", v)
+            if modality is None:
+                s_dim = ep.state.shape[1] if ep.state is not None else 0
+                a_dim = ep.actions.shape[1] if ep.actions is not None else 0
+                modality = Modality([f"state_{i}" for i in range(s_dim)], [f"action_{i}" for i in range(a_dim)])
+            first = props
+        for name, value in props.items():
+            if value != first[name]:
+                raise ValueError(f"source {source!r}: episode {index} has {name}={value!r} but episode 0 has "
+                                 f"{first[name]!r}; write episodes that differ into separate sources")
+        if any(f.shape[1:3] != tuple(first["image_size"]) for f in ep.frames.values()):
+            raise ValueError(f"source {source!r}: episode {index} views differ in image size; resize them first")
+        for key, arr, dim in (("state", ep.state, modality.state_dim), ("actions", ep.actions, modality.action_dim)):
+            if arr is not None and arr.shape[1] != dim:
+                raise ValueError(f"source {source!r}: episode {index} {key} has {arr.shape[1]} dims but the modality "
+                                 f"names {dim}")
+            if arr is not None and not np.isfinite(arr).all():
+                raise ValueError(f"source {source!r}: episode {index} {key} contains NaN or inf")
+        if ep.state is not None:
+            states.append(ep.state)
+        if ep.actions is not None:
+            actions.append(ep.actions)
+        for sample in encode_episode(ep, index, source=source, horizon=horizon, views=views,
+                                     state_dim=modality.state_dim, action_dim=modality.action_dim,
+                                     jpeg_quality=jpeg_quality):
+            if writer is None or in_shard >= samples_per_shard:
+                if writer is not None:
+                    close_shard()
+                shard_path = out / (SHARD_PATTERN % len(shards))
+                # Fixed mtime so that identical data gives byte-identical shards (and checksums).
+                writer, in_shard = wds.TarWriter(str(shard_path), encoder=False, mtime=0), 0
+            writer.write(sample)
+            in_shard += 1
+            num_samples += 1
+        num_episodes += 1
+    if first is None:
+        raise ValueError(f"source {source!r}: no episodes to write")
+    close_shard()
+
+    stats = {
+        "state": compute_stats(np.concatenate(states)) if states and modality.state_dim else None,
+        "actions": compute_stats(np.concatenate(actions)) if actions and modality.action_dim else None,
+    }
+    meta = {
+        "name": source, **first, "horizon": horizon, "state_dim": modality.state_dim,
+        "action_dim": modality.action_dim, "episodes": num_episodes, "samples": num_samples,
+        "jpeg_quality": jpeg_quality, "shard_pattern": SHARD_PATTERN, **(extra_metadata or {}),
+    }
+    sidecars = {"index.json": {"shards": shards}, "stats.json": stats, "modality.json": modality.to_dict(),
+                "source.json": meta}
+    for name, content in sidecars.items():
+        (out / name).write_text(json.dumps(content, indent=1, default=_json_default))
+    return meta
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Reading
+
+
+def load_sidecars(source_dir: str | os.PathLike) -> dict[str, Any]:
+    """The four sidecars of a source directory, keyed by name without ``.json``; names the missing file."""
+    d = Path(source_dir)
+    out = {}
+    for name in SIDECARS:
+        path = d / name
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is missing: {d} is not a source written by datamodules.shards.write_source")
+        out[name[:-5]] = json.loads(path.read_text())
+    return out
+
+
+def decode_image(data: bytes, shape: tuple[int, int] | None, member: str, key: str | None = None) -> np.ndarray:
+    """JPEG bytes -> uint8 [h, w, 3]; raises ``SampleError`` on undecodable data or a wrong size."""
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            arr = np.asarray(im.convert("RGB"))
+    except Exception as e:  # PIL raises several unrelated types for bad data
+        raise SampleError("undecodable_image", f"{member}: {type(e).__name__}: {e}", key) from None
+    if shape is not None and arr.shape[:2] != tuple(shape):
+        raise SampleError("wrong_shape", f"{member}: image is {arr.shape[:2]}, expected {tuple(shape)}", key)
+    return arr
+
+
+def _load_npy(sample: dict[str, Any], member: str, shape: tuple[int, ...], key: str) -> np.ndarray:
+    try:
+        arr = np.load(io.BytesIO(sample[member]), allow_pickle=False)
+    except Exception as e:
+        raise SampleError("wrong_shape", f"{member}: not a readable .npy ({e})", key) from None
+    if arr.shape != shape:
+        raise SampleError("wrong_shape", f"{member}: shape {arr.shape}, expected {shape}", key)
+    if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+        raise SampleError("non_finite", f"{member}: contains NaN or inf", key)
+    return arr
+
+
+def decode_sample(sample: dict[str, Any], source_meta: dict[str, Any], decode_images: bool = True) -> dict[str, Any]:
+    """A raw WebDataset sample (member -> bytes) -> arrays, checked against the source's ``source.json``.
+
+    Returns ``images`` uint8 [2, V, h, w, 3] (views in ``source_meta["views"]`` order; omitted when
+    ``decode_images`` is False), ``state`` [S], ``actions`` [H, A], ``action_pad`` [H], ``instruction``, ``meta``.
+    Raises ``SampleError`` naming the member and what is wrong.
+    """
+    key = sample.get("__key__")
+    views, H = source_meta["views"], source_meta["horizon"]
+    members = [f"{v}_{s}.jpg" for v in views for s in ("t", "th")]  # group_by_keys lower-cases the suffixes
+    members += ["state.npy", "actions.npy", "action_pad.npy", "instruction.txt", "meta.json"]
+    missing = [m for m in members if m not in sample]
+    if missing:
+        raise SampleError("missing_member", f"missing {', '.join(missing)}", key)
+    out: dict[str, Any] = {}
+    if decode_images:
+        size = source_meta["image_size"]
+        out["images"] = np.stack([
+            np.stack([decode_image(sample[f"{v}_{s}.jpg"], size, f"{v}_{s}.jpg", key) for v in views])
+            for s in ("t", "th")
+        ])
+    out["state"] = _load_npy(sample, "state.npy", (source_meta["state_dim"],), key)
+    out["actions"] = _load_npy(sample, "actions.npy", (H, source_meta["action_dim"]), key)
+    out["action_pad"] = _load_npy(sample, "action_pad.npy", (H,), key).astype(bool)
+    try:
+        out["instruction"] = sample["instruction.txt"].decode("utf-8")
+        out["meta"] = json.loads(sample["meta.json"])
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise SampleError("wrong_shape", f"instruction.txt/meta.json unreadable: {e}", key) from None
+    return out
+
+
+def iter_raw_samples(url: str, handler=None) -> Iterator[dict[str, Any]]:
+    """Raw samples of one shard file in order; errors while reading the tar go to ``handler(exn) -> bool``
+    (continue?) or are raised as ``SampleError("truncated_tar")`` when no handler is given."""
+
+    def wrap(exn: Exception) -> bool:
+        err = exn if isinstance(exn, SampleError) else SampleError("truncated_tar", f"{type(exn).__name__}: {exn}", url=url)
+        if handler is None:
+            raise err from None
+        return handler(err)
+
+    try:
+        with open(url, "rb") as stream:
+            files = wds.tariterators.tar_file_iterator(stream, handler=wrap)
+            files = ({**f, "__url__": url} for f in files)
+            yield from wds.tariterators.group_by_keys(files, handler=wrap)
+    except SampleError:
+        raise
+    except Exception as exn:  # tarfile raises outside webdataset's per-member try (e.g. a cut header); the shard ends
+        wrap(exn)
+
+
+def shard_files(source_dir: str | os.PathLike) -> list[str]:
+    d = Path(source_dir)
+    return [str(d / s["file"]) for s in load_sidecars(d)["index"]["shards"]]
+
+
+def read_episodes(source_dir: str | os.PathLike) -> Iterator[Episode]:
+    """Rebuild the episodes of a source from its shards, in writing order (frames are JPEG-decoded)."""
+    side = load_sidecars(source_dir)
+    meta_src = side["source"]
+    views = meta_src["views"]
+    current: list[dict[str, Any]] = []
+
+    def build(samples: list[dict[str, Any]]) -> Episode:
+        m = samples[0]["meta"]
+        if [s["meta"]["t"] for s in samples] != list(range(m["length"])):
+            raise ValueError(f"{source_dir}: episode {m['episode']} is incomplete or out of order in the shards")
+        has_action = m["has_action"]
+        return Episode(
+            frames={v: np.stack([s["images"][0, i] for s in samples]) for i, v in enumerate(views)},
+            instruction=samples[0]["instruction"],
+            embodiment=m["embodiment"],
+            fps=m["fps"],
+            state=np.stack([s["state"] for s in samples]) if m["has_state"] else None,
+            actions=np.stack([s["actions"][0] for s in samples]) if has_action else None,
+            metadata=m["episode_metadata"],
+        )
+
+    for url in shard_files(source_dir):
+        for raw in iter_raw_samples(url):
+            s = decode_sample(raw, meta_src)
+            if current and s["meta"]["episode"] != current[0]["meta"]["episode"]:
+                yield build(current)
+                current = []
+            current.append(s)
+    if current:
+        yield build(current)

@@ -1,0 +1,73 @@
+"""Check shard sources end to end: ``python -m datamodules.validate DIR [DIR ...]``.
+
+Reads every sample of every shard listed in each source's ``index.json`` and reports, with file and key, truncated
+tars, undecodable images, missing members, wrong shapes, non-finite values, missing sidecars and sample counts or
+checksums that disagree with the index. Exits 1 if anything is wrong, 0 otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import sys
+from pathlib import Path
+
+from datamodules.shards import SampleError, decode_sample, iter_raw_samples, load_sidecars
+
+
+def validate_source(source_dir: str | Path, checksums: bool = True) -> tuple[list[str], int]:
+    """Problems found in one source directory (one line each: ``file: key: kind: what``) and samples read."""
+    d = Path(source_dir)
+    try:
+        side = load_sidecars(d)
+    except (FileNotFoundError, ValueError) as e:
+        return [f"{d}: missing_sidecar: {e}"], 0
+    problems: list[str] = []
+    total = 0
+    for entry in side["index"]["shards"]:
+        path = d / entry["file"]
+        if not path.is_file():
+            problems.append(f"{path}: missing_shard: listed in index.json but not on disk")
+            continue
+        if checksums:
+            digest = hashlib.sha256(path.read_bytes()).hexdigest()
+            if digest != entry["sha256"]:
+                problems.append(f"{path}: checksum: sha256 differs from index.json (file changed or damaged)")
+        last_key = "<start>"
+        count = 0
+
+        def on_tar_error(err: SampleError) -> bool:
+            problems.append(f"{path}: after {last_key}: {err.kind}: {err.args[0]}")
+            return True
+
+        for raw in iter_raw_samples(str(path), handler=on_tar_error):
+            count += 1
+            last_key = raw["__key__"]
+            try:
+                decode_sample(raw, side["source"])
+            except SampleError as err:
+                problems.append(f"{path}: {last_key}: {err.kind}: {err.args[0]}")
+        if count != entry["samples"]:
+            problems.append(f"{path}: sample_count: read {count} samples, index.json says {entry['samples']}")
+        total += count
+    return problems, total
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m datamodules.validate", description=__doc__.splitlines()[0])
+    parser.add_argument("dirs", nargs="+", help="source directories written by datamodules.shards.write_source")
+    parser.add_argument("--no-checksums", action="store_true", help="skip the sha256 comparison with index.json")
+    args = parser.parse_args(argv)
+    failed = False
+    for d in args.dirs:
+        problems, samples = validate_source(d, checksums=not args.no_checksums)
+        for p in problems:
+            print(p, file=sys.stderr)
+        failed |= bool(problems)
+        status = f"{len(problems)} problem(s)" if problems else "ok"
+        print(f"{d}: {samples} samples read: {status}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,131 @@
+"""The default data pyramid: every tier of the tabletop world written as a WebDataset source, cached on disk.
+
+``TabletopPyramid(...).prepare()`` writes ``root/<tier>/`` (shards and sidecars, through
+``datamodules.shards.write_source``) plus a ``READY.json`` marker holding the tier's config. A later ``prepare()``
+skips every tier whose marker matches and regenerates the ones whose config (episode count, seed, image size,
+horizon, generator version) changed. A tier is written into a temporary folder and renamed into place, so an
+interrupted run never leaves a half-written source behind a marker.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing
+import os
+import shutil
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from .embodiments import MODALITIES
+from .tiers import TIERS, generate_episodes
+
+log = logging.getLogger(__name__)
+
+# Bump when generation changes what a given config produces, so stale caches are rebuilt.
+GENERATOR_VERSION = 1
+
+DEFAULT_EPISODES: dict[str, int] = {"robot": 50, "robot_b": 50, "sim": 200, "human": 80, "neural": 80}
+MARKER = "READY.json"
+
+
+def _build_tier(root: str, tier: str, config: dict[str, Any]) -> dict[str, Any]:
+    from datamodules.shards import write_source  # the writer belongs to the data layer, imported where it is used
+
+    start = time.perf_counter()
+    root_path = Path(root)
+    for stale in root_path.glob(f".{tier}.tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = root_path / f".{tier}.tmp-{os.getpid()}"
+    spec = TIERS[tier]
+    episodes = generate_episodes(tier, config["episodes"], config["seed"], config["image_size"])
+    source = write_source(
+        episodes,
+        tmp,
+        source=tier,
+        horizon=config["horizon"],
+        modality=None if spec.actionless else MODALITIES[spec.embodiment],
+        extra_metadata={"generator": "envs.tabletop", "config": config},
+    )
+    (tmp / MARKER).write_text(json.dumps(config, indent=1, sort_keys=True))
+    final = root_path / tier
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    elapsed = time.perf_counter() - start
+    log.info("tabletop pyramid: wrote %s (%d episodes) in %.1f s", final, config["episodes"], elapsed)
+    return source
+
+
+class TabletopPyramid:
+    """Preparer of the embedded world's data (``prepare() -> None``, see ``MixtureDataModule(prepare=...)``).
+
+    ``episodes`` maps tier name to episode count (missing tiers take ``DEFAULT_EPISODES``; 0 leaves a tier out).
+    ``num_workers`` processes build tiers in parallel; the data does not depend on it. The workers are spawned
+    (they re-import the main module), so a script calling ``prepare()`` needs the usual
+    ``if __name__ == "__main__":`` guard when ``num_workers > 1``.
+    """
+
+    def __init__(
+        self,
+        root: str = ".cache/vla_zoo/tabletop",
+        seed: int = 0,
+        image_size: int = 64,
+        horizon: int = 16,
+        episodes: dict[str, int] | None = None,
+        num_workers: int = 2,
+    ):
+        unknown = set(episodes or {}) - set(TIERS)
+        if unknown:
+            raise ValueError(f"TabletopPyramid(episodes=...): unknown tiers {sorted(unknown)}; valid: {list(TIERS)}")
+        counts = {**DEFAULT_EPISODES, **(episodes or {})}
+        for tier, n in counts.items():
+            if not isinstance(n, int) or n < 0:
+                raise ValueError(f"TabletopPyramid(episodes=...): {tier!r} needs a count >= 0, got {n!r}")
+        self.root = Path(root)
+        self.seed = seed
+        self.image_size = image_size
+        self.horizon = horizon
+        self.episodes = {tier: counts[tier] for tier in TIERS if counts[tier] > 0}
+        self.num_workers = num_workers
+
+    def config(self, tier: str) -> dict[str, Any]:
+        return {
+            "generator_version": GENERATOR_VERSION,
+            "tier": tier,
+            "seed": self.seed,
+            "image_size": self.image_size,
+            "horizon": self.horizon,
+            "episodes": self.episodes[tier],
+        }
+
+    @property
+    def sources(self) -> dict[str, str]:
+        """Tier name -> source folder, for every tier of this pyramid."""
+        return {tier: str(self.root / tier) for tier in self.episodes}
+
+    def is_ready(self, tier: str) -> bool:
+        marker = self.root / tier / MARKER
+        try:
+            return json.loads(marker.read_text()) == self.config(tier)
+        except (FileNotFoundError, json.JSONDecodeError):
+            return False
+
+    def prepare(self) -> None:
+        todo = [tier for tier in self.episodes if not self.is_ready(tier)]
+        if not todo:
+            return
+        self.root.mkdir(parents=True, exist_ok=True)
+        todo.sort(key=lambda tier: -self.episodes[tier])  # biggest first balances the workers
+        jobs = [(str(self.root), tier, self.config(tier)) for tier in todo]
+        workers = min(self.num_workers, len(jobs))
+        if workers <= 1:
+            for job in jobs:
+                _build_tier(*job)
+            return
+        # spawn, not fork: prepare() may run inside a process that already has threads (Lightning, torch)
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            for future in [pool.submit(_build_tier, *job) for job in jobs]:
+                future.result()

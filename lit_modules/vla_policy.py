@@ -1,0 +1,221 @@
+"""VLAPolicy: GR00T N1's dual-system policy as a LightningModule that composes injected components.
+
+System 2 (``backbone``) turns the frame-t views and the instruction into vision-language tokens; System 1
+(``action_head``, flow matching or the regression baseline) turns the tokens, the state and the embodiment into an
+action chunk. Both arrive as constructor arguments (factories from YAML, built in ``configure_model`` so that a large
+VLM is not built before the Trainer and its strategy exist), so a recipe swaps either by ``class_path``.
+
+Training rows. Each sample with real actions gives one row for its own embodiment. ``pseudo_labelers`` (latent
+actions, inverse dynamics, ...) add further rows, each a target for its own embodiment slot of the action head,
+so actionless video trains the head without this module knowing how the labels are made. A labeler is an
+``nn.Module`` with ``targets(batch) -> PseudoTargets | None``; if it trains itself (a co-trained latent-action
+model), it returns its own loss as ``aux_loss``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from lightning.pytorch import LightningModule
+from lightning.pytorch.cli import OptimizerCallable
+from torch import nn
+
+from datamodules import schema
+
+#: Checkpoint key holding what inference needs from the data side (normalisers, embodiment map, modalities).
+DATA_SPEC_KEY = "vla_zoo_data_spec"
+
+
+@dataclass
+class PseudoTargets:
+    """Extra training rows produced by a pseudo-labeler. ``index`` picks the batch rows they belong to."""
+
+    index: torch.Tensor  # [N] long, rows of the batch
+    actions: torch.Tensor  # [N, H, A_max] normalised targets
+    action_mask: torch.Tensor  # [N, H, A_max] bool
+    embodiment_id: torch.Tensor  # [N] long: the pseudo-label kind's own slot
+    state: torch.Tensor | None = None  # [N, S_max]; None -> zeros
+    name: str = "pseudo"  # for logging
+    aux_loss: torch.Tensor | None = None  # the labeler's own training loss when co-trained
+
+
+def _adamw(params) -> torch.optim.Optimizer:
+    # The paper's optimiser (Table 6): AdamW, lr 1e-4, betas (0.95, 0.999), weight decay 1e-5.
+    return torch.optim.AdamW(params, lr=1e-4, betas=(0.95, 0.999), weight_decay=1e-5)
+
+
+def _build(part: nn.Module | Callable[[], nn.Module]) -> nn.Module:
+    return part if isinstance(part, nn.Module) else part()
+
+
+class VLAPolicy(LightningModule):
+    def __init__(
+        self,
+        backbone: Callable[[], nn.Module],
+        action_head: Callable[[], nn.Module],
+        pseudo_labelers: Sequence[nn.Module] = (),
+        optimizer: OptimizerCallable = _adamw,
+        warmup_ratio: float = 0.05,
+        lr_schedule: str = "cosine",
+        frame_index: int = 0,
+    ) -> None:
+        """
+        Args:
+            backbone: System 2 factory (or module): ``(images [B,V,3,h,w] uint8, instructions) -> (tokens, mask)``.
+            action_head: System 1 factory (or module) with ``loss(...)`` and ``sample(...)``.
+            pseudo_labelers: modules producing extra targets for actionless data (see module docstring).
+            optimizer: optimiser factory; default AdamW(1e-4, betas 0.95/0.999, wd 1e-5) as in the paper.
+            warmup_ratio: linear warm-up as a fraction of the run's steps (paper: 5%).
+            lr_schedule: ``cosine`` (paper), ``linear`` or ``constant`` after warm-up.
+            frame_index: which frame of the batch's ``images[:, T]`` the policy sees (0 = the anchor step t).
+        """
+        super().__init__()
+        if lr_schedule not in ("cosine", "linear", "constant"):
+            raise ValueError(f"lr_schedule must be 'cosine', 'linear' or 'constant', got {lr_schedule!r}")
+        if not 0.0 <= warmup_ratio < 1.0:
+            raise ValueError(f"warmup_ratio must be in [0, 1), got {warmup_ratio}")
+        # Injected components are part of the hyper-parameters: the checkpoint must rebuild them alone.
+        self.save_hyperparameters()
+        self._backbone_factory, self._head_factory = backbone, action_head
+        self.backbone: nn.Module | None = None
+        self.action_head: nn.Module | None = None
+        self.pseudo_labelers = nn.ModuleList(pseudo_labelers)
+        self.data_spec: dict[str, Any] | None = None  # normalisers + embodiment map, set from the datamodule
+
+    # ------------------------------------------------------------------ construction
+    def configure_model(self) -> None:
+        if self.backbone is None:
+            self.backbone = _build(self._backbone_factory)
+        if self.action_head is None:
+            self.action_head = _build(self._head_factory)
+        head_dim = getattr(self.action_head, "cross_attention_dim", None)
+        vl_dim = getattr(self.backbone, "out_dim", None)
+        if head_dim is not None and vl_dim is not None and head_dim != vl_dim:
+            raise ValueError(
+                f"backbone.out_dim ({vl_dim}) != action_head.cross_attention_dim ({head_dim}): set the backbone's "
+                f"`project_to` and the head's `cross_attention_dim` to the same width in the recipe"
+            )
+
+    def setup(self, stage: str) -> None:
+        self.configure_model()
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        spec = getattr(datamodule, "data_spec", None)
+        if callable(spec):
+            self.data_spec = spec()
+
+    # ------------------------------------------------------------------ training
+    def _vl_tokens(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        images = batch[schema.IMAGES][:, self.hparams.frame_index]  # [B, V, 3, h, w]
+        return self.backbone(images, list(batch[schema.INSTRUCTION]))
+
+    def _training_rows(self, batch: dict) -> list[PseudoTargets]:
+        rows = []
+        real = batch[schema.HAS_ACTION].nonzero(as_tuple=True)[0]
+        if real.numel():
+            rows.append(PseudoTargets(
+                index=real,
+                actions=batch[schema.ACTIONS][real],
+                action_mask=batch[schema.ACTION_MASK][real],
+                embodiment_id=batch[schema.EMBODIMENT_ID][real],
+                state=batch[schema.STATE][real],
+                name="real",
+            ))
+        for labeler in self.pseudo_labelers:
+            extra = labeler.targets(batch)
+            if extra is not None:
+                rows.append(extra)
+        return rows
+
+    def _step(self, batch: dict, stage: str) -> torch.Tensor:
+        tokens, mask = self._vl_tokens(batch)  # [B, S, D], [B, S]
+        rows = self._training_rows(batch)
+        batch_size = tokens.shape[0]
+        aux = [r.aux_loss for r in rows if r.aux_loss is not None]
+        rows = [r for r in rows if r.index.numel()]
+        if not rows:
+            # Nothing to predict in this batch; keep every parameter in the graph so DDP does not hang.
+            loss = tokens.sum() * 0.0 + sum(aux, torch.zeros((), device=tokens.device))
+            self.log(f"{stage}/loss", loss, batch_size=batch_size)
+            return loss
+        index = torch.cat([r.index for r in rows])
+        state = torch.cat([
+            r.state if r.state is not None else torch.zeros_like(batch[schema.STATE][r.index]) for r in rows
+        ])
+        out = self.action_head.loss(
+            tokens[index], mask[index], state,
+            torch.cat([r.actions for r in rows]),
+            torch.cat([r.action_mask for r in rows]),
+            torch.cat([r.embodiment_id for r in rows]),
+        )
+        loss = out["loss"]
+        self.log(f"{stage}/action_loss", loss, batch_size=batch_size, prog_bar=stage == "train")
+        for a in aux:
+            loss = loss + a
+        self.log(f"{stage}/loss", loss, batch_size=batch_size, prog_bar=True)
+        self._log_breakdown(stage, out["per_sample"].detach(), rows, batch, index)
+        return loss
+
+    def _log_breakdown(self, stage: str, per_sample: torch.Tensor, rows, batch: dict, index: torch.Tensor) -> None:
+        """Per target kind and per data source loss, so a mixture's tiers can be watched separately."""
+        start = 0
+        for r in rows:
+            n = r.index.numel()
+            self.log(f"{stage}/loss_{r.name}", per_sample[start:start + n].mean(), batch_size=n)
+            start += n
+        names = None
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is not None:
+            names = getattr(datamodule, "source_names", None)
+        source = batch[schema.SOURCE_ID][index]
+        for sid in source.unique().tolist():
+            sel = source == sid
+            name = names[sid] if names is not None and sid < len(names) else str(sid)
+            self.log(f"{stage}/loss_source/{name}", per_sample[sel].mean(), batch_size=int(sel.sum()))
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        return self._step(batch, "train")
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._step(batch, "val")
+
+    # ------------------------------------------------------------------ optimisation
+    def configure_optimizers(self):
+        from transformers import get_scheduler
+
+        optimizer = self.hparams.optimizer([p for p in self.parameters() if p.requires_grad])
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        names = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
+        scheduler = get_scheduler(names[self.hparams.lr_schedule], optimizer,
+                                  num_warmup_steps=int(self.hparams.warmup_ratio * total), num_training_steps=total)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ------------------------------------------------------------------ checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.data_spec is not None:
+            checkpoint[DATA_SPEC_KEY] = self.data_spec
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.data_spec = checkpoint.get(DATA_SPEC_KEY)
+
+    # ------------------------------------------------------------------ inference
+    @torch.no_grad()
+    def encode_observation(self, images: torch.Tensor, instructions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """System 2: uint8 images ``[B, V, 3, h, w]`` + instructions -> VL tokens ``[B, S, D]`` and mask ``[B, S]``."""
+        return self.backbone(images, instructions)
+
+    @torch.no_grad()
+    def sample_actions(
+        self,
+        vl_tokens: torch.Tensor,
+        vl_mask: torch.Tensor,
+        state: torch.Tensor,
+        embodiment_id: torch.Tensor,
+        num_steps: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """System 1: normalised, padded action chunk ``[B, H, A_max]`` from cached VL tokens."""
+        return self.action_head.sample(vl_tokens, vl_mask, state, embodiment_id, num_steps=num_steps,
+                                       generator=generator)
