@@ -36,23 +36,45 @@ MakeEnv = Callable[[str, int], gym.Env]
 
 _EVAL_STREAM = zlib.crc32(b"closed-loop-evaluation")
 
-#: Env name -> (``make_env(task, seed, **kw)``, scripted ``expert(env, noise=, horizon=, seed=)``, default tasks).
-ENVS: dict[str, dict[str, Any]] = {
+#: Env name -> import paths of ``make_env(task, seed, **kw)``, the scripted ``expert(env, noise=, horizon=, seed=)``
+#: and ``resolve_tasks(tasks | None) -> list[str]`` (``None``: the env's default task list).
+ENVS: dict[str, dict[str, str]] = {
     "metaworld": {
         "make_env": "envs.metaworld.env:make_env",
         "expert": "envs.metaworld.experts:MetaWorldExpertPolicy",
         "resolve_tasks": "envs.metaworld.tasks:resolve_tasks",
-        "default_tasks": "MT10",
-        "embodiment": "sawyer",
     },
     "tabletop": {
-        "make_env": "envs.tabletop:make_env",
-        "expert": "envs.tabletop:expert_policy",
-        "resolve_tasks": None,
-        "default_tasks": None,
-        "embodiment": None,
+        "make_env": "vla_zoo.evaluation:make_tabletop_env",
+        "expert": "vla_zoo.evaluation:tabletop_expert",
+        "resolve_tasks": "vla_zoo.evaluation:resolve_tabletop_tasks",
     },
 }
+
+
+def make_tabletop_env(task: str, seed: int, embodiment: str = "point_gripper", **kwargs: Any) -> gym.Env:
+    """The embedded tabletop world restricted to one task family (``"pick_place"`` or ``"push"``)."""
+    from envs.tabletop import TabletopEnv
+
+    return TabletopEnv(embodiment=embodiment, task_families=(task,), **kwargs)
+
+
+def tabletop_expert(env: gym.Env, noise: float = 0.0, horizon: int = 1, seed: int = 0) -> Any:
+    from envs.tabletop import ExpertPolicy
+
+    if horizon != 1:
+        raise ValueError("the tabletop expert plans one step at a time: use --horizon 1")
+    return ExpertPolicy(env, noise=noise, seed=seed)
+
+
+def resolve_tabletop_tasks(tasks: Sequence[str] | str | None) -> list[str]:
+    from envs.tabletop import TASK_FAMILIES
+
+    names = TASK_FAMILIES if tasks is None else tasks.split(",") if isinstance(tasks, str) else tasks
+    unknown = sorted(set(names) - set(TASK_FAMILIES))
+    if unknown:
+        raise ValueError(f"unknown tabletop task families {unknown}; choose from {list(TASK_FAMILIES)}")
+    return list(names)
 
 
 def episode_seed(seed: int, task: str, episode: int) -> int:
@@ -77,13 +99,11 @@ def resolve_make_env(make_env: MakeEnv | str, **env_kwargs: Any) -> MakeEnv:
 
 
 def resolve_tasks(env: str, tasks: Sequence[str] | str | None) -> list[str]:
-    """Task list for a registered env; ``None`` picks its default (e.g. MT10 for Meta-World)."""
-    spec = ENVS.get(env, {})
-    tasks = spec.get("default_tasks") if tasks is None else tasks
+    """Task list for a registered env (``None``: its default, e.g. MT10 for Meta-World) or as given."""
+    if env in ENVS:
+        return _import(ENVS[env]["resolve_tasks"])(tasks)
     if tasks is None:
-        raise ValueError(f"--tasks is required for env {env!r}")
-    if spec.get("resolve_tasks"):
-        return _import(spec["resolve_tasks"])(tasks)
+        raise ValueError(f"tasks are required for env {env!r}")
     return [t.strip() for t in tasks.split(",")] if isinstance(tasks, str) else list(tasks)
 
 
@@ -124,7 +144,9 @@ def _frame(obs: dict[str, Any]) -> np.ndarray:
 def _episode_limit(env: gym.Env, max_steps: int | None) -> int:
     if max_steps is not None:
         return max_steps
-    limit = getattr(env.unwrapped, "max_steps", None) or (env.spec.max_episode_steps if env.spec else None)
+    unwrapped = env.unwrapped
+    limit = getattr(unwrapped, "max_steps", None) or getattr(unwrapped, "max_episode_steps", None)
+    limit = limit or (env.spec.max_episode_steps if env.spec else None)
     if limit is None:
         raise ValueError(f"{type(env).__name__} declares no episode limit (max_steps): pass max_steps")
     return int(limit)
@@ -323,6 +345,35 @@ def _load_policy(args: argparse.Namespace) -> PolicyOrFactory:
     return Policy.from_checkpoint(args.checkpoint)
 
 
+def _env_kwargs(args: argparse.Namespace, metadata: dict[str, Any] | None) -> dict[str, Any]:
+    """Env options from the command line, rendering what the policy was trained on unless told otherwise."""
+    if args.env not in ENVS:
+        return {}
+    embodiment = "sawyer" if args.env == "metaworld" else args.embodiment
+    spec = None
+    if metadata is not None:
+        spec = metadata["embodiments"].get(embodiment)
+        if spec is None:
+            raise SystemExit(f"the policy knows embodiments {sorted(metadata['embodiments'])}, not {embodiment!r}")
+    kwargs: dict[str, Any] = {}
+    if args.env == "metaworld":
+        if spec is not None:
+            kwargs.update(views=list(spec["image_keys"]), image_size=tuple(spec["image_size"]))
+        if args.views is not None:
+            kwargs["views"] = args.views.split(",")
+        if args.max_steps is not None:
+            kwargs["max_steps"] = args.max_steps
+    else:
+        kwargs["embodiment"] = embodiment
+        if spec is not None:
+            kwargs["image_size"] = int(spec["image_size"][0])
+        if args.max_steps is not None:
+            kwargs["max_episode_steps"] = args.max_steps
+    if args.image_size is not None:
+        kwargs["image_size"] = args.image_size
+    return kwargs
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(prog="python -m vla_zoo.evaluation", description=__doc__.split("\n\n")[0])
     parser.add_argument("--env", default="metaworld", help=f"one of {sorted(ENVS)} or 'module:make_env'")
@@ -336,25 +387,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--execute-steps", type=int, default=None, help="actions per chunk before re-planning")
     parser.add_argument("--max-steps", type=int, default=None, help="episode length limit")
     parser.add_argument("--image-size", type=int, default=None)
-    parser.add_argument("--views", default=None, help="comma-separated camera views")
+    parser.add_argument("--views", default=None, help="comma-separated views (Meta-World; default: the policy's)")
+    parser.add_argument("--embodiment", default="point_gripper", help="tabletop embodiment")
     parser.add_argument("--videos", type=int, default=2, help="GIFs recorded per task")
     parser.add_argument("--out", required=True, help="output folder")
     args = parser.parse_args(argv)
 
     policy = _load_policy(args)
-    env_kwargs: dict[str, Any] = {}
-    embodiment = ENVS.get(args.env, {}).get("embodiment")
-    if hasattr(policy, "metadata") and embodiment:
-        spec = policy.metadata()["embodiments"].get(embodiment)
-        if spec is None:
-            raise SystemExit(f"the checkpoint's policy has no embodiment {embodiment!r} (env {args.env!r})")
-        env_kwargs.update(views=list(spec["image_keys"]), image_size=tuple(spec["image_size"]))
-    if args.image_size is not None:
-        env_kwargs["image_size"] = args.image_size
-    if args.views is not None:
-        env_kwargs["views"] = args.views.split(",")
-    if args.max_steps is not None and args.env == "metaworld":
-        env_kwargs["max_steps"] = args.max_steps
+    env_kwargs = _env_kwargs(args, policy.metadata() if hasattr(policy, "metadata") else None)
     results = evaluate_closed_loop(
         policy,
         resolve_make_env(args.env, **env_kwargs),

@@ -27,10 +27,29 @@ import numpy as np
 
 from envs.metaworld.tasks import EMBODIMENT, instruction_for
 
-CAMERAS = ("topview", "corner", "corner2", "corner3", "corner4", "behindGripper", "gripperPOV")
+#: View name (the key in observations and shards: lower case, as shard member names require) -> MuJoCo camera.
+CAMERAS = {
+    "corner": "corner",
+    "corner2": "corner2",
+    "corner3": "corner3",
+    "corner4": "corner4",
+    "topview": "topview",
+    "behind_gripper": "behindGripper",
+    "gripper_pov": "gripperPOV",
+}
 UPSIDE_DOWN_CAMERAS = frozenset({"corner", "corner2", "corner3", "corner4"})
 #: Meta-World's own episode limit; its env raises if stepped past it.
 MAX_PATH_LENGTH = 500
+
+
+def view_name(view: str) -> str:
+    """Our name of a view given either it or Meta-World's camera name (``"gripperPOV"`` -> ``"gripper_pov"``)."""
+    if view in CAMERAS:
+        return view
+    by_camera = {camera: name for name, camera in CAMERAS.items()}
+    if view in by_camera:
+        return by_camera[view]
+    raise ValueError(f"unknown Meta-World view {view!r}; choose from {list(CAMERAS)}")
 
 
 def _raw_env_class(task: str) -> type:
@@ -60,7 +79,7 @@ class VisualRandomization:
 
 
 class MetaWorldEnv(gym.Env):
-    """One Meta-World v3 task (e.g. ``"push-v3"``) rendering ``views`` at ``image_size`` pixels."""
+    """One Meta-World v3 task (e.g. ``"push-v3"``) rendering ``views`` (names from ``CAMERAS``) at ``image_size``."""
 
     metadata = {"render_modes": ["rgb_array"]}
 
@@ -68,17 +87,16 @@ class MetaWorldEnv(gym.Env):
         self,
         task: str,
         image_size: int | tuple[int, int] = 64,
-        views: Sequence[str] = ("corner", "gripperPOV"),
+        views: Sequence[str] = ("corner", "gripper_pov"),
         max_steps: int = 300,
         seed: int | None = None,
         visual_randomization: VisualRandomization | None = None,
         render_mode: str | None = "rgb_array",
     ) -> None:
         super().__init__()
-        views = tuple(views)
-        unknown = [v for v in views if v not in CAMERAS]
-        if unknown or not views:
-            raise ValueError(f"unknown Meta-World camera(s) {unknown or views}; choose from {CAMERAS}")
+        views = tuple(view_name(v) for v in views)
+        if not views:
+            raise ValueError("MetaWorldEnv needs at least one view")
         if not 1 <= max_steps <= MAX_PATH_LENGTH:
             raise ValueError(f"max_steps must be in [1, {MAX_PATH_LENGTH}] (Meta-World's limit), got {max_steps}")
         self.task = task
@@ -207,7 +225,7 @@ class MetaWorldEnv(gym.Env):
         }
 
     def _render_view(self, view: str) -> np.ndarray:
-        self._renderer.update_scene(self._raw.data, camera=view)
+        self._renderer.update_scene(self._raw.data, camera=CAMERAS[view])
         image = self._renderer.render()
         return np.ascontiguousarray(image[::-1, ::-1]) if view in UPSIDE_DOWN_CAMERAS else image.copy()
 
