@@ -18,12 +18,21 @@ import os
 
 os.environ.setdefault("MUJOCO_GL", "egl")  # headless rendering; must be set before mujoco is imported
 
+import string
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
+
+import importlib.util
 
 import gymnasium as gym
 import mujoco
 import numpy as np
+
+# Mesa's software renderer (llvmpipe, behind EGL and OSMesa) and Triton (pulled in by torch._dynamo, e.g. through
+# torchvision.ops) each load their own LLVM; loading Triton's after Mesa has set up its own segfaults the process,
+# the other order works. So load Triton's first wherever it is installed (CUDA builds of torch).
+if importlib.util.find_spec("triton") is not None:
+    import triton._C.libtriton  # noqa: F401
 
 from envs.metaworld.tasks import EMBODIMENT, instruction_for
 
@@ -138,11 +147,12 @@ class MetaWorldEnv(gym.Env):
         self.fps = 1.0 / self._raw.dt
         self.action_space = gym.spaces.Box(-1.0, 1.0, shape=(4,), dtype=np.float32)
         image = gym.spaces.Box(0, 255, shape=(self.height, self.width, 3), dtype=np.uint8)
+        raw_space = self._raw.sawyer_observation_space
         self.observation_space = gym.spaces.Dict(
             {
                 "images": gym.spaces.Dict({v: image for v in views}),
-                "state": gym.spaces.Box(-np.inf, np.inf, shape=(4,), dtype=np.float32),
-                "instruction": gym.spaces.Text(max_length=256),
+                "state": gym.spaces.Box(raw_space.low[:4].astype(np.float32), raw_space.high[:4].astype(np.float32)),  # hand xyz, opening
+                "instruction": gym.spaces.Text(max_length=256, charset=string.ascii_lowercase + " "),
             }
         )
         self._raw_obs: np.ndarray | None = None

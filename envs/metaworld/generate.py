@@ -169,7 +169,10 @@ class MetaWorldDemos:
         """Episodes of ``tier`` in task-major order (``None`` where every attempt failed), from worker processes."""
         jobs = [self._job(tier, task, i) for task in self.tasks for i in range(self.episodes[tier])]
         if self.num_workers <= 1:
-            yield from map(generate_demo, jobs)
+            try:
+                yield from map(generate_demo, jobs)
+            finally:
+                close_envs()
             return
         # spawn, not fork: prepare() may run inside a process that already has threads (Lightning, torch, EGL)
         with multiprocessing.get_context("spawn").Pool(min(self.num_workers, len(jobs))) as pool:
@@ -210,6 +213,12 @@ def _env(task: str, tier: str, image_size: int, views: tuple[str, ...], max_step
         randomization = VisualRandomization() if tier == "sim" else None
         _ENVS[key] = MetaWorldEnv(task, image_size, views, max_steps, visual_randomization=randomization)
     return _ENVS[key]
+
+
+def close_envs() -> None:
+    """Release this process's cached envs (their OpenGL contexts must go before the interpreter tears down)."""
+    while _ENVS:
+        _ENVS.popitem()[1].close()
 
 
 def generate_demo(job: dict[str, Any]) -> Episode | None:
