@@ -249,7 +249,7 @@ def save_gif(frames: list[np.ndarray], path: str | os.PathLike, fps: float) -> N
     # GIF delays are whole centiseconds and viewers slow anything under 20 ms down: skip frames above 50 fps.
     stride = max(1, math.ceil(fps / 50))
     images = [Image.fromarray(f) for f in frames[::stride]]
-    duration = max(20, round(1000 * stride / fps, -1))
+    duration = max(20, int(1000 * stride / fps))
     images[0].save(path, save_all=True, append_images=images[1:], duration=duration, loop=0)
 
 
