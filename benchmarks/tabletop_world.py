@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import tempfile
 import time
@@ -88,9 +87,6 @@ def bench_pyramid(image_size: int) -> dict:
     steps = sum(ep.length for tier, n in DEFAULT_EPISODES.items() for ep in generate_episodes(tier, n, 0, image_size))
     generate_s = time.perf_counter() - start
     out = {"episodes": DEFAULT_EPISODES, "frames": steps, "generate_only_one_process_s": round(generate_s, 2)}
-    if importlib.util.find_spec("datamodules.shards") is None:
-        out["prepare"] = "skipped: datamodules.shards (the shard writer) is not available"
-        return out
     with tempfile.TemporaryDirectory() as tmp:
         pyramid = TabletopPyramid(str(Path(tmp) / "tabletop"), image_size=image_size)
         start = time.perf_counter()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import time
 import warnings
@@ -13,6 +12,7 @@ import pytest
 from gymnasium.utils.env_checker import check_env
 from scipy.stats import binomtest
 
+from datamodules.shards import read_episodes
 from envs.tabletop import (
     ENV_IDS,
     MODALITIES,
@@ -208,13 +208,8 @@ def test_bad_names_get_clear_errors():
         make_world(0, "point_gripper").step(np.array([0.0, np.nan, 0.0]))
 
 
-_HAVE_WRITER = importlib.util.find_spec("datamodules.shards") is not None
-
-
-@pytest.mark.skipif(not _HAVE_WRITER, reason="datamodules.shards (the shard writer) is not on this branch yet")
+@pytest.mark.slow  # 10-35 s here, depending on load: mostly two spawned workers importing webdataset and torch
 def test_pyramid_writes_every_tier_once_identically_for_any_worker_count(tmp_path):
-    from datamodules.shards import read_episodes
-
     counts = {"robot": 3, "robot_b": 2, "sim": 3, "human": 2, "neural": 2}
     make = lambda folder, workers, **kw: TabletopPyramid(  # noqa: E731
         str(tmp_path / folder), seed=0, horizon=8, episodes={**counts, **kw}, num_workers=workers
