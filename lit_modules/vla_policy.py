@@ -62,6 +62,8 @@ class VLAPolicy(LightningModule):
         warmup_ratio: float = 0.05,
         lr_schedule: str = "cosine",
         frame_index: int = 0,
+        use_vl_mask: bool = True,
+        init_from: str | None = None,
     ) -> None:
         """
         Args:
@@ -72,6 +74,10 @@ class VLAPolicy(LightningModule):
             warmup_ratio: linear warm-up as a fraction of the run's steps (paper: 5%).
             lr_schedule: ``cosine`` (paper), ``linear`` or ``constant`` after warm-up.
             frame_index: which frame of the batch's ``images[:, T]`` the policy sees (0 = the anchor step t).
+            use_vl_mask: honour the VL attention mask. False reproduces the released N1 code, which attends to
+                padded tokens (an ablation, not a recommendation).
+            init_from: a checkpoint whose weights start this run (post-training from a pretrained model). Unlike
+                ``--ckpt_path`` it restores neither optimiser nor step: a new run starts from those weights.
         """
         super().__init__()
         if lr_schedule not in ("cosine", "linear", "constant"):
@@ -102,8 +108,30 @@ class VLAPolicy(LightningModule):
                 f"`project_to` and the head's `cross_attention_dim` to the same width in the recipe"
             )
 
+    def _load_initial_weights(self, path: str) -> None:
+        import os
+
+        if not os.path.isfile(path):
+            raise FileNotFoundError(
+                f"model.init_args.init_from: checkpoint {path!r} not found (run the pretraining recipe first, or "
+                "point init_from at an existing .ckpt)"
+            )
+        state = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+        missing, unexpected = self.load_state_dict(state, strict=False)
+        # Parts the new recipe adds (e.g. a pseudo-labeler) may be missing from the checkpoint; backbone and head
+        # must match exactly, or the user is post-training a different architecture by mistake.
+        core = [k for k in missing + unexpected if k.startswith(("backbone.", "action_head."))]
+        if core:
+            raise ValueError(f"init_from {path!r}: backbone/action head do not match the checkpoint "
+                             f"(first mismatches: {core[:5]}); use the same sizes as the pretraining recipe")
+        self._initialised = True
+
     def setup(self, stage: str) -> None:
         self.configure_model()
+        # Only a Trainer run starts from init_from; load_from_checkpoint (deployment) never calls setup, so a
+        # post-trained checkpoint does not need the pretraining checkpoint to exist on the robot's machine.
+        if stage == "fit" and self.hparams.init_from and not getattr(self, "_initialised", False):
+            self._load_initial_weights(self.hparams.init_from)
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         spec = getattr(datamodule, "data_spec", None)
         if callable(spec):
@@ -134,6 +162,8 @@ class VLAPolicy(LightningModule):
 
     def _step(self, batch: dict, stage: str) -> torch.Tensor:
         tokens, mask = self._vl_tokens(batch)  # [B, S, D], [B, S]
+        if not self.hparams.use_vl_mask:
+            mask = torch.ones_like(mask)
         rows = self._training_rows(batch)
         batch_size = tokens.shape[0]
         aux = [r.aux_loss for r in rows if r.aux_loss is not None]

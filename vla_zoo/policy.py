@@ -90,3 +90,8 @@ class Policy:
         _, tokens, mask = self._cache
         actions = self.module.act(tokens, mask, observation["state"], embodiment, self.num_steps, self._generator)
         return {"actions": actions[0].numpy().astype(np.float32)}
+
+
+def policy_from_module(module: Any, **kwargs: Any) -> Policy:
+    """The policy of a module being trained (``ClosedLoopEvalCallback(policy_factory=...)`` in recipes)."""
+    return Policy(module, device=module.device, **kwargs)
