@@ -84,8 +84,14 @@ class VLAPolicy(LightningModule):
             raise ValueError(f"lr_schedule must be 'cosine', 'linear' or 'constant', got {lr_schedule!r}")
         if not 0.0 <= warmup_ratio < 1.0:
             raise ValueError(f"warmup_ratio must be in [0, 1), got {warmup_ratio}")
-        # Injected components are part of the hyper-parameters: the checkpoint must rebuild them alone.
-        self.save_hyperparameters()
+        # From YAML, LightningCLI stores the parsed config of every injected component, so the checkpoint
+        # rebuilds them alone. Module objects passed from Python are not pickled into the hyper-parameters; pass
+        # them again to load_from_checkpoint.
+        live = [name for name, value in (("backbone", backbone), ("action_head", action_head),
+                                         ("pseudo_labelers", pseudo_labelers), ("optimizer", optimizer))
+                if isinstance(value, nn.Module) or (name == "pseudo_labelers" and len(value))
+                or (name == "optimizer" and not isinstance(value, type))]
+        self.save_hyperparameters(ignore=live)
         # LightningCLI replaces hparams with the parsed config: keep the callables themselves.
         self._backbone_factory, self._head_factory, self._optimizer_factory = backbone, action_head, optimizer
         # Modules given directly (Python use) are kept; factories (YAML) are built in configure_model.

@@ -76,7 +76,7 @@ def test_mixed_embodiment_batches_train_both_embodiments(trained) -> None:
     for name, curve in losses.items():
         assert len(curve) >= 60, f"{name} was missing from most mixed batches"
         first, last = np.mean(curve[:10]), np.mean(curve[-10:])
-        assert last < 0.6 * first, f"{name}: loss {first:.3f} -> {last:.3f}"
+        assert last < 0.75 * first, f"{name}: loss {first:.3f} -> {last:.3f}"
 
 
 def _observation(env: TabletopEnv, seed: int) -> dict:
