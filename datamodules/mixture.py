@@ -66,6 +66,9 @@ class SourceConfig:
     working directory. All matched shards must lie in one source directory (the one holding the sidecars).
     ``views``: camera views in the order they are stacked in ``images`` (default: the order in ``source.json``).
     ``normalization``: overrides the mixture's mode for this source's embodiment.
+    ``targets``: what this source trains the action head on: ``action`` (its real actions) and/or the kinds of
+    pseudo-labels (``latent``, ``idm``, ...) that the model's pseudo-labelers produce. Default: ``[action]`` for
+    sources with actions, nothing for actionless ones (which then only feed labelers that train themselves).
     """
 
     name: str
@@ -75,6 +78,7 @@ class SourceConfig:
     has_action: bool = True
     normalization: Optional[str] = None
     views: Optional[list[str]] = None
+    targets: Optional[list[str]] = None
 
 
 @dataclass
@@ -363,6 +367,9 @@ class MixtureDataModule(LightningDataModule):
                     raise ValueError(f"source {s.name!r}: weight must be >= 0, got {s.weight}")
                 if s.normalization is not None and s.normalization not in MODES:
                     raise ValueError(f"source {s.name!r}: normalization {s.normalization!r} is not one of {MODES}")
+                if s.targets is not None and "action" in s.targets and not s.has_action:
+                    raise ValueError(f"source {s.name!r}: targets include 'action' but has_action is false; "
+                                     "an actionless source can only train pseudo-label targets (latent, idm)")
         if sum(s.weight for s in self.sources) <= 0:
             raise ValueError("all source weights are zero: give at least one source a positive weight")
 
@@ -539,7 +546,12 @@ class MixtureDataModule(LightningDataModule):
             "max_state_dim": self.max_state_dim,
             "max_action_dim": self.max_action_dim,
             "sources": self.source_names,
+            "source_targets": [self.source_targets(cfg) for cfg in self.sources],
         }
+
+    @staticmethod
+    def source_targets(cfg: SourceConfig) -> list[str]:
+        return list(cfg.targets) if cfg.targets is not None else (["action"] if cfg.has_action else [])
 
     # ---------------------------------------------------------------- checkpointing
 

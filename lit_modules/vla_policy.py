@@ -5,17 +5,16 @@ System 2 (``backbone``) turns the frame-t views and the instruction into vision-
 action chunk. Both arrive as constructor arguments (factories from YAML, built in ``configure_model`` so that a large
 VLM is not built before the Trainer and its strategy exist), so a recipe swaps either by ``class_path``.
 
-Training rows. Each sample with real actions gives one row for its own embodiment. ``pseudo_labelers`` (latent
-actions, inverse dynamics, ...) add further rows, each a target for its own embodiment slot of the action head,
-so actionless video trains the head without this module knowing how the labels are made. A labeler is an
-``nn.Module`` with ``targets(batch) -> PseudoTargets | None``; if it trains itself (a co-trained latent-action
-model), it returns its own loss as ``aux_loss``.
+Training rows. Each sample whose source trains on real actions gives one row for its own embodiment.
+``pseudo_labelers`` (latent actions, inverse dynamics, ...; see ``components/pseudo_labels.py``) add further rows,
+each a target for its own embodiment slot of the action head, for the samples whose source declares that kind in
+its ``targets``; so actionless video trains the head without this module knowing how the labels are made. A
+labeler that trains itself (a co-trained latent-action model) returns its own loss as ``aux_loss``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -24,23 +23,11 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import OptimizerCallable
 from torch import nn
 
+from components.pseudo_labels import PseudoTargets
 from datamodules import schema
 
 #: Checkpoint key holding what inference needs from the data side (normalisers, embodiment map, modalities).
 DATA_SPEC_KEY = "vla_zoo_data_spec"
-
-
-@dataclass
-class PseudoTargets:
-    """Extra training rows produced by a pseudo-labeler. ``index`` picks the batch rows they belong to."""
-
-    index: torch.Tensor  # [N] long, rows of the batch
-    actions: torch.Tensor  # [N, H, A_max] normalised targets
-    action_mask: torch.Tensor  # [N, H, A_max] bool
-    embodiment_id: torch.Tensor  # [N] long: the pseudo-label kind's own slot
-    state: torch.Tensor | None = None  # [N, S_max]; None -> zeros
-    name: str = "pseudo"  # for logging
-    aux_loss: torch.Tensor | None = None  # the labeler's own training loss when co-trained
 
 
 def _adamw(params) -> torch.optim.Optimizer:
@@ -148,9 +135,17 @@ class VLAPolicy(LightningModule):
         images = batch[schema.IMAGES][:, self.hparams.frame_index]  # [B, V, 3, h, w]
         return self.backbone(images, list(batch[schema.INSTRUCTION]))
 
+    def _source_declares(self, batch: dict, kind: str) -> torch.Tensor:
+        """[B] bool: the sample's source lists ``kind`` among its targets (``SourceConfig.targets``)."""
+        per_source = (self.data_spec or {}).get("source_targets")
+        if per_source is None:  # a datamodule without declarations: real actions wherever they exist
+            return batch[schema.HAS_ACTION].clone() if kind == "action" else torch.ones_like(batch[schema.HAS_ACTION])
+        table = torch.tensor([kind in t for t in per_source], device=batch[schema.SOURCE_ID].device)
+        return table[batch[schema.SOURCE_ID]]
+
     def _training_rows(self, batch: dict) -> list[PseudoTargets]:
         rows = []
-        real = batch[schema.HAS_ACTION].nonzero(as_tuple=True)[0]
+        real = (batch[schema.HAS_ACTION] & self._source_declares(batch, "action")).nonzero(as_tuple=True)[0]
         if real.numel():
             rows.append(PseudoTargets(
                 index=real,
@@ -161,7 +156,7 @@ class VLAPolicy(LightningModule):
                 name="real",
             ))
         for labeler in self.pseudo_labelers:
-            extra = labeler.targets(batch)
+            extra = labeler.targets(batch, self._source_declares(batch, labeler.kind))
             if extra is not None:
                 rows.append(extra)
         return rows
