@@ -143,7 +143,7 @@ class ComposedBackbone(VisionLanguageBackbone):
                 lm_model_type,
                 vocab_size=len(tok),
                 hidden_size=lm_hidden_size,
-                intermediate_size=4 * lm_hidden_size,
+                intermediate_size=3 * lm_hidden_size,  # SmolLM2: 2.7x
                 num_hidden_layers=lm_layers,
                 num_attention_heads=lm_heads,
                 num_key_value_heads=lm_heads,

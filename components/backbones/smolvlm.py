@@ -79,13 +79,19 @@ class SmolVLMBackbone(VisionLanguageBackbone):
             self.model = Idefics3Model(config)
             strip_final_norm(self.model.text_model)
         else:
-            self.processor = AutoProcessor.from_pretrained(pretrained_path, local_files_only=True)
             config = AutoConfig.from_pretrained(pretrained_path, local_files_only=True)
             if not hasattr(config, "text_config") or not hasattr(config, "scale_factor"):
                 raise ValueError(
                     f"{pretrained_path}: config.json describes a {config.model_type!r} model; SmolVLMBackbone loads "
                     "SmolVLM / Idefics3 checkpoints (model_type 'idefics3' or 'smolvlm')"
                 )
+            try:
+                self.processor = AutoProcessor.from_pretrained(pretrained_path, local_files_only=True)
+            except (OSError, ValueError) as err:
+                raise FileNotFoundError(
+                    f"{pretrained_path}: no usable processor files ({err}); save the checkpoint's processor there "
+                    "too: AutoProcessor.from_pretrained(name).save_pretrained(path)"
+                ) from err
             config.text_config = truncated_text_config(config.text_config, select_layer)
             self.model = load_pretrained(pretrained_path, config, decoder_of=lambda model: model.text_model)
         vision = self.model.config.vision_config
@@ -137,7 +143,7 @@ class SmolVLMBackbone(VisionLanguageBackbone):
             text_config=LlamaConfig(
                 vocab_size=len(tokenizer),
                 hidden_size=lm_hidden_size,
-                intermediate_size=4 * lm_hidden_size,
+                intermediate_size=3 * lm_hidden_size,  # SmolLM2: 2.7x
                 num_hidden_layers=lm_layers,
                 num_attention_heads=lm_heads,
                 num_key_value_heads=lm_heads,
