@@ -104,9 +104,9 @@ class OutputProjector(nn.Sequential):
 class VisionLanguageBackbone(nn.Module):
     """Base of the adapters: the shared forward, the tuning flags and prompt caching.
 
-    Subclasses build their modules, then call ``_finish_init``; they implement ``tunable_parts`` (every parameter in
-    exactly one of "visual", "llm", "projector"), ``_embed_images``, ``_embed_tokens``, ``_language_model`` and
-    ``_prompt`` (token ids of one instruction's prompt plus which of them are image slots).
+    Subclasses build their modules (``projector`` among them), then call ``_finish_init``. They implement
+    ``tunable_parts`` (every parameter in exactly one of "visual", "llm", "projector"), ``_embed_images``,
+    ``_embed_tokens``, ``_language_model`` and ``_prompt`` (one instruction's prompt ids and which are image slots).
     """
 
     # Robot datasets repeat a few hundred instructions; the cache makes tokenisation free after the first batches.
@@ -136,9 +136,8 @@ class VisionLanguageBackbone(nn.Module):
         self.tokenizer = tokenizer
         self.image_size = image_size
         self.tokens_per_image = tokens_per_image
-        self.pad_token_id = next(
-            (t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id) if t is not None), 0
-        )
+        # Padding ids only need to exist in the vocabulary: the mask hides them and image slots are overwritten.
+        self.pad_token_id = next((t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id) if t is not None), 0)
         # uint8 -> normalised float as one affine map per channel: x * scale + shift.
         mean = torch.as_tensor(image_mean, dtype=torch.float32).view(3, 1, 1)
         std = torch.as_tensor(image_std, dtype=torch.float32).view(3, 1, 1)
@@ -166,11 +165,10 @@ class VisionLanguageBackbone(nn.Module):
     def train(self, mode: bool = True):
         """Frozen parts stay in eval mode whatever the trainer asks, so forward never has to re-force it."""
         super().train(mode)
-        if hasattr(self, "tune"):
-            for name, modules in self.tunable_parts().items():
-                if not self.tune[name]:
-                    for module in modules:
-                        module.eval()
+        for name, modules in self.tunable_parts().items():
+            if not self.tune[name]:
+                for module in modules:
+                    module.eval()
         return self
 
     # --- prompts -------------------------------------------------------------------------------------------------
@@ -193,13 +191,14 @@ class VisionLanguageBackbone(nn.Module):
                     self._prompt_cache.clear()
                 self._prompt_cache[key] = self._prompt(self._truncated_instruction(instruction), num_views)
             prompts.append(self._prompt_cache[key])
-        length = max(len(ids) for ids, _ in prompts)
+        lengths = [len(ids) for ids, _ in prompts]
+        length = max(lengths)
         # Right padding: with causal attention, real tokens never see the padding after them, so their features do
         # not depend on how much of it the batch needed.
-        ids = torch.tensor([ids + [self.pad_token_id] * (length - len(ids)) for ids, _ in prompts], device=device)
-        is_image = torch.tensor([slots + [False] * (length - len(slots)) for _, slots in prompts], device=device)
-        mask = torch.tensor([[True] * len(ids_) + [False] * (length - len(ids_)) for ids_, _ in prompts], device=device)
-        return ids, is_image, mask
+        ids = torch.tensor([ids + [self.pad_token_id] * (length - n) for (ids, _), n in zip(prompts, lengths)])
+        is_image = torch.tensor([slots + [False] * (length - n) for (_, slots), n in zip(prompts, lengths)])
+        mask = torch.arange(length)[None] < torch.tensor(lengths)[:, None]
+        return ids.to(device), is_image.to(device), mask.to(device)
 
     # --- forward -------------------------------------------------------------------------------------------------
 
@@ -240,6 +239,6 @@ class VisionLanguageBackbone(nn.Module):
         return out.last_hidden_state, mask
 
     def forward(self, images: torch.Tensor, instructions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """uint8 ``[B, V, 3, h, w]`` + B instructions -> tokens ``[B, S, out_dim]`` and mask ``[B, S]`` (True = real)."""
+        """uint8 ``[B, V, 3, h, w]`` + B instructions -> tokens ``[B, S, out_dim]``, mask ``[B, S]`` (True = real)."""
         hidden, mask = self.features(images, instructions)
         return self.projector(hidden), mask

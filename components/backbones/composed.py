@@ -151,7 +151,8 @@ class ComposedBackbone(VisionLanguageBackbone):
                 bos_token_id=tok.bos_token_id,
                 eos_token_id=tok.eos_token_id,
             )
-            self.language_model = strip_final_norm(AutoModel.from_config(truncated_text_config(lm_config, select_layer)))
+            lm_config = truncated_text_config(lm_config, select_layer)
+            self.language_model = strip_final_norm(AutoModel.from_config(lm_config))
         else:
             lm_config = AutoConfig.from_pretrained(lm_pretrained_path, local_files_only=True)
             self.language_model = load_pretrained(
@@ -174,7 +175,11 @@ class ComposedBackbone(VisionLanguageBackbone):
         )
 
     def tunable_parts(self) -> dict[str, list[nn.Module]]:
-        return {"visual": [self.vision_model], "llm": [self.language_model], "projector": [self.connector, self.projector]}
+        return {
+            "visual": [self.vision_model],
+            "llm": [self.language_model],
+            "projector": [self.connector, self.projector],
+        }
 
     def _prompt(self, instruction: str, num_views: int) -> tuple[list[int], list[bool]]:
         tok = self.tokenizer

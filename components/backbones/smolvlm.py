@@ -171,7 +171,7 @@ class SmolVLMBackbone(VisionLanguageBackbone):
         # What the processor writes for an unsplit image (rows = cols = 0); its tokenizer call below is the same too.
         image_block = (
             processor.fake_image_token
-            + processor.global_image_tag
+            + (getattr(processor, "global_image_tag", None) or processor.global_image_token)  # Idefics3 / SmolVLM
             + processor.image_token * processor.image_seq_len
             + processor.fake_image_token
         )

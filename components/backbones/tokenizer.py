@@ -21,7 +21,8 @@ FAKE_IMAGE_TOKEN = "<fake_token_around_image>"
 GLOBAL_IMAGE_TOKEN = "<global-img>"
 # Idefics3's processor looks these up even when image splitting is off.
 ROW_COL_TOKENS = [f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)]
-SPECIAL_TOKENS = [PAD_TOKEN, BOS_TOKEN, END_OF_UTTERANCE, FAKE_IMAGE_TOKEN, IMAGE_TOKEN, GLOBAL_IMAGE_TOKEN, *ROW_COL_TOKENS]
+IMAGE_TOKENS = [FAKE_IMAGE_TOKEN, IMAGE_TOKEN, GLOBAL_IMAGE_TOKEN, *ROW_COL_TOKENS]
+SPECIAL_TOKENS = [PAD_TOKEN, BOS_TOKEN, END_OF_UTTERANCE, *IMAGE_TOKENS]
 
 # SmolVLM's chat format ("<|im_start|>User:<image>text<end_of_utterance>\nAssistant:"). Content may be a list of
 # {"type": "image"} / {"type": "text"} parts (the processor's form) or a plain string (a text-only LM's form).
@@ -84,7 +85,7 @@ def offline_tokenizer(vocab_size: int = 2048) -> PreTrainedTokenizerFast:
         bos_token=BOS_TOKEN,
         eos_token=END_OF_UTTERANCE,
         pad_token=PAD_TOKEN,
-        extra_special_tokens=[FAKE_IMAGE_TOKEN, IMAGE_TOKEN, GLOBAL_IMAGE_TOKEN, *ROW_COL_TOKENS],
+        extra_special_tokens=IMAGE_TOKENS,
         chat_template=CHAT_TEMPLATE,
         padding_side="right",
         clean_up_tokenization_spaces=False,

@@ -6,7 +6,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoProcessor, Idefics3ForConditionalGeneration, SiglipConfig, SiglipImageProcessor, SiglipModel
+from transformers import (
+    AutoProcessor,
+    Idefics3ForConditionalGeneration,
+    SiglipConfig,
+    SiglipImageProcessor,
+    SiglipModel,
+)
 
 from components.backbones import ComposedBackbone, SmolVLMBackbone
 from components.backbones.common import pixel_shuffle
@@ -68,7 +74,7 @@ def test_frozen_flags_freeze_exactly_what_they_say(cls, flags):
     def modes() -> dict[str, set[bool]]:
         return {name: {s.training for m in modules for s in m.modules()} for name, modules in parts.items()}
 
-    backbone.train()  # what Lightning does at the start of every training epoch
+    nn.ModuleList([backbone]).train()  # what Lightning does to the LightningModule holding it, every epoch
     assert modes() == {name: {tuned[name]} for name in parts}
     before = {n: p.detach().clone() for n, p in backbone.named_parameters()}
     tokens, mask = backbone(_images(2), INSTRUCTIONS[:2])
@@ -304,8 +310,9 @@ def _verb_task(batch: int, g: torch.Generator) -> tuple[torch.Tensor, list[str],
     labels = torch.randint(0, 2, (batch,), generator=g)
     colours = torch.randint(0, 4, (batch,), generator=g).tolist()
     things = torch.randint(0, 5, (batch,), generator=g).tolist()
+    colour_words, thing_words = ["red", "green", "blue", "yellow"], ["block", "cup", "bowl", "button", "drawer"]
     instructions = [
-        f"{['pick up', 'push'][y]} the {['red', 'green', 'blue', 'yellow'][c]} {['block', 'cup', 'bowl', 'button', 'drawer'][t]}"
+        f"{['pick up', 'push'][y]} the {colour_words[c]} {thing_words[t]}"
         for y, c, t in zip(labels.tolist(), colours, things)
     ]
     images = torch.randint(0, 256, (batch, 1, 3, 64, 64), dtype=torch.uint8, generator=g)
