@@ -1,0 +1,211 @@
+"""Latent-action model: a VQ-VAE over frame pairs (LAPA, as used by GR00T N1 for actionless video; paper Sec. 2.2).
+
+The encoder sees ``(x_t, x_{t+H})`` and emits ``N`` latent tokens of width ``D``; a quantiser snaps them to a
+codebook; the decoder sees ``x_t`` and the quantised tokens and reconstructs ``x_{t+H}``. After training the
+*pre-quantisation* tokens, normalised by statistics fitted on data, are the flow-matching target of a separate
+"latent" embodiment, which is why they are shaped like an action chunk ``[N = H, D <= A_max]``.
+
+The quantiser is injected (``vector_quantize_pytorch.VectorQuantize``, ``FSQ``, or ``None`` for a plain
+autoencoder). Anything with ``forward(z [B, N, D]) -> (z_q, indices[, aux_loss])`` works.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def _transformer(width: int, depth: int, heads: int, mlp_ratio: float, dropout: float) -> nn.TransformerEncoder:
+    layer = nn.TransformerEncoderLayer(
+        width, heads, int(width * mlp_ratio), dropout, activation="gelu", batch_first=True, norm_first=True
+    )
+    return nn.TransformerEncoder(layer, depth, norm=nn.LayerNorm(width), enable_nested_tensor=False)
+
+
+class PatchEmbed(nn.Module):
+    """Frames ``[B, F, 3, h, w]`` -> tokens ``[B, F * P, width]`` with learned patch-position and frame embeddings.
+
+    ``F`` indexes (time, view) pairs; each gets its own learned embedding so attention can tell x_t from x_{t+H}
+    and one camera from another.
+    """
+
+    def __init__(self, image_size: int, patch_size: int, num_frames: int, width: int, in_channels: int = 3) -> None:
+        super().__init__()
+        self.grid = image_size // patch_size
+        self.proj = nn.Conv2d(in_channels, width, patch_size, stride=patch_size)
+        self.pos = nn.Parameter(torch.randn(1, 1, self.grid**2, width) * 0.02)  # [1, 1, P, W]
+        self.frame = nn.Parameter(torch.randn(1, num_frames, 1, width) * 0.02)  # [1, F, 1, W]
+
+    def forward(self, frames: torch.Tensor) -> torch.Tensor:  # [B, F, 3, h, w] -> [B, F * P, W]
+        b, f = frames.shape[:2]
+        x = self.proj(frames.flatten(0, 1)).flatten(2).transpose(1, 2)  # [B * F, P, W]
+        x = x.view(b, f, -1, x.shape[-1]) + self.pos + self.frame
+        return x.flatten(1, 2)
+
+
+class LatentActionModel(nn.Module):
+    """VQ-VAE over ``(x_t, x_{t+H})``: frames in ``[0, 1]``, shaped ``[B, V, 3, h, w]`` (or ``[B, 3, h, w]`` if V = 1).
+
+    Encoder: patch tokens of both frames (and all ``num_views`` views) plus ``num_latent_tokens`` learned
+    action queries, one joint space-time transformer (with two frames, joint attention over all tokens covers the
+    spatial and the temporal mixing that factorised ST-attention does for long clips, at no extra cost), the
+    queries' outputs projected to ``latent_dim``.
+    Decoder: its own patch embedding of ``x_t`` plus the quantised latent tokens, a transformer, a per-patch
+    pixel head predicting ``x_{t+H} - x_t``. Predicting the change makes copying the starting point, so training
+    spends its capacity on motion; and because the decoder embeds ``x_t`` itself, no gradient reaches the encoder
+    through ``x_t`` (LAPA's stop-gradient on the first frame).
+    """
+
+    def __init__(
+        self,
+        image_size: int = 64,
+        patch_size: int = 8,
+        num_views: int = 1,
+        width: int = 128,
+        depth: int = 2,
+        decoder_depth: int | None = None,
+        heads: int = 4,
+        mlp_ratio: float = 4.0,
+        dropout: float = 0.0,
+        num_latent_tokens: int = 16,
+        latent_dim: int = 8,
+        quantizer: nn.Module | None = None,
+        target_std_floor: float = 1e-4,
+    ) -> None:
+        super().__init__()
+        if image_size % patch_size:
+            raise ValueError(f"LatentActionModel: image_size {image_size} is not a multiple of patch_size {patch_size}")
+        if width % heads:
+            raise ValueError(f"LatentActionModel: width {width} is not divisible by heads {heads}")
+        self.image_size, self.patch_size, self.num_views = image_size, patch_size, num_views
+        self.num_latent_tokens, self.latent_dim = num_latent_tokens, latent_dim
+        self.target_std_floor = target_std_floor
+
+        self.enc_embed = PatchEmbed(image_size, patch_size, num_views, width, in_channels=9)
+        self.queries = nn.Parameter(torch.randn(1, num_latent_tokens, width) * 0.02)
+        self.encoder = _transformer(width, depth, heads, mlp_ratio, dropout)
+        self.to_latent = nn.Linear(width, latent_dim)
+
+        self.dec_embed = PatchEmbed(image_size, patch_size, num_views, width)
+        self.from_latent = nn.Linear(latent_dim, width)
+        self.latent_pos = nn.Parameter(torch.randn(1, num_latent_tokens, width) * 0.02)
+        self.decoder = _transformer(width, decoder_depth or depth, heads, mlp_ratio, dropout)
+        self.to_pixels = nn.Linear(width, 3 * patch_size**2)
+        # Start as the copy baseline (zero change), so the first steps do not have to unlearn random images.
+        nn.init.zeros_(self.to_pixels.weight)
+        nn.init.zeros_(self.to_pixels.bias)
+
+        self.quantizer = quantizer
+        # Normalisation of the flow-matching target, fitted after training (`fit_target_stats`); in the state dict.
+        self.register_buffer("target_mean", torch.zeros(num_latent_tokens, latent_dim))
+        self.register_buffer("target_std", torch.ones(num_latent_tokens, latent_dim))
+        self.register_buffer("target_stats_fitted", torch.tensor(False))
+
+    # ------------------------------------------------------------------ shapes
+    def _frames(self, x: torch.Tensor, name: str) -> torch.Tensor:  # -> [B, V, 3, h, w]
+        if x.dim() == 4:
+            x = x.unsqueeze(1)
+        expected = (self.num_views, 3, self.image_size, self.image_size)
+        if x.dim() != 5 or tuple(x.shape[1:]) != expected:
+            raise ValueError(
+                f"LatentActionModel: {name} must be float [B, {self.num_views}, 3, {self.image_size}, "
+                f"{self.image_size}] (or [B, 3, h, w] with one view), got {tuple(x.shape)}; set image_size / "
+                "num_views to match the data"
+            )
+        if not x.is_floating_point():
+            raise TypeError(f"LatentActionModel: {name} must be float in [0, 1], got {x.dtype} (divide uint8 by 255)")
+        return x
+
+    # ------------------------------------------------------------------ parts
+    def encode(self, x_t: torch.Tensor, x_tH: torch.Tensor) -> torch.Tensor:  # -> z [B, N, D] (pre-quantisation)
+        x_t, x_tH = self._frames(x_t, "x_t"), self._frames(x_tH, "x_tH")
+        # Tubelets: each token sees one patch at t and at t+H (and their difference, which a linear embedding could
+        # form itself but learns slowly from a random start).
+        tokens = self.enc_embed(torch.cat([x_t, x_tH, x_tH - x_t], dim=2))  # [B, V * P, W]
+        queries = self.queries.expand(tokens.shape[0], -1, -1)
+        h = self.encoder(torch.cat([queries, tokens], dim=1))
+        return self.to_latent(h[:, : self.num_latent_tokens])
+
+    @property
+    def awaits_kmeans_init(self) -> bool:
+        """True while a k-means-initialised codebook has not yet seen its first training batch (it is all zeros)."""
+        codebook = getattr(self.quantizer, "_codebook", None)
+        return codebook is not None and not bool(getattr(codebook, "initted", True))
+
+    def quantize(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """``z [B, N, D] -> (z_q [B, N, D], indices [B, N] or None, aux_loss scalar)``, always in fp32."""
+        if self.quantizer is None:
+            return z, None, z.new_zeros(())
+        if not self.training and self.awaits_kmeans_init:
+            # The library would run k-means on whatever it sees first; evaluation data must not set the codebook.
+            raise RuntimeError(
+                "LatentActionModel: the k-means codebook is initialised on the first training batch; run a "
+                "training step before evaluating the quantiser (encode() works at any time)"
+            )
+        with torch.autocast(z.device.type, enabled=False):
+            out = self.quantizer(z.float())
+        z_q, indices = out[0].to(z.dtype), out[1]
+        aux = out[2] if len(out) > 2 else z.new_zeros(())
+        if indices is not None and indices.dim() == 3 and indices.shape[-1] == 1:
+            indices = indices.squeeze(-1)
+        return z_q, indices, aux.sum()
+
+    def decode(self, x_t: torch.Tensor, z_q: torch.Tensor) -> torch.Tensor:  # -> recon of x_{t+H}, like x_t
+        squeeze = x_t.dim() == 4
+        x_t = self._frames(x_t, "x_t")
+        b, v = x_t.shape[:2]
+        latent = self.from_latent(z_q) + self.latent_pos  # [B, N, W]
+        h = self.decoder(torch.cat([latent, self.dec_embed(x_t)], dim=1))[:, self.num_latent_tokens :]
+        g, p = self.image_size // self.patch_size, self.patch_size
+        delta = self.to_pixels(h).view(b, v, g, g, 3, p, p)  # [B, V, gy, gx, 3, py, px]
+        delta = delta.permute(0, 1, 4, 2, 5, 3, 6).reshape_as(x_t)
+        recon = x_t + delta
+        return recon.squeeze(1) if squeeze else recon
+
+    def forward(self, x_t: torch.Tensor, x_tH: torch.Tensor) -> dict[str, torch.Tensor | None]:
+        z = self.encode(x_t, x_tH)
+        z_q, indices, aux_loss = self.quantize(z)
+        return {"recon": self.decode(x_t, z_q), "z": z, "z_q": z_q, "indices": indices, "aux_loss": aux_loss}
+
+    # ------------------------------------------------------------------ flow-matching target
+    @torch.no_grad()
+    def set_target_stats(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        shape = (self.num_latent_tokens, self.latent_dim)
+        if tuple(mean.shape) != shape or tuple(std.shape) != shape:
+            raise ValueError(f"target stats must be {list(shape)}, got mean {list(mean.shape)}, std {list(std.shape)}")
+        self.target_mean.copy_(mean)
+        self.target_std.copy_(std.clamp_min(self.target_std_floor))
+        self.target_stats_fitted.fill_(True)
+
+    @torch.no_grad()
+    def fit_target_stats(self, data: Iterable[tuple[torch.Tensor, torch.Tensor]] | torch.Tensor) -> None:
+        """Fit the per-element mean/std of the pre-quantisation latent ``[N, D]``.
+
+        ``data`` is either latents ``[M, N, D]`` already computed, or an iterable of ``(x_t, x_tH)`` float batches
+        (a dataloader). Call after training: the statistics belong to the encoder's final weights.
+        """
+        if isinstance(data, torch.Tensor):
+            latents = [data]
+        else:
+            was_training = self.training
+            self.eval()
+            latents = [self.encode(x_t, x_tH) for x_t, x_tH in data]
+            self.train(was_training)
+        if not latents:
+            raise ValueError("fit_target_stats: got no data")
+        z = torch.cat(latents).double()
+        if z.shape[0] < 2:
+            raise ValueError(f"fit_target_stats needs at least 2 latents, got {z.shape[0]}")
+        self.set_target_stats(z.mean(0).to(self.target_mean), z.std(0).to(self.target_std))
+
+    def latent_action_target(self, x_t: torch.Tensor, x_tH: torch.Tensor) -> torch.Tensor:  # -> [B, N, D]
+        """The normalised pre-quantisation latent: the flow-matching target of the "latent" embodiment."""
+        if not bool(self.target_stats_fitted):
+            raise RuntimeError(
+                "LatentActionModel.latent_action_target: target statistics are not fitted; call "
+                "fit_target_stats(...) after training (LatentActionModule refits them on every validation epoch)"
+            )
+        return (self.encode(x_t, x_tH) - self.target_mean) / self.target_std

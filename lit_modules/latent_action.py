@@ -1,0 +1,224 @@
+"""Training of the latent-action model (LAPA-style VQ-VAE) on mixture batches; see ``components/latent_action.py``.
+
+Loss: pixel MSE of the reconstructed ``x_{t+H}`` plus the quantiser's auxiliary loss (commitment, ...). Logged in
+``train/`` (every ``log_every_n_steps``) and ``val/`` (per epoch), because a VQ-VAE's loss says little about whether
+its latent means anything:
+
+- ``recon_mse``, ``psnr``; ``recon_gain`` = copy-x_t MSE / recon MSE (> 1 means the latent carries the change);
+- ``shuffle_ratio`` = MSE with latents rolled across the batch / recon MSE (> 1 means the decoder uses the latent);
+- ``commitment`` = MSE(z, z_q), computed here because the library returns 0 aux loss in eval mode;
+- ``perplexity``, ``usage``, ``dead_codes`` of the codebook;
+- ``probe_r2`` / ``probe_r2_chunk``: closed-form ridge probe R^2 of the true actions (the chunk summed over its
+  steps = net motion, and the whole chunk) from the pre-quantisation latent, on samples that have actions.
+
+The quantiser can be given either inside the ``LatentActionModel`` or, preferably, as a factory to this module,
+which builds it in ``configure_model``: vector-quantize-pytorch decides codebook synchronisation across DDP ranks
+when the module is built (and caches its "am I distributed" answer per process), so it has to be built after
+the process group exists and told explicitly. The normalisation statistics of the flow-matching target are refitted
+on the validation latents at the end of every validation epoch, so every checkpoint saved after validation holds
+statistics that match its encoder.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import LightningModule
+from torch import nn
+from torchmetrics import MeanMetric
+
+from components.codebook_metrics import CodebookUsage, LatentMoments, RidgeProbeR2
+from components.latent_action import LatentActionModel
+from datamodules import schema
+
+
+class LatentActionModule(LightningModule):
+    def __init__(
+        self,
+        model: LatentActionModel,
+        quantizer: Callable[..., nn.Module] | None = None,
+        view_indices: Sequence[int] = (0,),
+        horizon: int = 16,
+        max_action_dim: int = 32,
+        lr: float = 1e-3,
+        weight_decay: float = 1e-4,
+        betas: tuple[float, float] = (0.9, 0.99),
+        warmup_steps: int = 100,
+        aux_loss_weight: float = 1.0,
+        probe_l2: float = 1e-3,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()  # `model` and `quantizer` included: the checkpoint must rebuild them
+        if len(view_indices) != model.num_views:
+            raise ValueError(
+                f"LatentActionModule: view_indices {list(view_indices)} select {len(view_indices)} views but the "
+                f"model was built for num_views={model.num_views}"
+            )
+        if quantizer is not None and model.quantizer is not None:
+            raise ValueError(
+                "LatentActionModule: give the quantiser either to the model or to this module (factory), not both"
+            )
+        self.model = model
+        self.quantizer_factory = quantizer
+        self.view_indices = list(view_indices)
+        n, d = model.num_latent_tokens, model.latent_dim
+        self.target_moments = LatentMoments((n, d))
+        self.val_means = nn.ModuleDict({k: MeanMetric() for k in ("recon_mse", "copy_mse", "shuffled_mse", "commitment")})
+        self.probes = nn.ModuleDict({
+            f"{stage}_{kind}": RidgeProbeR2(n * d, dims, l2=probe_l2)
+            for stage in ("train", "val")
+            for kind, dims in (("net", max_action_dim), ("chunk", horizon * max_action_dim))
+        })
+        self.codebook_metrics: nn.ModuleDict | None = None
+        if model.quantizer is not None:
+            self._add_codebook_metrics()
+
+    # ------------------------------------------------------------------ building
+    def _add_codebook_metrics(self) -> None:
+        size = getattr(self.model.quantizer, "codebook_size", None)
+        if size is not None:
+            # ModuleDict keys cannot be "train" (nn.Module.train)
+            self.codebook_metrics = nn.ModuleDict({f"{s}_codes": CodebookUsage(int(size)) for s in ("train", "val")})
+
+    def configure_model(self) -> None:
+        world_size = self.trainer.world_size if self._trainer is not None else 1
+        codebook = getattr(self.model.quantizer, "_codebook", None)
+        if codebook is not None and world_size > 1 and not getattr(codebook, "use_ddp", True):
+            raise RuntimeError(
+                f"LatentActionModule: training on {world_size} processes with a quantiser built before the process "
+                "group, so its codebook would differ per rank; move the quantiser from `model.init_args.quantizer` "
+                "to the module's `quantizer` (built here, synchronised) or set `sync_codebook: true`"
+            )
+        if self.quantizer_factory is None or self.model.quantizer is not None:
+            return  # idempotent: Lightning calls this on fit, validate and load_from_checkpoint
+        quantizer = self.quantizer_factory()
+        if "sync_codebook" in inspect.signature(type(quantizer)).parameters:
+            quantizer = self.quantizer_factory(sync_codebook=world_size > 1)
+        self.model.quantizer = quantizer.float()
+        self._add_codebook_metrics()
+
+    # ------------------------------------------------------------------ steps
+    def _frames(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        images = batch[schema.IMAGES]  # uint8 [B, 2, V, 3, h, w]
+        if images.dim() != 6 or images.shape[1] != 2:
+            raise ValueError(f"batch['{schema.IMAGES}'] must be uint8 [B, 2, V, 3, h, w], got {tuple(images.shape)}")
+        if max(self.view_indices) >= images.shape[2]:
+            raise ValueError(
+                f"LatentActionModule: view_indices {self.view_indices} but the batch has {images.shape[2]} views"
+            )
+        frames = images[:, :, self.view_indices].float() / 255.0
+        return frames[:, 0], frames[:, 1]  # [B, V, 3, h, w] each
+
+    def _probe_update(self, stage: str, z: torch.Tensor, batch: dict) -> None:
+        actions, mask = batch[schema.ACTIONS], batch[schema.ACTION_MASK]  # [B, H, A_max]
+        expected = (self.hparams.horizon, self.hparams.max_action_dim)
+        if tuple(actions.shape[1:]) != expected:
+            raise ValueError(
+                f"LatentActionModule: batch actions are {list(actions.shape[1:])}, the probes were built for "
+                f"[horizon, max_action_dim] = {list(expected)}; set the module's horizon / max_action_dim"
+            )
+        chunk = actions * mask
+        has_action = batch[schema.HAS_ACTION]
+        features = z.flatten(1)
+        self.probes[f"{stage}_net"].update(features, chunk.sum(1), has_action)
+        self.probes[f"{stage}_chunk"].update(features, chunk.flatten(1), has_action)
+
+    def _shared_step(self, batch: dict, stage: str, diagnostics: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        x_t, x_tH = self._frames(batch)
+        out = self.model(x_t, x_tH)
+        recon_mse = F.mse_loss(out["recon"], x_tH)
+        loss = recon_mse + self.hparams.aux_loss_weight * out["aux_loss"]
+        stats = {"loss": loss.detach(), "recon_mse": recon_mse.detach(), "aux_loss": out["aux_loss"].detach()}
+        z, z_q = out["z"].detach(), out["z_q"].detach()
+        # Windowed metrics see every sample; they are cheap (a histogram and two small outer products).
+        if self.codebook_metrics is not None and out["indices"] is not None:
+            self.codebook_metrics[f"{stage}_codes"].update(out["indices"])
+        self._probe_update(stage, z, batch)
+        if stage == "val":
+            self.target_moments.update(z)
+        if diagnostics:
+            with torch.no_grad():
+                stats["copy_mse"] = F.mse_loss(x_t, x_tH)
+                stats["commitment"] = F.mse_loss(z_q, z)
+                if x_t.shape[0] > 1:
+                    # Rolling by one gives every sample another sample's latent (a random permutation may not).
+                    stats["shuffled_mse"] = F.mse_loss(self.model.decode(x_t, z_q.roll(1, dims=0)), x_tH)
+        return loss, stats
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        # Diagnostics cost an extra decoder pass: compute them only on steps whose logs are written.
+        diagnostics = (self.global_step + 1) % self.trainer.log_every_n_steps == 0
+        loss, stats = self._shared_step(batch, "train", diagnostics)
+        bs = batch[schema.IMAGES].shape[0]
+        self.log("train/loss", stats.pop("loss"), prog_bar=True, batch_size=bs)
+        if diagnostics:
+            self.log_dict({f"train/{k}": v for k, v in self._ratios(stats).items()}, batch_size=bs)
+            # Codebook use and probes accumulate over the logging window (one batch is too few samples), then reset.
+            self.log_dict({f"train/{k}": v for k, v in self._compute_window("train").items()}, batch_size=bs)
+        return loss
+
+    @staticmethod
+    def _ratios(means: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        recon = means["recon_mse"].clamp_min(1e-12)
+        logs = dict(means, psnr=-10 * torch.log10(recon))
+        if "copy_mse" in means:
+            logs["recon_gain"] = means["copy_mse"] / recon
+        if "shuffled_mse" in means:
+            logs["shuffle_ratio"] = means["shuffled_mse"] / recon
+        return logs
+
+    def _compute_window(self, stage: str) -> dict[str, torch.Tensor]:
+        logs = {"probe_r2": self.probes[f"{stage}_net"].compute(), "probe_r2_chunk": self.probes[f"{stage}_chunk"].compute()}
+        if self.codebook_metrics is not None:
+            logs.update(self.codebook_metrics[f"{stage}_codes"].compute())
+            self.codebook_metrics[f"{stage}_codes"].reset()
+        for metric in [self.probes[f"{stage}_net"], self.probes[f"{stage}_chunk"]]:
+            metric.reset()
+        return {k: v for k, v in logs.items() if not torch.isnan(v)}  # nan: no sample with actions in the window
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        if self.model.awaits_kmeans_init:
+            # Only before the first training step (Lightning's sanity check, or validating an untrained model): the
+            # k-means codebook must be initialised from training data, and until then it quantises all to zeros.
+            return None
+        _, stats = self._shared_step(batch, "val", diagnostics=True)
+        bs = batch[schema.IMAGES].shape[0]
+        for name, metric in self.val_means.items():
+            if name in stats:
+                metric.update(stats[name], weight=bs)
+        self.log("val/loss", stats["loss"], prog_bar=True, batch_size=bs, sync_dist=True)
+        self.log("val/aux_loss", stats["aux_loss"], batch_size=bs, sync_dist=True)
+
+    def on_validation_epoch_end(self) -> None:
+        # Every rank skips the same steps (the codebook state is identical), so they agree here: no deadlock.
+        if not self.val_means["recon_mse"].update_called:
+            return
+        means = {k: m.compute() for k, m in self.val_means.items() if m.update_called}
+        logs = {**self._ratios(means), **self._compute_window("val")}
+        self.log_dict({f"val/{k}": v for k, v in logs.items()})  # already reduced over ranks by torchmetrics
+        for metric in self.val_means.values():
+            metric.reset()
+        mean, std = self.target_moments.compute()
+        if not self.trainer.sanity_checking:
+            self.model.set_target_stats(mean, std)
+        self.target_moments.reset()
+
+    # ------------------------------------------------------------------ optimisation
+    def configure_optimizers(self):
+        hp = self.hparams
+        optimizer = torch.optim.AdamW(self.parameters(), lr=hp.lr, betas=tuple(hp.betas), weight_decay=hp.weight_decay)
+        total = max(int(self.trainer.estimated_stepping_batches), 1)
+        warmup = min(hp.warmup_steps, total // 2)
+
+        def warmup_cosine(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / warmup
+            progress = min((step - warmup) / max(total - warmup, 1), 1.0)
+            return 0.5 * (1 + math.cos(math.pi * progress))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

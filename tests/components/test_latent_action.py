@@ -1,0 +1,168 @@
+"""Latent-action model and its metrics: shapes where they are the contract, behaviour everywhere else."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from vector_quantize_pytorch import FSQ, VectorQuantize
+
+from components.codebook_metrics import CodebookUsage, LatentMoments, RidgeProbeR2, ridge_probe_r2
+from components.latent_action import LatentActionModel
+
+
+def moving_square_pairs(n: int, image_size: int = 32, square: int = 6, max_shift: int = 6, seed: int = 0):
+    """Frame pairs of one coloured square moved by a known integer shift on a plain random-colour background.
+
+    Returns ``x_t, x_tH`` float ``[n, 3, s, s]`` in [0, 1] and the shift ``[n, 2]`` (rows, columns).
+    """
+    g = torch.Generator().manual_seed(seed)
+    background = torch.rand(n, 3, 1, 1, generator=g) * 0.6
+    colour = 0.4 + torch.rand(n, 3, 1, 1, generator=g) * 0.6
+    corner = torch.randint(max_shift, image_size - square - max_shift + 1, (n, 2), generator=g)
+    shift = torch.randint(-max_shift, max_shift + 1, (n, 2), generator=g)
+    rows = torch.arange(image_size).view(1, -1, 1)
+    cols = torch.arange(image_size).view(1, 1, -1)
+
+    def draw(at: torch.Tensor) -> torch.Tensor:
+        r, c = at[:, 0, None, None], at[:, 1, None, None]
+        inside = ((rows >= r) & (rows < r + square) & (cols >= c) & (cols < c + square)).unsqueeze(1).float()
+        return background * (1 - inside) + colour * inside
+
+    return draw(corner), draw(corner + shift), shift.float()
+
+
+def tiny_model(quantizer=None, **kwargs) -> LatentActionModel:
+    cfg = dict(image_size=32, patch_size=8, width=32, depth=1, heads=2, num_latent_tokens=4, latent_dim=8)
+    return LatentActionModel(**{**cfg, **kwargs}, quantizer=quantizer)
+
+
+# ---------------------------------------------------------------------------------------------------- metrics
+def test_codebook_usage_perplexity_usage_and_dead_codes():
+    uniform = CodebookUsage(8)
+    uniform.update(torch.arange(8).repeat(10))
+    out = uniform.compute()
+    assert out["perplexity"] == pytest.approx(8.0) and out["usage"] == 1.0 and out["dead_codes"] == 0
+
+    collapsed = CodebookUsage(8)
+    collapsed.update(torch.full((5, 4), 3))
+    collapsed.update(torch.tensor([[-1, 3]]))  # masked positions do not count
+    out = collapsed.compute()
+    assert out["perplexity"] == pytest.approx(1.0) and out["usage"] == pytest.approx(1 / 8) and out["dead_codes"] == 7
+
+    half = CodebookUsage(8)
+    half.update(torch.tensor([0, 1, 2, 3] * 5))
+    assert half.compute()["perplexity"] == pytest.approx(4.0)
+
+    with pytest.raises(ValueError, match="codebook_size 8"):
+        CodebookUsage(8).update(torch.tensor([8]))
+
+
+def test_ridge_probe_r2_separates_signal_from_noise_and_batches_add_up():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(600, 12, generator=g)
+    y = x[:, :3] @ torch.randn(3, 2, generator=g) + 0.1 * torch.randn(600, 2, generator=g)
+    assert ridge_probe_r2(x[:400], y[:400], x[400:], y[400:]) > 0.95
+    noise = torch.randn(600, 2, generator=g)
+    assert ridge_probe_r2(x[:400], noise[:400], x[400:], noise[400:]) < 0.05  # held out: no fit to noise
+
+    streamed = RidgeProbeR2(12, 2)
+    for i in range(0, 600, 64):
+        streamed.update(x[i : i + 64], y[i : i + 64])
+    assert float(streamed.compute()) == pytest.approx(ridge_probe_r2(x, y), abs=1e-5)
+
+    weighted = RidgeProbeR2(12, 2)
+    keep = torch.arange(600) % 3 > 0
+    weighted.update(x, torch.where(keep[:, None], y, torch.full_like(y, 1e3)), keep)  # dropped rows are garbage
+    assert float(weighted.compute()) == pytest.approx(ridge_probe_r2(x[keep], y[keep]), abs=1e-5)
+    assert math.isnan(float(RidgeProbeR2(12, 2).compute()))
+
+
+def test_latent_moments_match_torch():
+    z = torch.randn(300, 4, 8) * torch.linspace(0.5, 3, 8) + 2
+    moments = LatentMoments((4, 8))
+    for chunk in z.split(70):
+        moments.update(chunk)
+    mean, std = moments.compute()
+    torch.testing.assert_close(mean, z.mean(0), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(std, z.std(0), atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------- model
+@pytest.mark.parametrize(
+    "make_quantizer",
+    [
+        lambda: VectorQuantize(dim=8, codebook_size=16, kmeans_init=True, threshold_ema_dead_code=2, sync_codebook=False),
+        lambda: FSQ(levels=[5, 5, 5], dim=8),
+        lambda: None,
+    ],
+    ids=["vq", "fsq", "none"],
+)
+def test_forward_contract_and_decoder_starts_as_copy(make_quantizer):
+    torch.manual_seed(0)
+    model = tiny_model(make_quantizer())
+    x_t, x_tH, _ = moving_square_pairs(6)
+    out = model(x_t, x_tH)
+    assert out["z"].shape == out["z_q"].shape == (6, 4, 8)
+    assert out["recon"].shape == x_t.shape
+    # Zero-initialised pixel head: an untrained decoder returns x_t, i.e. the copy baseline, not noise.
+    torch.testing.assert_close(out["recon"], x_t)
+    if model.quantizer is None:
+        assert out["indices"] is None and torch.equal(out["z_q"], out["z"])
+    else:
+        assert out["indices"].shape == (6, 4) and int(out["indices"].max()) < model.quantizer.codebook_size
+    # Several views: [B, V, 3, h, w] in, same out.
+    multi = tiny_model(make_quantizer(), num_views=2)
+    pair = torch.stack([x_t, x_t.flip(-1)], 1), torch.stack([x_tH, x_tH.flip(-1)], 1)
+    assert multi(*pair)["recon"].shape == (6, 2, 3, 32, 32)
+
+
+def test_bad_inputs_name_the_fix():
+    model = tiny_model()
+    x = torch.rand(2, 3, 32, 32)
+    with pytest.raises(ValueError, match="image_size / num_views"):
+        model(torch.rand(2, 3, 64, 64), torch.rand(2, 3, 64, 64))
+    with pytest.raises(TypeError, match="divide uint8 by 255"):
+        model((x * 255).to(torch.uint8), x)
+    with pytest.raises(ValueError, match="multiple of patch_size"):
+        LatentActionModel(image_size=30, patch_size=8)
+
+
+def test_kmeans_codebook_cannot_be_evaluated_before_training_data_initialises_it():
+    model = tiny_model(VectorQuantize(dim=8, codebook_size=8, kmeans_init=True, sync_codebook=False)).eval()
+    x_t, x_tH, _ = moving_square_pairs(16)
+    assert model.awaits_kmeans_init
+    with pytest.raises(RuntimeError, match="first training batch"):
+        model(x_t, x_tH)
+    assert model.awaits_kmeans_init  # the refused call did not initialise it
+    model.encode(x_t, x_tH)  # the continuous latent needs no codebook
+    model.train()(x_t, x_tH)
+    assert not model.awaits_kmeans_init
+    model.eval()(x_t, x_tH)
+
+
+def test_target_is_normalised_by_fitted_stats_that_live_in_the_state_dict():
+    torch.manual_seed(0)
+    model = tiny_model().eval()
+    x_t, x_tH, _ = moving_square_pairs(512, seed=1)
+    with pytest.raises(RuntimeError, match="fit_target_stats"):
+        model.latent_action_target(x_t, x_tH)
+    raw = model.encode(x_t, x_tH)
+    assert raw.std(0).mean() < 0.5 or raw.mean(0).abs().mean() > 0.05  # untrained latents are far from N(0, 1)
+
+    model.fit_target_stats(zip(x_t[:384].split(64), x_tH[:384].split(64)))  # a dataloader of (x_t, x_tH)
+    target = model.latent_action_target(x_t[:384], x_tH[:384])
+    assert target.shape == (384, 4, 8)
+    torch.testing.assert_close(target.mean(0), torch.zeros(4, 8), atol=1e-4, rtol=0)
+    torch.testing.assert_close(target.std(0), torch.ones(4, 8), atol=1e-4, rtol=0)
+    held_out = model.latent_action_target(x_t[384:], x_tH[384:])  # same distribution, unseen pairs
+    assert held_out.mean(0).abs().max() < 0.5 and (held_out.std(0) - 1).abs().max() < 0.5
+
+    clone = tiny_model().eval()
+    clone.load_state_dict(model.state_dict())
+    torch.testing.assert_close(clone.latent_action_target(x_t, x_tH), model.latent_action_target(x_t, x_tH))
+    model.fit_target_stats(raw)  # precomputed latents work too
+    torch.testing.assert_close(model.target_mean, raw.mean(0))
+    with pytest.raises(ValueError, match="must be"):
+        model.set_target_stats(torch.zeros(3), torch.ones(3))
