@@ -39,9 +39,8 @@ from typing import Any, Optional, Protocol, runtime_checkable
 import numpy as np
 import torch
 from lightning.pytorch import Callback, LightningDataModule
-from PIL import Image
+from torch.nn import functional as F
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from torch.utils.data._utils.collate import default_collate
 
 from datamodules import schema
 from datamodules.normalization import MODES, Normalizer, combine_stats
@@ -56,7 +55,7 @@ ERRORS_KEY = "_errors"
 class Preparer(Protocol):
     """Anything that writes the shards a mixture reads (e.g. ``envs.tabletop.pyramid.TabletopPyramid``)."""
 
-    def prepare(self) -> None: ...
+    def prepare(self): ...  # no return annotation: jsonargparse would compare "None" and None literally
 
 
 @dataclass
@@ -67,6 +66,9 @@ class SourceConfig:
     working directory. All matched shards must lie in one source directory (the one holding the sidecars).
     ``views``: camera views in the order they are stacked in ``images`` (default: the order in ``source.json``).
     ``normalization``: overrides the mixture's mode for this source's embodiment.
+    ``targets``: what this source trains the action head on: ``action`` (its real actions) and/or the kinds of
+    pseudo-labels (``latent``, ``idm``, ...) that the model's pseudo-labelers produce. Default: ``[action]`` for
+    sources with actions, nothing for actionless ones (which then only feed labelers that train themselves).
     """
 
     name: str
@@ -76,6 +78,7 @@ class SourceConfig:
     has_action: bool = True
     normalization: Optional[str] = None
     views: Optional[list[str]] = None
+    targets: Optional[list[str]] = None
 
 
 @dataclass
@@ -85,6 +88,7 @@ class ResolvedSource:
     config: SourceConfig
     index: int
     urls: list[str]
+    expected: list[int]  # samples per shard according to index.json
     meta: dict[str, Any]
     modality: dict[str, Any]
     stats: dict[str, Any]
@@ -128,9 +132,10 @@ def source_stream(src: ResolvedSource, rng: random.Random, errors: ErrorCounter,
 
     def raw_samples() -> Iterator[dict]:
         while True:
-            url = rng.choice(src.urls)
+            i = rng.randrange(len(src.urls))
+            url = src.urls[i]
             empty = True
-            for raw in iter_raw_samples(url, handler=on_tar_error):
+            for raw in iter_raw_samples(url, handler=on_tar_error, expected=src.expected[i]):
                 empty = False
                 yield raw
             if empty:  # an unreadable or empty shard is a failure too, or an all-bad source would spin forever
@@ -205,19 +210,20 @@ class MixtureStream(IterableDataset):
                 if i not in streams:
                     streams[i] = source_stream(self.sources[i], source_rngs[i], errors, self.shuffle_buffer)
                 samples.append(self.to_schema(next(streams[i]), self.sources[i]))
-            batch = default_collate(samples)
+            batch = collate(samples)
             batch[ERRORS_KEY] = errors.pop()
             yield batch
 
     def to_schema(self, s: dict[str, Any], src: ResolvedSource) -> dict[str, Any]:
-        """A decoded sample -> one sample of ``datamodules/schema.py`` (normalised, padded, masked)."""
+        """A decoded sample -> one sample of ``datamodules/schema.py`` as numpy (normalised, padded, masked)."""
         cfg, H = src.config, self.horizon
-        images = s["images"]  # [2, V, h, w, 3] in source.json view order
+        images = s["images"]  # [2, V, 3, h, w] in source.json view order
         if src.views != src.meta["views"]:
             images = images[:, [src.meta["views"].index(v) for v in src.views]]
-        if self.image_size is not None and images.shape[2:4] != (self.image_size, self.image_size):
-            size = (self.image_size, self.image_size)
-            images = np.stack([[np.asarray(Image.fromarray(f).resize(size, Image.BILINEAR)) for f in fs] for fs in images])
+        if self.image_size is not None and images.shape[-2:] != (self.image_size, self.image_size):
+            frames = torch.from_numpy(images).flatten(0, 1).float()
+            resized = F.interpolate(frames, size=(self.image_size,) * 2, mode="bilinear", antialias=True)
+            images = resized.round().clamp(0, 255).to(torch.uint8).view(*images.shape[:3], *resized.shape[-2:]).numpy()
         norm = self.normalizers[cfg.embodiment]
         state = np.zeros(self.max_state_dim, np.float32)
         state_mask = np.zeros(self.max_state_dim, bool)
@@ -231,18 +237,27 @@ class MixtureStream(IterableDataset):
             action_mask[:, :A] = real[:, None]
         meta = s["meta"]
         return {
-            schema.IMAGES: torch.from_numpy(np.ascontiguousarray(images.transpose(0, 1, 4, 2, 3))),
-            schema.STATE: torch.from_numpy(state),
-            schema.STATE_MASK: torch.from_numpy(state_mask),
-            schema.ACTIONS: torch.from_numpy(actions),
-            schema.ACTION_MASK: torch.from_numpy(action_mask),
-            schema.HAS_ACTION: torch.tensor(cfg.has_action),
-            schema.EMBODIMENT_ID: torch.tensor(self.embodiments[cfg.embodiment]),
-            schema.SOURCE_ID: torch.tensor(src.index),
+            schema.IMAGES: images,
+            schema.STATE: state,
+            schema.STATE_MASK: state_mask,
+            schema.ACTIONS: actions,
+            schema.ACTION_MASK: action_mask,
+            schema.HAS_ACTION: np.bool_(cfg.has_action),
+            schema.EMBODIMENT_ID: np.int64(self.embodiments[cfg.embodiment]),
+            schema.SOURCE_ID: np.int64(src.index),
             schema.INSTRUCTION: s["instruction"],
-            schema.EPISODE: torch.tensor(meta["episode"]),
-            schema.STEP: torch.tensor(meta["t"]),
+            schema.EPISODE: np.int64(meta["episode"]),
+            schema.STEP: np.int64(meta["t"]),
         }
+
+
+def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """Stack ``to_schema`` samples into a batch. Stacking in numpy rather than with ``torch.stack`` keeps the
+    loading process out of torch's intra-op thread pool: with 0 workers on 2 busy cores its spinning threads cut
+    the loader from ~360 to ~70 samples/s (benchmarks/data_throughput.py)."""
+    batch: dict[str, Any] = {k: torch.from_numpy(np.stack([s[k] for s in samples])) for k in schema.TENSOR_KEYS}
+    batch[schema.INSTRUCTION] = [s[schema.INSTRUCTION] for s in samples]
+    return batch
 
 
 class _EpochLoader(DataLoader):
@@ -352,6 +367,9 @@ class MixtureDataModule(LightningDataModule):
                     raise ValueError(f"source {s.name!r}: weight must be >= 0, got {s.weight}")
                 if s.normalization is not None and s.normalization not in MODES:
                     raise ValueError(f"source {s.name!r}: normalization {s.normalization!r} is not one of {MODES}")
+                if s.targets is not None and "action" in s.targets and not s.has_action:
+                    raise ValueError(f"source {s.name!r}: targets include 'action' but has_action is false; "
+                                     "an actionless source can only train pseudo-label targets (latent, idm)")
         if sum(s.weight for s in self.sources) <= 0:
             raise ValueError("all source weights are zero: give at least one source a positive weight")
 
@@ -388,8 +406,12 @@ class MixtureDataModule(LightningDataModule):
             raise ValueError(f"source {cfg.name!r}: state/action dims {meta['state_dim']}/{meta['action_dim']} exceed "
                              f"max_state_dim/max_action_dim {self.max_state_dim}/{self.max_action_dim}")
         by_file = {s["file"]: s["samples"] for s in side["index"]["shards"]}
-        samples = sum(by_file.get(Path(u).name, 0) for u in urls)
-        return ResolvedSource(cfg, index, urls, meta, side["modality"], side["stats"], samples, list(views))
+        unlisted = [u for u in urls if Path(u).name not in by_file]
+        if unlisted:
+            raise ValueError(f"source {cfg.name!r}: shards {unlisted} are not listed in index.json; rewrite the source")
+        expected = [by_file[Path(u).name] for u in urls]
+        return ResolvedSource(cfg, index, urls, expected, meta, side["modality"], side["stats"], sum(expected),
+                              list(views))
 
     def _check_images(self, resolved: list[ResolvedSource]) -> None:
         counts = {r.config.name: len(r.views) for r in resolved}
@@ -496,6 +518,40 @@ class MixtureDataModule(LightningDataModule):
                 self.error_counts.update(errors)
                 log.warning("skipped corrupt samples: %s (totals: %s)", errors, dict(self.error_counts))
         return batch
+
+    def data_spec(self) -> dict[str, Any]:
+        """What inference needs from the data side, stored by the policy in its checkpoints: per embodiment its
+        action-head slot, dims, normaliser and modality; the camera views, image size and horizon."""
+        self.setup()
+        first = self.resolved[0]
+        embodiments = {}
+        for name, slot in self.embodiments.items():
+            normalizer = self.normalizers.get(name)
+            if normalizer is None:  # a slot no source feeds (e.g. filled by pseudo-labels)
+                continue
+            embodiments[name] = {
+                "id": slot,
+                "state_dim": normalizer.dim("state"),
+                "action_dim": normalizer.dim("actions"),
+                "has_action": normalizer.dim("actions") > 0,
+                "normalizer": normalizer.to_dict(),
+                "modality": self.modalities.get(name),
+            }
+        size = [self.image_size] * 2 if self.image_size else list(first.meta["image_size"])
+        return {
+            "embodiments": embodiments,
+            "views": list(first.views),
+            "image_size": size,
+            "horizon": self.horizon,
+            "max_state_dim": self.max_state_dim,
+            "max_action_dim": self.max_action_dim,
+            "sources": self.source_names,
+            "source_targets": [self.source_targets(cfg) for cfg in self.sources],
+        }
+
+    @staticmethod
+    def source_targets(cfg: SourceConfig) -> list[str]:
+        return list(cfg.targets) if cfg.targets is not None else (["action"] if cfg.has_action else [])
 
     # ---------------------------------------------------------------- checkpointing
 

@@ -42,13 +42,16 @@ def compute_stats(values: np.ndarray) -> dict[str, Any]:
     }
 
 
-def _mixture_quantile(grids: list[np.ndarray], weights: np.ndarray, q: float) -> float:
-    """Quantile ``q`` of a mixture whose components are known by their quantile grids (piecewise-linear CDFs)."""
-    xs = np.unique(np.concatenate(grids))
+def _mixture_quantiles(grids: np.ndarray, weights: np.ndarray, levels: np.ndarray) -> np.ndarray:
+    """Quantiles at ``levels`` of a mixture whose K components are known by their quantile grids [K, 101]
+    (each taken as a piecewise-linear CDF), mixed with ``weights`` [K]."""
+    xs = np.unique(grids)
     cdf = sum(w * np.interp(xs, g, QUANTILE_LEVELS) for g, w in zip(grids, weights))
-    # The mixture CDF is non-decreasing; take the smallest x reaching q, interpolating between grid points.
-    cdf = np.maximum.accumulate(cdf)
-    return float(np.interp(q, cdf, xs)) if cdf[-1] > cdf[0] else float(xs[0])
+    if cdf[-1] <= cdf[0]:
+        return np.full(len(levels), xs[0])
+    # Flat stretches of the CDF (gaps between components) would make the inverse ambiguous: take their start.
+    keep = np.concatenate([[True], np.diff(cdf) > 0])
+    return np.interp(levels, cdf[keep], xs[keep])
 
 
 def combine_stats(stats: list[dict[str, Any]]) -> dict[str, Any]:
@@ -70,9 +73,9 @@ def combine_stats(stats: list[dict[str, Any]]) -> dict[str, Any]:
     mean = (w[:, None] * mean_s).sum(0)
     var = (w[:, None] * (std_s**2 + (mean_s - mean) ** 2)).sum(0)
     grids = np.array([s["quantiles"] for s in stats])  # [K, 101, D]
-    quantiles = np.array(
-        [[_mixture_quantile(list(grids[:, i, d]), w, q) for d in range(grids.shape[2])] for i, q in enumerate(QUANTILE_LEVELS)]
-    )
+    levels = np.concatenate([QUANTILE_LEVELS, [0.01, 0.99]])
+    per_dim = np.stack([_mixture_quantiles(grids[:, :, d], w, levels) for d in range(grids.shape[2])], 1)
+    quantiles = per_dim[: len(QUANTILE_LEVELS)]  # [101, D]
     # Use the source-exact extremes at the ends of the grid.
     quantiles[0], quantiles[-1] = np.min([s["min"] for s in stats], 0), np.max([s["max"] for s in stats], 0)
     return {
@@ -81,8 +84,8 @@ def combine_stats(stats: list[dict[str, Any]]) -> dict[str, Any]:
         "max": quantiles[-1].tolist(),
         "mean": mean.tolist(),
         "std": np.sqrt(var).tolist(),
-        "q01": [_mixture_quantile(list(grids[:, :, d]), w, 0.01) for d in range(grids.shape[2])],
-        "q99": [_mixture_quantile(list(grids[:, :, d]), w, 0.99) for d in range(grids.shape[2])],
+        "q01": per_dim[-2].tolist(),
+        "q99": per_dim[-1].tolist(),
         "quantiles": quantiles.tolist(),
     }
 

@@ -5,41 +5,29 @@ System 2 (``backbone``) turns the frame-t views and the instruction into vision-
 action chunk. Both arrive as constructor arguments (factories from YAML, built in ``configure_model`` so that a large
 VLM is not built before the Trainer and its strategy exist), so a recipe swaps either by ``class_path``.
 
-Training rows. Each sample with real actions gives one row for its own embodiment. ``pseudo_labelers`` (latent
-actions, inverse dynamics, ...) add further rows, each a target for its own embodiment slot of the action head,
-so actionless video trains the head without this module knowing how the labels are made. A labeler is an
-``nn.Module`` with ``targets(batch) -> PseudoTargets | None``; if it trains itself (a co-trained latent-action
-model), it returns its own loss as ``aux_loss``.
+Training rows. Each sample whose source trains on real actions gives one row for its own embodiment.
+``pseudo_labelers`` (latent actions, inverse dynamics, ...; see ``components/pseudo_labels.py``) add further rows,
+each a target for its own embodiment slot of the action head, for the samples whose source declares that kind in
+its ``targets``; so actionless video trains the head without this module knowing how the labels are made. A
+labeler that trains itself (a co-trained latent-action model) returns its own loss as ``aux_loss``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import OptimizerCallable
 from torch import nn
 
+from components.pseudo_labels import PseudoTargets
 from datamodules import schema
 
 #: Checkpoint key holding what inference needs from the data side (normalisers, embodiment map, modalities).
 DATA_SPEC_KEY = "vla_zoo_data_spec"
-
-
-@dataclass
-class PseudoTargets:
-    """Extra training rows produced by a pseudo-labeler. ``index`` picks the batch rows they belong to."""
-
-    index: torch.Tensor  # [N] long, rows of the batch
-    actions: torch.Tensor  # [N, H, A_max] normalised targets
-    action_mask: torch.Tensor  # [N, H, A_max] bool
-    embodiment_id: torch.Tensor  # [N] long: the pseudo-label kind's own slot
-    state: torch.Tensor | None = None  # [N, S_max]; None -> zeros
-    name: str = "pseudo"  # for logging
-    aux_loss: torch.Tensor | None = None  # the labeler's own training loss when co-trained
 
 
 def _adamw(params) -> torch.optim.Optimizer:
@@ -61,6 +49,8 @@ class VLAPolicy(LightningModule):
         warmup_ratio: float = 0.05,
         lr_schedule: str = "cosine",
         frame_index: int = 0,
+        use_vl_mask: bool = True,
+        init_from: str | None = None,
     ) -> None:
         """
         Args:
@@ -71,17 +61,29 @@ class VLAPolicy(LightningModule):
             warmup_ratio: linear warm-up as a fraction of the run's steps (paper: 5%).
             lr_schedule: ``cosine`` (paper), ``linear`` or ``constant`` after warm-up.
             frame_index: which frame of the batch's ``images[:, T]`` the policy sees (0 = the anchor step t).
+            use_vl_mask: honour the VL attention mask. False reproduces the released N1 code, which attends to
+                padded tokens (an ablation, not a recommendation).
+            init_from: a checkpoint whose weights start this run (post-training from a pretrained model). Unlike
+                ``--ckpt_path`` it restores neither optimiser nor step: a new run starts from those weights.
         """
         super().__init__()
         if lr_schedule not in ("cosine", "linear", "constant"):
             raise ValueError(f"lr_schedule must be 'cosine', 'linear' or 'constant', got {lr_schedule!r}")
         if not 0.0 <= warmup_ratio < 1.0:
             raise ValueError(f"warmup_ratio must be in [0, 1), got {warmup_ratio}")
-        # Injected components are part of the hyper-parameters: the checkpoint must rebuild them alone.
-        self.save_hyperparameters()
-        self._backbone_factory, self._head_factory = backbone, action_head
-        self.backbone: nn.Module | None = None
-        self.action_head: nn.Module | None = None
+        # From YAML, LightningCLI stores the parsed config of every injected component, so the checkpoint
+        # rebuilds them alone. Module objects passed from Python are not pickled into the hyper-parameters; pass
+        # them again to load_from_checkpoint.
+        live = [name for name, value in (("backbone", backbone), ("action_head", action_head),
+                                         ("pseudo_labelers", pseudo_labelers), ("optimizer", optimizer))
+                if isinstance(value, nn.Module) or (name == "pseudo_labelers" and len(value))
+                or (name == "optimizer" and not isinstance(value, type))]
+        self.save_hyperparameters(ignore=live)
+        # LightningCLI replaces hparams with the parsed config: keep the callables themselves.
+        self._backbone_factory, self._head_factory, self._optimizer_factory = backbone, action_head, optimizer
+        # Modules given directly (Python use) are kept; factories (YAML) are built in configure_model.
+        self.backbone = backbone if isinstance(backbone, nn.Module) else None
+        self.action_head = action_head if isinstance(action_head, nn.Module) else None
         self.pseudo_labelers = nn.ModuleList(pseudo_labelers)
         self.data_spec: dict[str, Any] | None = None  # normalisers + embodiment map, set from the datamodule
 
@@ -99,8 +101,30 @@ class VLAPolicy(LightningModule):
                 f"`project_to` and the head's `cross_attention_dim` to the same width in the recipe"
             )
 
+    def _load_initial_weights(self, path: str) -> None:
+        import os
+
+        if not os.path.isfile(path):
+            raise FileNotFoundError(
+                f"model.init_args.init_from: checkpoint {path!r} not found (run the pretraining recipe first, or "
+                "point init_from at an existing .ckpt)"
+            )
+        state = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+        missing, unexpected = self.load_state_dict(state, strict=False)
+        # Parts the new recipe adds (e.g. a pseudo-labeler) may be missing from the checkpoint; backbone and head
+        # must match exactly, or the user is post-training a different architecture by mistake.
+        core = [k for k in missing + unexpected if k.startswith(("backbone.", "action_head."))]
+        if core:
+            raise ValueError(f"init_from {path!r}: backbone/action head do not match the checkpoint "
+                             f"(first mismatches: {core[:5]}); use the same sizes as the pretraining recipe")
+        self._initialised = True
+
     def setup(self, stage: str) -> None:
         self.configure_model()
+        # Only a Trainer run starts from init_from; load_from_checkpoint (deployment) never calls setup, so a
+        # post-trained checkpoint does not need the pretraining checkpoint to exist on the robot's machine.
+        if stage == "fit" and self.hparams.init_from and not getattr(self, "_initialised", False):
+            self._load_initial_weights(self.hparams.init_from)
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         spec = getattr(datamodule, "data_spec", None)
         if callable(spec):
@@ -111,9 +135,17 @@ class VLAPolicy(LightningModule):
         images = batch[schema.IMAGES][:, self.hparams.frame_index]  # [B, V, 3, h, w]
         return self.backbone(images, list(batch[schema.INSTRUCTION]))
 
+    def _source_declares(self, batch: dict, kind: str) -> torch.Tensor:
+        """[B] bool: the sample's source lists ``kind`` among its targets (``SourceConfig.targets``)."""
+        per_source = (self.data_spec or {}).get("source_targets")
+        if per_source is None:  # a datamodule without declarations: real actions wherever they exist
+            return batch[schema.HAS_ACTION].clone() if kind == "action" else torch.ones_like(batch[schema.HAS_ACTION])
+        table = torch.tensor([kind in t for t in per_source], device=batch[schema.SOURCE_ID].device)
+        return table[batch[schema.SOURCE_ID]]
+
     def _training_rows(self, batch: dict) -> list[PseudoTargets]:
         rows = []
-        real = batch[schema.HAS_ACTION].nonzero(as_tuple=True)[0]
+        real = (batch[schema.HAS_ACTION] & self._source_declares(batch, "action")).nonzero(as_tuple=True)[0]
         if real.numel():
             rows.append(PseudoTargets(
                 index=real,
@@ -124,13 +156,15 @@ class VLAPolicy(LightningModule):
                 name="real",
             ))
         for labeler in self.pseudo_labelers:
-            extra = labeler.targets(batch)
+            extra = labeler.targets(batch, self._source_declares(batch, labeler.kind))
             if extra is not None:
                 rows.append(extra)
         return rows
 
     def _step(self, batch: dict, stage: str) -> torch.Tensor:
         tokens, mask = self._vl_tokens(batch)  # [B, S, D], [B, S]
+        if not self.hparams.use_vl_mask:
+            mask = torch.ones_like(mask)
         rows = self._training_rows(batch)
         batch_size = tokens.shape[0]
         aux = [r.aux_loss for r in rows if r.aux_loss is not None]
@@ -165,15 +199,16 @@ class VLAPolicy(LightningModule):
             n = r.index.numel()
             self.log(f"{stage}/loss_{r.name}", per_sample[start:start + n].mean(), batch_size=n)
             start += n
-        names = None
-        datamodule = getattr(self.trainer, "datamodule", None)
-        if datamodule is not None:
-            names = getattr(datamodule, "source_names", None)
-        source = batch[schema.SOURCE_ID][index]
-        for sid in source.unique().tolist():
-            sel = source == sid
-            name = names[sid] if names is not None and sid < len(names) else str(sid)
-            self.log(f"{stage}/loss_source/{name}", per_sample[sel].mean(), batch_size=int(sel.sum()))
+        spec = self.data_spec or {}
+        source_names = spec.get("sources", [])
+        slot_names = {e["id"]: name for name, e in spec.get("embodiments", {}).items()}
+        for key, ids, names in (
+            ("source", batch[schema.SOURCE_ID][index], dict(enumerate(source_names))),
+            ("embodiment", torch.cat([r.embodiment_id for r in rows]), slot_names),
+        ):
+            for i in ids.unique().tolist():
+                sel = ids == i
+                self.log(f"{stage}/loss_{key}/{names.get(i, i)}", per_sample[sel].mean(), batch_size=int(sel.sum()))
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         return self._step(batch, "train")
@@ -185,7 +220,7 @@ class VLAPolicy(LightningModule):
     def configure_optimizers(self):
         from transformers import get_scheduler
 
-        optimizer = self.hparams.optimizer([p for p in self.parameters() if p.requires_grad])
+        optimizer = self._optimizer_factory([p for p in self.parameters() if p.requires_grad])
         total = max(1, int(self.trainer.estimated_stepping_batches))
         names = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
         scheduler = get_scheduler(names[self.hparams.lr_schedule], optimizer,
@@ -201,21 +236,65 @@ class VLAPolicy(LightningModule):
         self.data_spec = checkpoint.get(DATA_SPEC_KEY)
 
     # ------------------------------------------------------------------ inference
+    def _normalizer(self, embodiment: str):
+        from datamodules.normalization import Normalizer
+
+        if self.data_spec is None:
+            raise RuntimeError("this model has no data spec (normalisers, embodiment map): train it with a "
+                               "datamodule that provides `data_spec()`, e.g. datamodules.mixture.MixtureDataModule")
+        spec = self.data_spec["embodiments"].get(embodiment)
+        if spec is None:
+            raise KeyError(f"unknown embodiment {embodiment!r}; this model knows {sorted(self.data_spec['embodiments'])}")
+        cache = self.__dict__.setdefault("_normalizers", {})
+        if embodiment not in cache:
+            cache[embodiment] = Normalizer.from_dict(spec["normalizer"])
+        return spec, cache[embodiment]
+
+    def observation_images(self, observation: dict[str, Any]) -> torch.Tensor:
+        """``observation["images"][view]`` uint8 ``[h, w, 3]`` for the trained views -> ``[1, V, 3, h, w]``."""
+        views = self.data_spec["views"]
+        images = observation.get("images", {})
+        missing = [v for v in views if v not in images]
+        if missing:
+            raise KeyError(f"observation['images'] lacks views {missing}; this model expects {list(views)}")
+        frames = [torch.as_tensor(np.ascontiguousarray(images[v])).permute(2, 0, 1) for v in views]
+        return torch.stack(frames)[None].to(self.device)
+
     @torch.no_grad()
     def encode_observation(self, images: torch.Tensor, instructions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """System 2: uint8 images ``[B, V, 3, h, w]`` + instructions -> VL tokens ``[B, S, D]`` and mask ``[B, S]``."""
         return self.backbone(images, instructions)
 
     @torch.no_grad()
-    def sample_actions(
+    def act(
         self,
         vl_tokens: torch.Tensor,
         vl_mask: torch.Tensor,
-        state: torch.Tensor,
-        embodiment_id: torch.Tensor,
+        state: np.ndarray | torch.Tensor,
+        embodiment: str,
         num_steps: int | None = None,
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
-        """System 1: normalised, padded action chunk ``[B, H, A_max]`` from cached VL tokens."""
-        return self.action_head.sample(vl_tokens, vl_mask, state, embodiment_id, num_steps=num_steps,
-                                       generator=generator)
+        """System 1 from cached VL tokens: raw state ``[B, S]`` -> raw action chunk ``[B, H, A]`` in the
+        embodiment's own units and dimension (K Euler steps, cross-attention K/V computed once)."""
+        spec, normalizer = self._normalizer(embodiment)
+        state = torch.as_tensor(np.asarray(state, dtype=np.float32)).reshape(vl_tokens.shape[0], -1)
+        if state.shape[1] != spec["state_dim"]:
+            raise ValueError(f"state has {state.shape[1]} dims; embodiment {embodiment!r} expects {spec['state_dim']}")
+        padded = torch.zeros(state.shape[0], self.data_spec["max_state_dim"])
+        padded[:, : spec["state_dim"]] = normalizer.normalize(state, "state")
+        embodiment_id = torch.full((state.shape[0],), spec["id"], dtype=torch.long, device=self.device)
+        actions = self.action_head.sample(vl_tokens, vl_mask, padded.to(self.device), embodiment_id,
+                                          num_steps=num_steps, generator=generator)
+        return normalizer.unnormalize(actions[..., : spec["action_dim"]].float().cpu(), "actions")
+
+    @torch.no_grad()
+    def predict_action(
+        self, observation: dict[str, Any], num_steps: int | None = None, generator: torch.Generator | None = None
+    ) -> np.ndarray:
+        """One raw observation (``{"embodiment", "instruction", "images": {view: [h, w, 3]}, "state"}``) -> the
+        action chunk ``[H, A]`` in robot units. VL tokens are computed once per chunk."""
+        self._normalizer(observation.get("embodiment"))  # clear error on an unknown embodiment before any work
+        tokens, mask = self.encode_observation(self.observation_images(observation), [observation["instruction"]])
+        actions = self.act(tokens, mask, observation["state"], observation["embodiment"], num_steps, generator)
+        return actions[0].numpy()

@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 import os
+
+# One intra-op thread per test process (and the CLI subprocesses it starts). The test models are tiny, and with
+# data-loader workers or a busy machine, two OpenMP threads on two cores spin-wait on each other: a training test
+# measured 11 s with one thread and 197 s with two under load.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

@@ -1,0 +1,294 @@
+"""Benchmark of the flow-matching DiT action head at GR00T N1 sizes; prints one JSON object.
+
+Measured in one process, each against a baseline written here:
+- training step (forward + backward of ``loss``), batch 8 with 8 embodiments mixed: samples/s, peak memory, and
+  achieved FLOP/s as a fraction of this machine's fp32 matmul peak (2048^3 matmuls, measured in the same run;
+  target >= 0.5). Baseline: the same head whose adapters gather one weight copy per sample (the released code).
+- inference latency of one H-action chunk, K = 4, batch 1, with vs without the cross-attention K/V cache
+  (target: cache >= 1.5x faster).
+- peak memory of the embodiment adapters (state encoder, action encoder, action decoder; forward + backward) at
+  batch 128, grouped by embodiment vs per-sample weight gathering (target <= 1/4).
+
+Peak memory on CPU is the peak of live tensor storage allocated inside the measured call (tracked per storage
+through a dispatch mode), plus the parameters that already existed; on CUDA it is ``max_memory_allocated``.
+
+    python benchmarks/action_head.py            # N1 sizes (an N1 step takes seconds on a 2-core CPU)
+    python benchmarks/action_head.py --small    # tiny sizes, a few seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+import types
+import weakref
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
+
+from components.action_head import FlowMatchingActionHead
+from components.embodiment import ActionDecoder, ActionEncoder, EmbodimentGroups, EmbodimentLinear, StateEncoder
+
+N1 = dict(num_embodiments=32, max_state_dim=64, max_action_dim=32, horizon=16, hidden_dim=1536, num_layers=16,
+          num_heads=32, cross_attention_dim=1536, embodiment_hidden_dim=1024)
+SMALL = dict(num_embodiments=32, max_state_dim=64, max_action_dim=32, horizon=16, hidden_dim=256, num_layers=4,
+             num_heads=4, cross_attention_dim=256, embodiment_hidden_dim=256)
+
+
+# ----------------------------------------------------------------------------------------------- baselines
+def gather_forward(self: EmbodimentLinear, x: torch.Tensor, embodiment) -> torch.Tensor:
+    """The released code's adapter: index the weight per sample, materialising B copies ([B, in, out])."""
+    if isinstance(embodiment, EmbodimentGroups):
+        slots = torch.tensor(embodiment.slots, device=x.device)
+        counts = torch.tensor(embodiment.counts, device=x.device)
+        embodiment = torch.repeat_interleave(slots, counts)[embodiment.inverse]
+    w, b = self.weight[embodiment], self.bias[embodiment]  # [B, in, out], [B, out]
+    y = torch.bmm(x.reshape(x.shape[0], -1, x.shape[-1]), w) + b[:, None]
+    return y.view(*x.shape[:-1], -1)
+
+
+def use_gather_adapters(module: torch.nn.Module, enabled: bool = True) -> torch.nn.Module:
+    """Switch every adapter layer of ``module`` to (or back from) per-sample weight gathering, weights unchanged."""
+    for layer in module.modules():
+        if isinstance(layer, EmbodimentLinear):
+            if enabled:
+                layer.forward = types.MethodType(gather_forward, layer)
+            else:
+                layer.__dict__.pop("forward", None)
+    return module
+
+
+# ----------------------------------------------------------------------------------------------- measuring
+class LiveTensorMemory(TorchDispatchMode):
+    """Peak bytes of tensor storage allocated while active (each storage counted once, released when it dies)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live: set[int] = set()
+        self.current = self.peak = 0
+
+    def _release(self, key: int, nbytes: int) -> None:
+        self.live.discard(key)
+        self.current -= nbytes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        # outputs sharing an input's storage (views, in-place ops) allocate nothing
+        inputs = {id(t.untyped_storage()) for t in torch.utils._pytree.tree_leaves((args, kwargs))
+                  if isinstance(t, torch.Tensor)}
+        out = func(*args, **kwargs)
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                storage = t.untyped_storage()
+                key = id(storage)
+                if key not in self.live and key not in inputs:
+                    self.live.add(key)
+                    self.current += storage.nbytes()
+                    self.peak = max(self.peak, self.current)
+                    weakref.finalize(storage, self._release, key, storage.nbytes())
+        return out
+
+
+def peak_memory(fn, device: torch.device, existing_bytes: int) -> int:
+    """Peak bytes while running ``fn``: allocations inside it plus ``existing_bytes`` (parameters) on CPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated()
+    with LiveTensorMemory() as tracker:
+        fn()
+    return existing_bytes + tracker.peak
+
+
+def count_flops(fn) -> int:
+    # torch's counter has no formula for the CPU flash-attention kernels; use its generic SDPA formulas.
+    cpu_sdpa = {
+        torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: lambda q, k, v, *a, out_shape=None, **kw: sdpa_flop_count(q, k, v),
+        torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward:
+            lambda g, q, k, v, *a, out_shape=None, **kw: sdpa_backward_flop_count(g, q, k, v),
+    }
+    with FlopCounterMode(display=False, custom_mapping=cpu_sdpa) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def timed(fn, device: torch.device, repeats: int) -> list[float]:
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def matmul_peak_flops(device: torch.device, n: int = 2048, repeats: int = 5) -> float:
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    a @ b  # warm-up
+    return 2 * n**3 / min(timed(lambda: a @ b, device, repeats))
+
+
+def param_bytes(module: torch.nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in module.parameters())
+
+
+# ----------------------------------------------------------------------------------------------- inputs
+def head_inputs(cfg: dict, batch: int, num_present: int, vl_tokens: int, device: torch.device, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    vl = torch.randn(batch, vl_tokens, cfg["cross_attention_dim"], generator=g)
+    lengths = torch.randint(vl_tokens // 2, vl_tokens + 1, (batch,), generator=g)
+    vl_mask = torch.arange(vl_tokens)[None] < lengths[:, None]  # [B, S]: right-padded VL tokens
+    ids = torch.arange(batch) % num_present  # num_present embodiments, mixed in one batch
+    state = torch.randn(batch, cfg["max_state_dim"], generator=g)
+    actions = torch.randn(batch, cfg["horizon"], cfg["max_action_dim"], generator=g)
+    action_mask = torch.zeros_like(actions, dtype=torch.bool)
+    for i, e in enumerate(ids.tolist()):  # embodiments of different action dims
+        action_mask[i, :, : min(7 + 3 * e, cfg["max_action_dim"])] = True
+    return [x.to(device) for x in (vl, vl_mask, state, actions, action_mask, ids)]
+
+
+# ----------------------------------------------------------------------------------------------- benchmarks
+def bench_train_step(cfg, device, batch, num_present, vl_tokens, repeats, peak_flops):
+    vl, vl_mask, state, actions, action_mask, ids = head_inputs(cfg, batch, num_present, vl_tokens, device)
+    torch.manual_seed(0)
+    # one head for both variants (an N1 head plus gradients is ~7 GB); the baseline only swaps the adapters' forward
+    head = FlowMatchingActionHead(**cfg).to(device).train()
+    variants = {"grouped": False, "per_sample_gather": True}
+
+    def step():
+        head.zero_grad(set_to_none=True)
+        head.loss(vl, vl_mask, state, actions, action_mask, ids)["loss"].backward()
+
+    results, times = {}, {name: [] for name in variants}
+    for name, gather in variants.items():
+        use_gather_adapters(head, gather)
+        flops = count_flops(step)  # also the warm-up
+        results[name] = dict(flops_per_step=flops, peak_memory_bytes=peak_memory(step, device, param_bytes(head)))
+    for _ in range(repeats):  # interleaved, so load changes on a shared machine hit both alike
+        for name, gather in variants.items():
+            use_gather_adapters(head, gather)
+            times[name] += timed(step, device, 1)
+    use_gather_adapters(head, False)
+    for name, r in results.items():
+        seconds = statistics.median(times[name])
+        r.update(seconds_per_step=seconds, samples_per_s=batch / seconds, achieved_flops_per_s=r["flops_per_step"] / seconds,
+                 fraction_of_matmul_peak=r["flops_per_step"] / seconds / peak_flops)
+    g, b = results["grouped"], results["per_sample_gather"]
+    return dict(batch=batch, embodiments_in_batch=num_present, vl_tokens=vl_tokens, **results,
+                speedup_vs_gather=g["samples_per_s"] / b["samples_per_s"],
+                memory_ratio_vs_gather=g["peak_memory_bytes"] / b["peak_memory_bytes"],
+                target_fraction_of_matmul_peak=0.5, meets_target=g["fraction_of_matmul_peak"] >= 0.5)
+
+
+def bench_inference(cfg, device, vl_tokens, repeats):
+    torch.manual_seed(0)
+    head = FlowMatchingActionHead(**cfg).to(device).eval()
+    vl, vl_mask, state, _, _, ids = head_inputs(cfg, 1, 1, vl_tokens, device)
+    vl_mask[:] = True
+    runs = {
+        cache: (lambda cache=cache: head.sample(vl, vl_mask, state, ids, num_steps=4,
+                                                generator=torch.Generator(device).manual_seed(0), use_kv_cache=cache))
+        for cache in (True, False)
+    }
+    for run in runs.values():
+        run()  # warm-up
+    times = {True: [], False: []}
+    for _ in range(repeats):  # interleaved, so load changes on a shared machine hit both alike
+        for cache, run in runs.items():
+            times[cache] += timed(run, device, 1)
+    with_cache, without = statistics.median(times[True]), statistics.median(times[False])
+    return dict(batch=1, horizon=cfg["horizon"], num_steps=4, vl_tokens=vl_tokens, kv_cache_seconds=with_cache,
+                no_cache_seconds=without, speedup=without / with_cache, target_speedup=1.5,
+                meets_target=without / with_cache >= 1.5)
+
+
+class Adapters(torch.nn.Module):
+    """The three per-embodiment adapters of the head, as one module for the memory benchmark."""
+
+    def __init__(self, cfg: dict) -> None:
+        super().__init__()
+        E, w, hid = cfg["num_embodiments"], cfg["hidden_dim"], cfg["embodiment_hidden_dim"]
+        self.state_encoder = StateEncoder(E, cfg["max_state_dim"], hid, w)
+        self.action_encoder = ActionEncoder(E, cfg["max_action_dim"], w)
+        self.action_decoder = ActionDecoder(E, hid, hid, cfg["max_action_dim"])
+
+    def forward(self, state, actions, time_bucket, decoder_in, ids):
+        groups = EmbodimentGroups.from_ids(ids)
+        s = self.state_encoder(state[:, None], groups)  # [B, 1, w]
+        a = self.action_encoder(actions, time_bucket, groups)  # [B, H, w]
+        v = self.action_decoder(decoder_in, groups)  # [B, H, A_max]
+        return s.square().mean() + a.square().mean() + v.square().mean()
+
+
+def bench_adapters(cfg, device, batch, num_present):
+    g = torch.Generator().manual_seed(0)
+    state = torch.randn(batch, cfg["max_state_dim"], generator=g).to(device)
+    actions = torch.randn(batch, cfg["horizon"], cfg["max_action_dim"], generator=g).to(device)
+    time_bucket = torch.randint(0, 1000, (batch,), generator=g).to(device)
+    decoder_in = torch.randn(batch, cfg["horizon"], cfg["embodiment_hidden_dim"], generator=g).to(device)
+    ids = (torch.arange(batch) % num_present).to(device)
+    peaks = {}
+    for name in ("grouped", "per_sample_gather"):
+        torch.manual_seed(0)
+        adapters = Adapters(cfg).to(device)
+        if name == "per_sample_gather":
+            use_gather_adapters(adapters)
+
+        def step():
+            adapters.zero_grad(set_to_none=True)
+            adapters(state, actions, time_bucket, decoder_in, ids).backward()
+
+        step()  # warm-up
+        params = param_bytes(adapters)
+        peaks[name] = peak_memory(step, device, params)
+        del adapters
+    grouped, gather = peaks["grouped"], peaks["per_sample_gather"]
+    # Both variants hold the same [E, in, out] parameters and allocate the same dense gradient for them; the
+    # difference is what the forward/backward allocates on top (activations, weight copies), reported separately.
+    return dict(batch=batch, embodiments_in_batch=num_present, parameter_bytes=params, grouped_peak_bytes=grouped,
+                gather_peak_bytes=gather, ratio=grouped / gather,
+                ratio_excluding_parameters=(grouped - params) / (gather - params), target_ratio=0.25,
+                meets_target=grouped / gather <= 0.25,
+                meets_target_excluding_parameters=(grouped - params) / (gather - params) <= 0.25)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--small", action="store_true", help="tiny sizes for a quick check (not the N1 numbers)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--vl-tokens", type=int, default=300)
+    parser.add_argument("--train-repeats", type=int, default=2)
+    parser.add_argument("--inference-repeats", type=int, default=3)
+    parser.add_argument("--adapter-batch", type=int, default=128)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads; on a shared, loaded CPU one thread avoids OpenMP spin-waits")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = SMALL if args.small else N1
+
+    peak_flops = matmul_peak_flops(device)
+    report = dict(device=str(device), torch=torch.__version__, threads=torch.get_num_threads(),
+                  load_average_start=os.getloadavg()[0],
+                  sizes="small" if args.small else "N1", config=cfg, matmul_peak_flops_per_s=peak_flops)
+    report["train_step"] = bench_train_step(cfg, device, 8, 8, args.vl_tokens, args.train_repeats, peak_flops)
+    report["inference"] = bench_inference(cfg, device, args.vl_tokens, args.inference_repeats)
+    report["adapters"] = bench_adapters(cfg, device, args.adapter_batch, 8)
+    # the peak again at the end: the shared machine's load may have changed during the run
+    report["matmul_peak_flops_per_s_end"] = matmul_peak_flops(device)
+    report["load_average_end"] = os.getloadavg()[0]
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,242 @@
+"""The flow-matching DiT action head (and its regression baseline): learning, masking, caching, determinism."""
+
+import pytest
+import torch
+
+from components.action_head import FlowMatchingActionHead
+from components.regression_head import RegressionActionHead
+
+SEED = 0  # thresholds below were calibrated over seeds 0, 1, 2
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Tiny models are dominated by per-op overhead; two OpenMP threads on a shared 2-core machine are ~30x slower.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_head(**overrides) -> FlowMatchingActionHead:
+    cfg = dict(num_embodiments=3, max_state_dim=4, max_action_dim=4, horizon=4, hidden_dim=32, num_layers=4,
+               num_heads=2, cross_attention_dim=16, dropout=0.0, embodiment_hidden_dim=32)
+    return FlowMatchingActionHead(**{**cfg, **overrides})
+
+
+def random_inputs(head, B=6, S=7, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    vl = torch.randn(B, S, head.blocks[0].to_kv.in_features, generator=g)
+    mask = torch.rand(B, S, generator=g) > 0.4
+    mask[:, 0] = True
+    state = torch.randn(B, head.max_state_dim, generator=g)
+    ids = torch.randint(0, head.num_embodiments, (B,), generator=g)
+    return vl, mask, state, ids
+
+
+def train(model, make_batch, steps, lr=3e-3):
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    for _ in range(steps):
+        loss = model.loss(*make_batch())["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()
+
+
+def test_flow_head_fits_both_modes_that_regression_averages():
+    """Actions are +1 or -1 (whole chunk) with equal probability, independent of the conditioning."""
+    torch.manual_seed(SEED)
+    H, A, D = 4, 2, 16
+
+    def batch(n=64):
+        sign = torch.randint(0, 2, (n,)).float() * 2 - 1
+        actions = sign[:, None, None].expand(n, H, A).contiguous()
+        return (torch.randn(n, 3, D), torch.ones(n, 3, dtype=torch.bool), torch.zeros(n, 2), actions,
+                torch.ones(n, H, A, dtype=torch.bool), torch.zeros(n, dtype=torch.long))
+
+    flow = train(FlowMatchingActionHead(1, 2, A, H, hidden_dim=32, num_layers=2, num_heads=2, cross_attention_dim=D,
+                                        dropout=0.0, embodiment_hidden_dim=32), batch, steps=400)
+    regression = train(RegressionActionHead(1, 2, A, H, cross_attention_dim=D, hidden_dim=32,
+                                            embodiment_hidden_dim=32), batch, steps=200)
+    vl, mask, state, _, _, ids = batch(400)
+    chunk_mean = flow.sample(vl, mask, state, ids, generator=torch.Generator().manual_seed(1)).mean(dim=(1, 2))
+    # seeds 0-2: each mode 0.40-0.58, middle <= 0.05
+    assert (chunk_mean > 0.5).float().mean() > 0.3
+    assert (chunk_mean < -0.5).float().mean() > 0.3
+    assert (chunk_mean.abs() < 0.5).float().mean() < 0.15
+    # regression collapses onto the mean of the modes (seeds 0-2: |mean| <= 0.05)
+    assert regression.sample(vl, mask, state, ids).mean(dim=(1, 2)).abs().max() < 0.25
+
+
+def test_mixed_embodiment_batch_trains_both_embodiments():
+    """Two embodiments with different state/action dims share every batch; each one's loss must fall a lot."""
+    torch.manual_seed(SEED)
+    head = tiny_head(num_embodiments=2, num_layers=2)
+    dims = {0: (2, 2), 1: (3, 4)}  # embodiment: (state dim, action dim)
+    maps = {e: torch.randn(s, a) for e, (s, a) in dims.items()}
+    ramp = torch.linspace(0.5, 1.0, head.horizon)[:, None]
+
+    def batch(n=32, generator=None):
+        ids = torch.arange(n) % 2
+        state = torch.zeros(n, head.max_state_dim)
+        actions = torch.zeros(n, head.horizon, head.max_action_dim)
+        mask = torch.zeros_like(actions, dtype=torch.bool)
+        for e, (s, a) in dims.items():
+            rows = ids == e
+            state[rows, :s] = torch.rand(int(rows.sum()), s, generator=generator) * 2 - 1
+            actions[rows, :, :a] = ramp * (state[rows, :s] @ maps[e])[:, None]  # [n_e, H, a]
+            mask[rows, :, :a] = True
+        return torch.randn(n, 3, 16, generator=generator), torch.ones(n, 3, dtype=torch.bool), state, actions, mask, ids
+
+    g = torch.Generator().manual_seed(123)
+    eval_batch = batch(64, generator=g)
+    eval_noise, eval_t = torch.randn(64, head.horizon, head.max_action_dim, generator=g), torch.rand(64, generator=g)
+
+    def per_embodiment_loss():
+        with torch.no_grad():
+            per_sample = head.loss(*eval_batch, noise=eval_noise, t=eval_t)["per_sample"]
+        return [per_sample[eval_batch[-1] == e].mean().item() for e in dims]
+
+    before = per_embodiment_loss()
+    train(head, batch, steps=300)
+    after = per_embodiment_loss()
+    for e in dims:  # seeds 0-2: after/before 0.06-0.08 (embodiment 0), 0.11-0.19 (embodiment 1)
+        assert after[e] < 0.35 * before[e], (e, before, after)
+
+
+def test_padded_vl_tokens_do_not_change_the_output():
+    torch.manual_seed(SEED)
+    head = tiny_head().eval()
+    vl, mask, state, ids = random_inputs(head)
+    mask[2] = False  # a sample with no valid VL token at all
+    noisy, t = torch.randn(6, head.horizon, head.max_action_dim), torch.rand(6)
+    out = head(noisy, t, vl, mask, state, ids)
+    assert torch.isfinite(out).all()
+    scrambled = torch.where(mask[..., None], vl, torch.randn_like(vl) * 100)
+    torch.testing.assert_close(head(noisy, t, scrambled, mask, state, ids), out, rtol=0, atol=1e-5)
+    g = torch.Generator().manual_seed(3)
+    sample = head.sample(vl, mask, state, ids, generator=g)
+    assert torch.isfinite(sample).all()
+    torch.testing.assert_close(head.sample(scrambled, mask, state, ids, generator=g.manual_seed(3)), sample,
+                               rtol=0, atol=1e-5)
+    # ... while the real tokens do matter (otherwise the check above could not fail)
+    changed = torch.where(mask[..., None], torch.randn_like(vl), vl)
+    assert (head(noisy, t, changed, mask, state, ids) - out).abs().amax(dim=(1, 2))[mask.any(1)].min() > 1e-3
+
+
+@pytest.mark.parametrize("interleave", [True, False])
+def test_kv_cache_gives_the_same_actions(interleave):
+    torch.manual_seed(SEED)
+    head = tiny_head(interleave=interleave).eval()
+    assert sum(b.is_cross for b in head.blocks) == (2 if interleave else 4)
+    vl, mask, state, ids = random_inputs(head)
+    cached = head.sample(vl, mask, state, ids, generator=torch.Generator().manual_seed(5), use_kv_cache=True)
+    uncached = head.sample(vl, mask, state, ids, generator=torch.Generator().manual_seed(5), use_kv_cache=False)
+    torch.testing.assert_close(cached, uncached, rtol=1e-5, atol=1e-6)
+
+
+def test_sampling_is_deterministic_under_a_seeded_generator():
+    torch.manual_seed(SEED)
+    head = tiny_head().eval()
+    vl, mask, state, ids = random_inputs(head)
+    a = head.sample(vl, mask, state, ids, generator=torch.Generator().manual_seed(7))
+    torch.manual_seed(999)  # the global RNG must not matter
+    b = head.sample(vl, mask, state, ids, generator=torch.Generator().manual_seed(7))
+    c = head.sample(vl, mask, state, ids, generator=torch.Generator().manual_seed(8))
+    assert torch.equal(a, b)
+    assert not torch.allclose(a, c)
+    assert head.sample(vl, mask, None, ids, num_steps=2, generator=torch.Generator().manual_seed(7)).shape == a.shape
+
+
+def test_masked_action_dims_and_steps_do_not_contribute_to_the_loss():
+    torch.manual_seed(SEED)
+    head = tiny_head().eval()
+    vl, mask, state, ids = random_inputs(head)
+    actions = torch.randn(6, head.horizon, head.max_action_dim)
+    action_mask = torch.ones_like(actions, dtype=torch.bool)
+    action_mask[:, :, 3:] = False  # padded action dim
+    action_mask[0, 2:] = False  # padded horizon steps (past the episode end)
+    action_mask[1] = False  # an actionless sample
+    noise, t = torch.randn_like(actions), torch.rand(6)
+    out = head.loss(vl, mask, state, actions, action_mask, ids, noise=noise, t=t)
+    garbage = torch.where(action_mask, actions, torch.randn_like(actions) * 50)
+    garbage[1, 0, 0] = float("nan")
+    out2 = head.loss(vl, mask, state, garbage, action_mask, ids, noise=noise, t=t)
+    torch.testing.assert_close(out2["loss"], out["loss"], rtol=0, atol=0)
+    assert out["per_sample"][1] == 0
+    # the loss is the mean over the real entries only
+    clean = actions.masked_fill(~action_mask, 0)
+    tt = t[:, None, None]
+    pred = head(tt * clean + (1 - tt) * noise, t, vl, mask, state, ids)
+    expected = (pred - (clean - noise))[action_mask].square().mean()
+    torch.testing.assert_close(out["loss"], expected)
+    # ... and a real entry does count
+    moved = actions.clone()
+    moved[0, 0, 0] += 1.0
+    assert head.loss(vl, mask, state, moved, action_mask, ids, noise=noise, t=t)["loss"] != out["loss"]
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    torch.manual_seed(SEED)
+    head = tiny_head(dropout=0.2)  # dropout on: checkpointing must replay the same masks
+    vl, mask, state, ids = random_inputs(head)
+    actions, action_mask = torch.randn(6, 4, 4), torch.ones(6, 4, 4, dtype=torch.bool)
+    noise, t = torch.randn_like(actions), torch.rand(6)
+    grads = []
+    for flag in (False, True):
+        head.gradient_checkpointing = flag
+        head.zero_grad()
+        torch.manual_seed(1)
+        head.loss(vl, mask, state, actions, action_mask, ids, noise=noise, t=t)["loss"].backward()
+        grads.append({n: p.grad.clone() for n, p in head.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 0
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-5, atol=1e-6, msg=n)
+
+
+def test_checkpointing_frees_block_activations():
+    """The flag must actually do something: fewer tensors are kept for backward."""
+    head = tiny_head(num_layers=6)
+    vl, mask, state, ids = random_inputs(head)
+    actions, action_mask = torch.randn(6, 4, 4), torch.ones(6, 4, 4, dtype=torch.bool)
+    saved = []
+    for flag in (False, True):
+        head.gradient_checkpointing = flag
+        count = [0]
+        with torch.autograd.graph.saved_tensors_hooks(lambda x: count.__setitem__(0, count[0] + 1) or x, lambda x: x):
+            head.loss(vl, mask, state, actions, action_mask, ids)
+        saved.append(count[0])
+    assert saved[1] < saved[0] / 2, saved
+
+
+def test_flow_time_follows_the_shifted_beta():
+    from scipy import stats
+
+    head = tiny_head()
+    torch.manual_seed(SEED)
+    t = head.sample_time(4000, "cpu").double()
+    assert 0 <= t.min() and t.max() <= head.noise_s
+    u = 1 - t / head.noise_s  # paper: (s - t)/s ~ Beta(1.5, 1)
+    assert stats.kstest(u.numpy(), stats.beta(1.5, 1.0).cdf).pvalue > 1e-3
+
+
+def test_new_embodiment_on_trained_head_leaves_old_ones_unchanged():
+    torch.manual_seed(SEED)
+    head = tiny_head().eval()
+    vl, mask, state, ids = random_inputs(head)
+    before = head.sample(vl, mask, state, ids, generator=torch.Generator().manual_seed(0))
+    head.expand_embodiments(5)
+    assert head.num_embodiments == 5
+    assert torch.equal(head.sample(vl, mask, state, ids, generator=torch.Generator().manual_seed(0)), before)
+
+
+def test_bad_inputs_name_the_problem():
+    head = tiny_head()
+    vl, mask, state, ids = random_inputs(head)
+    with pytest.raises(ValueError, match="vl_mask must be a bool"):
+        head.sample(vl, mask.float(), state, ids)
+    with pytest.raises(ValueError, match="max_state_dim"):
+        head.sample(vl, mask, state[:, :2], ids)
+    with pytest.raises(IndexError, match="expand_embodiments"):
+        head.sample(vl, mask, state, ids + 10)

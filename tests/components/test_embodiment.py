@@ -1,0 +1,82 @@
+"""Embodiment adapters: grouped per-embodiment matmuls equal the per-sample gather, slots can be added safely."""
+
+import pytest
+import torch
+
+from components.embodiment import ActionEncoder, EmbodimentGroups, EmbodimentLinear, StateEncoder, expand_embodiments
+
+
+def gather_reference(layer: EmbodimentLinear, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """What the released code does: one weight copy per sample."""
+    w, b = layer.weight[ids], layer.bias[ids]  # [B, in, out], [B, out]
+    y = torch.bmm(x.reshape(x.shape[0], -1, x.shape[-1]), w) + b[:, None]  # [B, N, out]
+    return y.view(*x.shape[:-1], -1)
+
+
+@pytest.mark.parametrize("lead", [(), (5,)])
+def test_grouped_matmul_matches_per_sample_gather_forward_and_backward(lead):
+    torch.manual_seed(0)
+    layer = EmbodimentLinear(5, 7, 3)
+    ids = torch.tensor([3, 0, 3, 1, 4, 0, 3, 2, 2])
+    x = torch.randn(len(ids), *lead, 7, requires_grad=True)
+    y = layer(x, ids)
+    ref_layer = EmbodimentLinear(5, 7, 3)
+    ref_layer.load_state_dict(layer.state_dict())
+    x_ref = x.detach().clone().requires_grad_()
+    y_ref = gather_reference(ref_layer, x_ref, ids)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-6)
+    g = torch.randn_like(y)
+    y.backward(g)
+    y_ref.backward(g)
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(layer.weight.grad, ref_layer.weight.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(layer.bias.grad, ref_layer.bias.grad, rtol=1e-5, atol=1e-6)
+    # slot 4 appears once, and no gradient may reach slots that are absent from a batch
+    y2 = layer(x[:2].detach(), ids[:2])
+    layer.zero_grad()
+    y2.sum().backward()
+    assert layer.weight.grad[[1, 2, 4]].abs().sum() == 0 and layer.weight.grad[[0, 3]].abs().sum() > 0
+
+
+def test_single_embodiment_batch_uses_that_slot():
+    torch.manual_seed(0)
+    layer = EmbodimentLinear(3, 4, 2)
+    x = torch.randn(6, 4)
+    ids = torch.full((6,), 2)
+    torch.testing.assert_close(layer(x, ids), x @ layer.weight[2] + layer.bias[2])
+
+
+def test_groups_are_shared_across_layers_and_undo_the_sort():
+    ids = torch.tensor([2, 0, 2, 1])
+    groups = EmbodimentGroups.from_ids(ids)
+    assert groups.slots == (0, 1, 2) and groups.counts == (1, 1, 2)
+    assert torch.equal(ids[groups.order][groups.inverse], ids)
+    enc = StateEncoder(3, 4, 8, 6)
+    s = torch.randn(4, 4)
+    torch.testing.assert_close(enc(s, groups), enc(s, ids))
+
+
+def test_expanding_embodiments_keeps_old_slots_bit_identical():
+    torch.manual_seed(0)
+    enc = ActionEncoder(2, 3, 8)
+    before = {k: v.clone() for k, v in enc.state_dict().items()}
+    a, tb = torch.randn(4, 5, 3), torch.tensor([0, 250, 999, 10])
+    ids = torch.tensor([0, 1, 1, 0])
+    out_before = enc(a, tb, ids)
+    expand_embodiments(enc, 5)
+    assert enc.layer1.num_embodiments == 5
+    for k, v in enc.state_dict().items():
+        assert v.shape[0] == 5
+        assert torch.equal(v[:2], before[k]), k
+        assert not torch.equal(v[2], v[3]), "new slots must be freshly initialised, not copies"
+    assert torch.equal(enc(a, tb, ids), out_before)
+    out_new = enc(a, tb, torch.tensor([0, 1, 4, 0]))  # the new slot is usable in a mixed batch
+    assert torch.equal(out_new[[0, 1, 3]], out_before[[0, 1, 3]])
+
+
+def test_out_of_range_slot_names_the_fix():
+    layer = EmbodimentLinear(2, 3, 3)
+    with pytest.raises(IndexError, match="expand_embodiments"):
+        layer(torch.randn(2, 3), torch.tensor([0, 2]))
+    with pytest.raises(ValueError, match="shrink"):
+        layer.expand(1)

@@ -1,0 +1,38 @@
+import subprocess
+import sys
+
+import pytest
+
+from datamodules.validate import main
+from tests.conftest import REPO_ROOT
+from tests.datamodules.synth import FAULTS, corrupt_shard, make_source
+
+
+def test_clean_source_passes_from_the_command_line(tmp_path):
+    make_source(tmp_path / "good", "good", 3)
+    out = subprocess.run([sys.executable, "-m", "datamodules.validate", str(tmp_path / "good")], cwd=REPO_ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "ok" in out.stdout
+
+
+@pytest.mark.parametrize("fault", FAULTS)
+def test_each_fault_is_reported_with_file_and_key(tmp_path, capsys, fault):
+    src = make_source(tmp_path / "bad", "bad", 4, samples_per_shard=100)
+    shard = src / "shard-000000.tar"
+    key = corrupt_shard(shard, fault)
+    assert main(["--no-checksums", str(src)]) == 1
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if fault in line]
+    assert lines and all(str(shard) in line for line in lines), err
+    if key is not None:
+        assert any(key in line for line in lines), err
+
+
+def test_checksum_and_missing_sidecar_are_reported(tmp_path, capsys):
+    src = make_source(tmp_path / "s", "s", 2, samples_per_shard=100)
+    corrupt_shard(src / "shard-000000.tar", "non_finite")
+    (tmp_path / "empty").mkdir()
+    assert main([str(src), str(tmp_path / "empty")]) == 1
+    err = capsys.readouterr().err
+    assert "checksum" in err and "index.json is missing" in err

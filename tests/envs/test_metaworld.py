@@ -1,0 +1,141 @@
+"""Meta-World (the ``sim`` extra): env contract and seeding, chunking experts, visual randomisation, the
+demonstration generator (replaying what it wrote), and the evaluation command on expert vs noisy expert."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import numpy as np
+import pytest
+
+# find_spec, not importorskip: importing metaworld imports mujoco, which must happen after envs.metaworld has set
+# MUJOCO_GL (mujoco picks its OpenGL platform once, at import).
+if importlib.util.find_spec("metaworld") is None:
+    pytest.skip("Meta-World is in the `sim` extra: pip install -e '.[sim]'", allow_module_level=True)
+
+from gymnasium.utils.env_checker import check_env  # noqa: E402
+
+from envs.metaworld import INSTRUCTIONS, MT10  # noqa: E402
+from envs.metaworld.env import MetaWorldEnv, VisualRandomization  # noqa: E402
+from envs.metaworld.experts import MetaWorldExpertPolicy  # noqa: E402
+
+
+def _rollout(env, policy, seed, execute=None):
+    obs, _ = env.reset(seed=seed)
+    raw = [env.raw_observation.copy()]
+    while True:
+        for action in policy.get_action(obs)["actions"][:execute]:
+            obs, _, terminated, truncated, info = env.step(action)
+            raw.append(env.raw_observation.copy())
+            if terminated or truncated:
+                return info["success"], np.array(raw)
+
+
+def test_env_follows_the_observation_contract_and_reset_seed_fixes_the_scene():
+    env = MetaWorldEnv("push-v3", image_size=32, views=("corner", "gripperPOV"), max_steps=50)
+    check_env(env, skip_render_check=True)
+    obs, info = env.reset(seed=3)
+    assert env.embodiment == "sawyer" and info == {"success": False, "task_family": "push-v3"}
+    assert set(obs["images"]) == {"corner", "gripper_pov"}  # camera names become shard-safe view names
+    assert all(im.dtype == np.uint8 and im.shape == (32, 32, 3) for im in obs["images"].values())
+    assert obs["state"].dtype == np.float32 and np.array_equal(obs["state"], env.raw_observation[:4].astype(np.float32))
+    assert obs["instruction"] == "push the puck to the goal"
+    puck_and_goal = env.raw_observation[[4, 5, 6, 36, 37, 38]]
+    again, _ = env.reset(seed=3)
+    assert np.array_equal(env.raw_observation[[4, 5, 6, 36, 37, 38]], puck_and_goal)
+    assert all(np.array_equal(again["images"][v], obs["images"][v]) for v in obs["images"])
+    env.reset(seed=4)
+    assert not np.allclose(env.raw_observation[[4, 5, 6, 36, 37, 38]], puck_and_goal)
+    _, _, terminated, truncated, info = env.step(np.zeros(4))
+    assert info["task_family"] == "push-v3" and info["success"] is False and not terminated and not truncated
+    env.close()
+    assert set(MT10) <= set(INSTRUCTIONS)
+
+
+def test_chunked_expert_reproduces_the_per_step_expert_exactly():
+    # The chunk is simulated ahead and the simulator restored, so executing it open-loop changes nothing.
+    env = MetaWorldEnv("pick-place-v3", image_size=16, views=("corner",), max_steps=150)
+    ok_1, per_step = _rollout(env, MetaWorldExpertPolicy(env, horizon=1), seed=5)
+    ok_8, chunked = _rollout(env, MetaWorldExpertPolicy(env, horizon=8), seed=5)
+    assert ok_1 and ok_8 and per_step.shape == chunked.shape
+    np.testing.assert_allclose(chunked, per_step, atol=1e-6)
+    env.close()
+
+
+def test_visual_randomisation_changes_the_look_not_the_scene_and_is_seeded():
+    plain = MetaWorldEnv("reach-v3", image_size=32, views=("corner",))
+    varied = MetaWorldEnv("reach-v3", image_size=32, views=("corner",), visual_randomization=VisualRandomization())
+    a, _ = plain.reset(seed=1)
+    b, _ = varied.reset(seed=1)
+    c, _ = varied.reset(seed=2)
+    b_again, _ = varied.reset(seed=1)
+    varied.reset(seed=1)
+    assert np.array_equal(plain.raw_observation, varied.raw_observation)  # same placement of objects and goal
+    diff = lambda x, y: np.abs(x["images"]["corner"].astype(int) - y["images"]["corner"]).mean()  # noqa: E731
+    assert diff(a, b) > 5 and diff(b, c) > 5
+    assert diff(b, b_again) == 0
+    plain.close(), varied.close()
+
+
+@pytest.mark.slow  # ~10 s of CPU in three processes; over 20 s of wall time on a busy machine
+def test_generator_writes_replayable_shards_for_two_tasks_and_two_episodes(tmp_path):
+    from datamodules.shards import read_episodes
+    from envs.metaworld.generate import MetaWorldDemos
+
+    demos = MetaWorldDemos(tmp_path, tasks="reach-v3,push-v3", episodes_per_task=2, tiers=("robot",), image_size=32,
+                           views=("corner",), num_workers=2, horizon=4)
+    demos.prepare()
+    source = json.loads((tmp_path / "metaworld_robot" / "source.json").read_text())
+    assert (source["embodiment"], source["has_action"], source["episodes"]) == ("sawyer", True, 4)
+    assert (source["views"], source["image_size"], source["fps"]) == (["corner"], [32, 32], 80.0)
+    stats = json.loads((tmp_path / "metaworld_robot" / "stats.json").read_text())
+    assert len(stats["state"]["mean"]) == 4 and len(stats["actions"]["mean"]) == 4
+
+    episodes = list(read_episodes(tmp_path / "metaworld_robot"))
+    assert [e.metadata["task_family"] for e in episodes] == ["reach-v3"] * 2 + ["push-v3"] * 2
+    assert source["samples"] == sum(e.length for e in episodes)
+    for ep in episodes:
+        # Replaying the recorded actions from the recorded seed must retrace the recorded states and succeed on
+        # the last frame: the data are what the expert did, not something near it.
+        env = MetaWorldEnv(ep.metadata["task_family"], image_size=32, views=("corner",), max_steps=300)
+        obs, _ = env.reset(seed=ep.metadata["seed"])
+        assert ep.instruction == env.instruction
+        for t, action in enumerate(ep.actions[:-1]):
+            np.testing.assert_allclose(obs["state"], ep.state[t], atol=1e-5)
+            obs, _, _, _, info = env.step(action)
+            assert info["success"] == (t == ep.length - 2)
+        np.testing.assert_allclose(obs["state"], ep.state[-1], atol=1e-5)
+        env.close()
+
+    stamp = (tmp_path / "metaworld_robot" / "source.json").stat().st_mtime_ns
+    demos.prepare()  # cached: nothing is rewritten
+    assert (tmp_path / "metaworld_robot" / "source.json").stat().st_mtime_ns == stamp
+
+
+def test_human_tier_is_actionless_video_from_other_cameras():
+    from envs.metaworld.generate import MetaWorldDemos
+
+    demos = MetaWorldDemos("unused", tasks=["reach-v3"], episodes_per_task=1, tiers=("human",), image_size=32,
+                           human_views=("corner2", "behindGripper"), num_workers=1)
+    [ep] = demos.iter_episodes("human")
+    assert ep.embodiment == "human" and ep.state is None and ep.actions is None
+    assert list(ep.frames) == ["corner2", "behind_gripper"] and ep.frames["corner2"].shape[1:] == (32, 32, 3)
+    assert ep.metadata["success"] and ep.instruction == "reach the goal position"
+
+
+@pytest.mark.slow
+def test_evaluation_command_scores_the_expert_1_and_a_noisy_expert_far_lower(tmp_path):
+    from vla_zoo.evaluation import main
+
+    common = ["--env", "metaworld", "--policy", "expert", "--tasks", "push-v3", "--episodes", "4", "--max-steps", "100",
+              "--image-size", "16", "--views", "corner", "--videos", "1"]
+    expert = main([*common, "--out", str(tmp_path / "expert")])
+    # calibrated: noise 1.0 on push scored 0, 0.125, 0, 0, 0 over 5 seeds x 8 episodes
+    noisy = main([*common, "--noise", "1.0", "--out", str(tmp_path / "noisy")])
+    assert expert["success"] == {"push-v3": 1.0}
+    assert noisy["average"] <= 0.25
+    saved = json.loads((tmp_path / "noisy" / "results.json").read_text())
+    assert saved["success"] == noisy["success"] and len(saved["episodes"]) == 4
+    assert (tmp_path / "expert" / "success.png").stat().st_size > 0
+    assert len(list((tmp_path / "expert" / "videos").glob("push-v3_episode000_success.gif"))) == 1

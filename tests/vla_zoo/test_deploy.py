@@ -1,0 +1,285 @@
+"""Policy server and client: a real server subprocess on loopback, exact round trips, fuzzing, shutdown, replay."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import msgpack
+import numpy as np
+import pytest
+
+from tests.conftest import REPO_ROOT
+from tests.vla_zoo.policy_fixtures import VIEWS, make_episodes, make_observation, make_policy
+from vla_zoo.open_loop import episode_observation
+from vla_zoo.deploy.client import PolicyServerError, RemotePolicy
+from vla_zoo.deploy.codec import CodecError, packb, unpackb
+from vla_zoo.deploy.replay import ReplayPolicy
+from vla_zoo.deploy.validation import ObservationError, validate_observation
+
+FACTORY = "tests.vla_zoo.policy_fixtures:make_policy"
+
+
+class ServerProcess:
+    """``python -m vla_zoo.deploy.server`` on 127.0.0.1 with port 0; the bound port is read from its stdout."""
+
+    def __init__(self, log_path: Path, *args: str) -> None:
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}
+        self.log_path = log_path
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "vla_zoo.deploy.server", "--host", "127.0.0.1", "--port", "0", *args],
+            cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=open(log_path, "w"), text=True,
+        )
+        line = self.proc.stdout.readline()  # EOF ("") if the server dies before listening
+        if not line:
+            self.proc.wait(10)
+            pytest.fail(f"server exited with {self.proc.returncode} before listening:\n{log_path.read_text()[-3000:]}")
+        announcement = json.loads(line)
+        assert announcement["event"] == "listening"
+        self.port = announcement["port"]
+
+    def client(self, timeout: float = 10.0) -> RemotePolicy:
+        return RemotePolicy("127.0.0.1", self.port, timeout=timeout)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    srv = ServerProcess(tmp_path_factory.mktemp("server") / "server.log", "--policy", FACTORY)
+    yield srv
+    srv.stop()
+
+
+def _assert_same_actions(remote: dict[str, Any], local: dict[str, Any]) -> None:
+    assert remote["actions"].dtype == np.float32
+    np.testing.assert_array_equal(remote["actions"], local["actions"])
+
+
+def test_round_trip_equals_local_policy(server: ServerProcess) -> None:
+    local = make_policy()
+    rng = np.random.default_rng(0)
+    with server.client() as remote:
+        assert remote.metadata() == local.metadata()
+        for i in range(10):
+            obs = make_observation(rng, embodiment=["point_gripper", "two_link_arm"][i % 2])
+            _assert_same_actions(remote.get_action(obs), local.get_action(obs))
+
+
+def test_codec_round_trips_arrays_and_rejects_unsafe_ones() -> None:
+    value = {"a": np.arange(6, dtype=">i4").reshape(2, 3), "b": [np.zeros(0, bool), np.float32(1.5)], "s": "x"}
+    decoded = unpackb(packb(value))
+    np.testing.assert_array_equal(decoded["a"], value["a"])
+    assert decoded["a"].dtype.isnative and decoded["a"].flags.writeable and decoded["b"][1] == 1.5
+    forged = {"__ndarray__": b"\0" * 8, "dtype": "O", "shape": [1]}
+    with pytest.raises(CodecError, match="dtype 'O' is not allowed"):
+        unpackb(msgpack.packb(forged))
+    with pytest.raises(CodecError, match="needs 12 bytes, the message carries 8"):
+        unpackb(msgpack.packb({**forged, "dtype": "<f4", "shape": [3]}))
+
+
+def test_validation_names_key_and_expectation() -> None:
+    policy = make_policy()
+    obs = make_observation(np.random.default_rng(0))
+    validate_observation(obs, policy.metadata())
+    bad = {**obs, "images": {**obs["images"], "wrist": obs["images"]["wrist"][:, :, :2]}}
+    with pytest.raises(ObservationError, match=r"\['wrist'\] must be a uint8 array of shape \[64, 64, 3\].*\[64, 64, 2\]"):
+        validate_observation(bad, policy.metadata())
+    with pytest.raises(ObservationError, match=r"unknown embodiment 'ufo'; this policy serves \['point_gripper'"):
+        validate_observation({**obs, "embodiment": "ufo"}, policy.metadata())
+
+
+def _fuzz_messages(rng: np.random.Generator) -> list[tuple[bytes | str, str]]:
+    """About 3000 malformed requests, each with the text its error message must contain ("" = any error)."""
+    valid = make_observation(rng)
+    messages: list[tuple[bytes | str, str]] = []
+
+    def request(obs: Any) -> bytes:
+        return packb({"type": "get_action", "observation": obs})
+
+    for _ in range(800):  # garbage bytes
+        messages.append((rng.bytes(int(rng.integers(0, 200))), ""))
+    for _ in range(200):  # valid msgpack of the wrong structure
+        messages.append((msgpack.packb([int(rng.integers(1e6)), "get_action", None]), "must be a map"))
+        messages.append((msgpack.packb({"type": int(rng.integers(1e6))}), "unknown request type"))
+    for _ in range(100):
+        good = request(valid)
+        messages.append((good[: int(rng.integers(1, len(good) - 1))], "not valid msgpack"))  # truncated
+        messages.append(("{'type': 'ping'}", "binary frame"))
+        messages.append((packb({"type": "get_action"}), "needs an 'observation'"))
+        messages.append((packb({"type": "teleport"}), "unknown request type 'teleport'"))
+
+    h = valid["images"]["scene"].shape[0]
+    for _ in range(100):
+        key = ["images", "state", "instruction", "embodiment"][int(rng.integers(4))]
+        messages.append((request({k: v for k, v in valid.items() if k != key}), f"missing ['{key}']"))
+        name = f"robot{int(rng.integers(1e6))}"
+        messages.append((request({**valid, "embodiment": name}), f"unknown embodiment '{name}'"))
+        messages.append((request({**valid, "embodiment": 7}), "['embodiment'] must be a str"))
+        view = VIEWS[int(rng.integers(2))]
+        messages.append((request({**valid, "images": {v: valid["images"][v] for v in VIEWS if v != view}}), f"missing view '{view}'"))
+        dtype = [np.float32, np.int16, np.uint16, np.float64][int(rng.integers(4))]
+        wrong_dtype = {**valid["images"], view: valid["images"][view].astype(dtype)}
+        messages.append((request({**valid, "images": wrong_dtype}), f"['{view}'] must be a uint8 array"))
+        shape = [(h + 1, h, 3), (h, h), (3, h, h), (h, h, 4), (0, h, 3)][int(rng.integers(5))]
+        wrong_shape = {**valid["images"], view: np.zeros(shape, np.uint8)}
+        messages.append((request({**valid, "images": wrong_shape}), f"shape [{h}, {h}, 3]"))
+        messages.append((request({**valid, "images": "scene.png"}), "['images'] must be a map"))
+        messages.append((request({**valid, "state": np.zeros(int(rng.integers(4, 9)), np.float32)}), "['state'] must be a float32 (or float64) array of shape [3]"))
+        messages.append((request({**valid, "state": np.zeros(3, np.int64)}), "['state'] must be a float32"))
+        messages.append((request({**valid, "state": [0.0, 0.0, 0.0]}), "['state'] must be a float32"))
+        messages.append((request({**valid, "state": np.array([0, np.nan, 0], np.float32)}), "NaN"))
+        messages.append((request({**valid, "instruction": int(rng.integers(100))}), "['instruction'] must be a str"))
+        num_bytes = int(rng.integers(0, 50))
+        forged = {"__ndarray__": b"\0" * (num_bytes + (num_bytes >= 12)), "dtype": "<f4", "shape": [3]}  # never 12
+        messages.append((request({**valid, "state": forged}), "the message carries"))
+        messages.append((request({**valid, "state": {**forged, "dtype": "O"}}), "dtype 'O' is not allowed"))
+    return messages
+
+
+def test_server_survives_thousands_of_malformed_requests(server: ServerProcess) -> None:
+    messages = _fuzz_messages(np.random.default_rng(0))
+    assert len(messages) >= 2500
+    start = time.perf_counter()
+    with server.client() as remote:
+        connection = remote._connection
+        for message, expected in messages:
+            connection.send(message)
+            reply = unpackb(connection.recv(timeout=10))
+            assert set(reply) == {"error"}, (message[:80], reply)
+            assert reply["error"]["type"] in {"DecodeError", "BadRequest", "InvalidObservation"}
+            assert expected in reply["error"]["message"], (expected, reply["error"]["message"])
+    # Raw TCP garbage and clients that hang up without a websocket handshake or mid-request.
+    rng = np.random.default_rng(1)
+    for payload in [b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", rng.bytes(500), b"\x00" * 10, b""]:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=5) as raw:
+            raw.sendall(payload)
+    elapsed = time.perf_counter() - start
+    assert elapsed < 30, f"{len(messages)} malformed requests took {elapsed:.1f} s"
+
+    local = make_policy()
+    obs = make_observation(np.random.default_rng(2))
+    with server.client() as remote:
+        _assert_same_actions(remote.get_action(obs), local.get_action(obs))
+        with pytest.raises(PolicyServerError, match="unknown embodiment 'ufo'") as info:
+            remote.get_action({**obs, "embodiment": "ufo"})
+        assert info.value.kind == "InvalidObservation"
+        remote.ping()  # the same connection keeps working after an error
+    assert server.proc.poll() is None
+
+
+def test_concurrent_clients_get_their_own_answers(server: ServerProcess) -> None:
+    local = make_policy()
+    failures: list[str] = []
+
+    def worker(seed: int) -> None:
+        rng = np.random.default_rng(100 + seed)
+        with server.client() as remote:
+            for i in range(15):
+                obs = make_observation(rng, embodiment=["point_gripper", "two_link_arm"][(seed + i) % 2])
+                if not np.array_equal(remote.get_action(obs)["actions"], local.get_action(obs)["actions"]):
+                    failures.append(f"client {seed} request {i}: wrong actions")
+                try:
+                    remote.get_action({**obs, "state": obs["state"][:2]})
+                    failures.append(f"client {seed} request {i}: a 2-dim state was accepted")
+                except PolicyServerError as e:
+                    if "shape [3]" not in e.message:
+                        failures.append(f"client {seed} request {i}: {e}")
+
+    threads = [threading.Thread(target=worker, args=(s,)) for s in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert not failures and not any(t.is_alive() for t in threads)
+
+
+def test_event_loop_serves_while_policy_is_busy_and_sigterm_exits_cleanly(tmp_path: Path) -> None:
+    srv = ServerProcess(tmp_path / "server.log", "--policy", FACTORY, "--policy-kwargs", '{"delay_s": 0.8}')
+    try:
+        local = make_policy()
+        obs = make_observation(np.random.default_rng(3))
+        with srv.client() as busy, srv.client() as other:
+            busy.reset()
+            local.reset()
+            result: dict[str, Any] = {}
+            thread = threading.Thread(target=lambda: result.update(busy.get_action(obs)))
+            thread.start()
+            time.sleep(0.1)  # the policy is now sleeping inside get_action
+            start = time.perf_counter()
+            other.ping()
+            with pytest.raises(PolicyServerError, match="DecodeError"):
+                other._request({"type": "get_action", "observation": {"__ndarray__": b"", "dtype": "zz", "shape": []}})
+            assert time.perf_counter() - start < 0.4, "ping waited for the busy policy"
+            thread.join(5)
+            _assert_same_actions(result, local.get_action(obs))  # includes the reset offset
+
+            # SIGTERM while a request is in flight: the call is answered, then the process exits 0.
+            late: dict[str, Any] = {}
+            thread = threading.Thread(target=lambda: late.update(busy.get_action(obs)), daemon=True)
+            thread.start()
+            time.sleep(0.1)
+            start = time.perf_counter()
+            srv.proc.send_signal(signal.SIGTERM)
+            assert srv.proc.wait(5) == 0, srv.log_path.read_text()[-3000:]
+            assert time.perf_counter() - start < 2.5
+            thread.join(1)
+            _assert_same_actions(late, local.get_action(obs))
+            with pytest.raises(ConnectionError):
+                other.ping()
+    finally:
+        srv.stop()
+
+
+# ---- replay -------------------------------------------------------------------------------------------------
+
+
+def test_replay_returns_recorded_chunks_step_by_step() -> None:
+    episodes = make_episodes(np.random.default_rng(0), [10, 7])
+    policy = ReplayPolicy(episodes, horizon=4)
+    assert policy.metadata() == {
+        "embodiments": {"point_gripper": {"state_dim": 3, "action_dim": 3, "image_keys": VIEWS, "image_size": [8, 8]}},
+        "horizon": 4,
+    }
+    for cycle in range(2):  # reset walks through the episodes and wraps around
+        for ep in episodes:
+            policy.reset()
+            for t in range(0, ep.length, 4):
+                chunk = policy.get_action(episode_observation(ep, t))["actions"]
+                expected = ep.actions[[min(s, ep.length - 1) for s in range(t, t + 4)]]  # held after the end
+                np.testing.assert_array_equal(chunk, expected)
+
+    every_two = ReplayPolicy(episodes, horizon=4, stride=2)
+    every_two.get_action(episode_observation(episodes[0], 0))
+    np.testing.assert_array_equal(every_two.get_action(episode_observation(episodes[0], 2))["actions"], episodes[0].actions[2:6])
+    with pytest.raises(ValueError, match="replaying episode 0 of embodiment 'point_gripper'.*'two_link_arm'"):
+        ReplayPolicy(episodes, horizon=4).get_action({**episode_observation(episodes[0], 0), "embodiment": "two_link_arm"})
+
+
+def test_replay_from_shards(tmp_path: Path) -> None:
+    from datamodules.shards import write_source
+
+    episodes = make_episodes(np.random.default_rng(1), [12, 9])
+    write_source(episodes, tmp_path / "robot", source="robot", horizon=4)
+    policy = ReplayPolicy.from_shards(tmp_path / "robot")
+    assert policy.metadata()["horizon"] == 4
+    for ep in episodes:
+        policy.reset()
+        for t in range(0, ep.length, 4):
+            expected = ep.actions[[min(s, ep.length - 1) for s in range(t, t + 4)]]
+            np.testing.assert_array_equal(policy.get_action(episode_observation(ep, t))["actions"], expected)

@@ -1,0 +1,414 @@
+"""Closed-loop evaluation: roll a policy out in simulation and report success rates.
+
+``evaluate_closed_loop`` runs any policy (CONTRACTS.md: ``get_action(obs) -> {"actions": [H, A]}``, optional
+``reset()``) on any env following the observation contract, executes each predicted chunk open-loop for
+``execute_steps`` actions before asking again, and writes ``results.json``, a ``success.png`` bar chart and a few
+rollout GIFs. ``ClosedLoopEvalCallback`` does the same during training; ``python -m vla_zoo.evaluation`` does it
+from a checkpoint or for the scripted experts::
+
+    python -m vla_zoo.evaluation --env metaworld --checkpoint last.ckpt --tasks MT10 --episodes 10 --out eval/
+    python -m vla_zoo.evaluation --env metaworld --policy expert --noise 0.5 --tasks push-v3 --episodes 20 --out eval/
+
+Episode ``i`` of task ``t`` always starts from the same initial state for a given ``seed`` (its reset seed is
+derived from ``(seed, t, i)`` on a stream of its own, so evaluation seeds never coincide with the generator's
+demonstration seeds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import importlib
+import json
+import math
+import os
+import zlib
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import gymnasium as gym
+import numpy as np
+from lightning.pytorch import Callback, LightningModule, Trainer
+
+#: A policy, or ``env -> policy`` for policies that need the env itself (scripted experts read simulator state).
+PolicyOrFactory = Any
+MakeEnv = Callable[[str, int], gym.Env]
+
+_EVAL_STREAM = zlib.crc32(b"closed-loop-evaluation")
+
+#: Env name -> import paths of ``make_env(task, seed, **kw)``, the scripted ``expert(env, noise=, horizon=, seed=)``
+#: and ``resolve_tasks(tasks | None) -> list[str]`` (``None``: the env's default task list).
+ENVS: dict[str, dict[str, str]] = {
+    "metaworld": {
+        "make_env": "envs.metaworld.env:make_env",
+        "expert": "envs.metaworld.experts:MetaWorldExpertPolicy",
+        "resolve_tasks": "envs.metaworld.tasks:resolve_tasks",
+    },
+    "tabletop": {
+        "make_env": "vla_zoo.evaluation:make_tabletop_env",
+        "expert": "vla_zoo.evaluation:tabletop_expert",
+        "resolve_tasks": "vla_zoo.evaluation:resolve_tabletop_tasks",
+    },
+}
+
+
+def make_tabletop_env(task: str, seed: int, embodiment: str = "point_gripper", **kwargs: Any) -> gym.Env:
+    """The embedded tabletop world restricted to one task family (``"pick_place"`` or ``"push"``)."""
+    from envs.tabletop import TabletopEnv
+
+    return TabletopEnv(embodiment=embodiment, task_families=(task,), **kwargs)
+
+
+def tabletop_expert(env: gym.Env, noise: float = 0.0, horizon: int = 1, seed: int = 0) -> Any:
+    from envs.tabletop import ExpertPolicy
+
+    if horizon != 1:
+        raise ValueError("the tabletop expert plans one step at a time: use --horizon 1")
+    return ExpertPolicy(env, noise=noise, seed=seed)
+
+
+def resolve_tabletop_tasks(tasks: Sequence[str] | str | None) -> list[str]:
+    from envs.tabletop import TASK_FAMILIES
+
+    names = TASK_FAMILIES if tasks is None else tasks.split(",") if isinstance(tasks, str) else tasks
+    unknown = sorted(set(names) - set(TASK_FAMILIES))
+    if unknown:
+        raise ValueError(f"unknown tabletop task families {unknown}; choose from {list(TASK_FAMILIES)}")
+    return list(names)
+
+
+def episode_seed(seed: int, task: str, episode: int) -> int:
+    """Reset seed of evaluation episode ``episode`` of ``task``."""
+    entropy = [seed, zlib.crc32(task.encode()), _EVAL_STREAM, episode]
+    return int(np.random.SeedSequence(entropy).generate_state(1)[0])
+
+
+def _import(path: str) -> Any:
+    module, _, name = path.partition(":")
+    if not name:
+        raise ValueError(f"expected an import path 'package.module:name', got {path!r}")
+    return getattr(importlib.import_module(module), name)
+
+
+def resolve_make_env(make_env: MakeEnv | str, **env_kwargs: Any) -> MakeEnv:
+    """A ``make_env(task, seed)`` from a callable, a registered env name (``ENVS``) or ``"module:callable"``."""
+    if isinstance(make_env, str):
+        path = ENVS[make_env]["make_env"] if make_env in ENVS else make_env
+        make_env = _import(path)
+    return functools.partial(make_env, **env_kwargs) if env_kwargs else make_env
+
+
+def resolve_tasks(env: str, tasks: Sequence[str] | str | None) -> list[str]:
+    """Task list for a registered env (``None``: its default, e.g. MT10 for Meta-World) or as given."""
+    if env in ENVS:
+        return _import(ENVS[env]["resolve_tasks"])(tasks)
+    if tasks is None:
+        raise ValueError(f"tasks are required for env {env!r}")
+    return [t.strip() for t in tasks.split(",")] if isinstance(tasks, str) else list(tasks)
+
+
+def _rollout(
+    policy: Any, env: gym.Env, seed: int, execute_steps: int | None, max_steps: int, record: bool
+) -> tuple[bool, int, list[np.ndarray]]:
+    """One episode: returns (success, steps taken, frames if recorded)."""
+    obs, _ = env.reset(seed=seed)
+    if hasattr(policy, "reset"):
+        policy.reset()
+    action_dim = env.action_space.shape[0]
+    frames = [_frame(obs)] if record else []
+    steps = 0
+    while steps < max_steps:
+        chunk = np.asarray(policy.get_action({**obs, "embodiment": env.embodiment})["actions"])
+        if chunk.ndim != 2 or chunk.shape[1] != action_dim or len(chunk) == 0:
+            raise ValueError(
+                f"policy returned actions of shape {chunk.shape}; the env {type(env).__name__} needs [H, {action_dim}]"
+            )
+        for action in chunk[: execute_steps or len(chunk)]:
+            obs, _, terminated, truncated, info = env.step(action)
+            steps += 1
+            if record:
+                frames.append(_frame(obs))
+            if "success" not in info:
+                raise KeyError(f"{type(env).__name__}.step() must put 'success' in info (observation contract)")
+            if info["success"]:
+                return True, steps, frames
+            if terminated or truncated or steps >= max_steps:
+                return False, steps, frames
+    return False, steps, frames
+
+
+def _frame(obs: dict[str, Any]) -> np.ndarray:
+    return np.concatenate(list(obs["images"].values()), axis=1)  # views side by side
+
+
+def _episode_limit(env: gym.Env, max_steps: int | None) -> int:
+    if max_steps is not None:
+        return max_steps
+    unwrapped = env.unwrapped
+    limit = getattr(unwrapped, "max_steps", None) or getattr(unwrapped, "max_episode_steps", None)
+    limit = limit or (env.spec.max_episode_steps if env.spec else None)
+    if limit is None:
+        raise ValueError(f"{type(env).__name__} declares no episode limit (max_steps): pass max_steps")
+    return int(limit)
+
+
+def evaluate_closed_loop(
+    policy: PolicyOrFactory,
+    make_env: MakeEnv,
+    tasks: list[str],
+    episodes_per_task: int,
+    seed: int = 0,
+    execute_steps: int | None = None,
+    max_steps: int | None = None,
+    record_videos: int = 0,
+    out_dir: str | os.PathLike | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+) -> dict[str, Any]:
+    """Success rate of ``policy`` per task over ``episodes_per_task`` seeded episodes, and their average.
+
+    ``policy`` is a policy or a factory ``env -> policy`` (called once per task). ``execute_steps`` actions of each
+    chunk run open-loop before re-planning (``None``: the whole chunk). ``max_steps`` bounds an episode (``None``:
+    the env's own limit). The first ``record_videos`` episodes of each task become GIFs under ``out_dir``.
+    With ``world_size > 1`` this process runs only the episodes ``k`` with ``k % world_size == rank`` (``k``
+    numbering all episodes of all tasks); sum ``successes`` / ``episodes`` over processes for the totals.
+    """
+    if execute_steps is not None and execute_steps < 1:
+        raise ValueError(f"execute_steps must be >= 1 or None, got {execute_steps}")
+    out = Path(out_dir) if out_dir is not None else None
+    episodes: list[dict[str, Any]] = []
+    for t, task in enumerate(tasks):
+        mine = [i for i in range(episodes_per_task) if (t * episodes_per_task + i) % world_size == rank]
+        if not mine:
+            continue
+        env = make_env(task, seed)
+        try:
+            task_policy = policy if hasattr(policy, "get_action") else policy(env)
+            limit = _episode_limit(env, max_steps)
+            for i in mine:
+                s = episode_seed(seed, task, i)
+                record = out is not None and i < record_videos
+                success, steps, frames = _rollout(task_policy, env, s, execute_steps, limit, record)
+                episodes.append({"task": task, "episode": i, "seed": s, "success": success, "steps": steps})
+                if record:
+                    fps = getattr(env.unwrapped, "fps", None) or env.metadata.get("render_fps") or 20
+                    name = f"{task}_episode{i:03d}_{'success' if success else 'failure'}.gif"
+                    save_gif(frames, out / "videos" / name, fps)
+        finally:
+            env.close()
+    results = summarize(episodes, tasks)
+    results.update(seed=seed, episodes_per_task=episodes_per_task, execute_steps=execute_steps, max_steps=max_steps)
+    if out is not None:
+        write_report(results, out)
+    return results
+
+
+def summarize(episodes: list[dict[str, Any]], tasks: Sequence[str]) -> dict[str, Any]:
+    """Per-task counts and success rates, and their unweighted average over tasks that ran."""
+    per_task = {}
+    for task in tasks:
+        mine = [e for e in episodes if e["task"] == task]
+        if mine:
+            wins = sum(e["success"] for e in mine)
+            per_task[task] = {"successes": wins, "episodes": len(mine), "success_rate": wins / len(mine)}
+    rates = [v["success_rate"] for v in per_task.values()]
+    return {
+        "success": {k: v["success_rate"] for k, v in per_task.items()},
+        "average": float(np.mean(rates)) if rates else float("nan"),
+        "tasks": per_task,
+        "episodes": episodes,
+    }
+
+
+def write_report(results: dict[str, Any], out_dir: str | os.PathLike) -> None:
+    """``results.json`` and a ``success.png`` bar chart of per-task success with the average as a line."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    names, rates = list(results["success"]), list(results["success"].values())
+    fig = Figure(figsize=(max(4.0, 0.6 * len(names) + 1.5), 3.5), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    ax.bar(range(len(names)), rates, color="tab:blue")
+    ax.axhline(results["average"], color="tab:red", linestyle="--", label=f"average {results['average']:.2f}")
+    ax.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=8)
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("success rate")
+    ax.legend(loc="lower right", fontsize=8)
+    fig.savefig(out / "success.png", dpi=100)
+
+
+def save_gif(frames: list[np.ndarray], path: str | os.PathLike, fps: float) -> None:
+    from PIL import Image
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # GIF delays are whole centiseconds and viewers slow anything under 20 ms down: skip frames above 50 fps.
+    stride = max(1, math.ceil(fps / 50))
+    images = [Image.fromarray(f) for f in frames[::stride]]
+    duration = max(20, int(1000 * stride / fps))
+    images[0].save(path, save_all=True, append_images=images[1:], duration=duration, loop=0)
+
+
+class ClosedLoopEvalCallback(Callback):
+    """Every ``every_n_val_epochs`` validation epochs, roll the model being trained out in simulation.
+
+    ``policy_factory(pl_module)`` wraps the LightningModule as a policy (or an ``env -> policy`` factory);
+    ``make_env`` is a callable, a registered env name (``"metaworld"``, ``"tabletop"``) or ``"module:callable"``,
+    built with ``env_kwargs``. Logs ``eval/success/<task>`` and ``eval/success/mean``; episodes are split over
+    processes and the counts summed, so every rank logs the same numbers. Rank 0 writes the report and
+    ``record_videos`` GIFs per task under ``<log_dir>/closed_loop/step_<global_step>``.
+    """
+
+    def __init__(
+        self,
+        policy_factory: Callable[[LightningModule], PolicyOrFactory],
+        tasks: list[str] | str | None = None,
+        make_env: MakeEnv | str = "metaworld",
+        env_kwargs: dict[str, Any] | None = None,
+        episodes_per_task: int = 10,
+        every_n_val_epochs: int = 1,
+        seed: int = 0,
+        execute_steps: int | None = None,
+        max_steps: int | None = None,
+        record_videos: int = 1,
+    ) -> None:
+        self.policy_factory = policy_factory
+        self.tasks = resolve_tasks(make_env, tasks) if isinstance(make_env, str) else list(tasks or [])
+        if not self.tasks:
+            raise ValueError("ClosedLoopEvalCallback needs tasks")
+        self.make_env = resolve_make_env(make_env, **(env_kwargs or {}))
+        self.episodes_per_task = episodes_per_task
+        self.every_n_val_epochs = every_n_val_epochs
+        self.seed = seed
+        self.execute_steps = execute_steps
+        self.max_steps = max_steps
+        self.record_videos = record_videos
+        self._val_epochs = 0
+        self.last_results: dict[str, Any] | None = None
+
+    def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        self._val_epochs += 1
+        if self._val_epochs % self.every_n_val_epochs:
+            return
+        import torch
+
+        out_dir = None
+        if trainer.is_global_zero:
+            root = trainer.log_dir or trainer.default_root_dir
+            out_dir = Path(root) / "closed_loop" / f"step_{trainer.global_step}"
+        results = evaluate_closed_loop(
+            self.policy_factory(pl_module),
+            self.make_env,
+            self.tasks,
+            self.episodes_per_task,
+            seed=self.seed,
+            execute_steps=self.execute_steps,
+            max_steps=self.max_steps,
+            record_videos=self.record_videos,
+            out_dir=out_dir,
+            rank=trainer.global_rank,
+            world_size=trainer.world_size,
+        )
+        counts = torch.tensor(
+            [[results["tasks"].get(t, {}).get(k, 0) for k in ("successes", "episodes")] for t in self.tasks],
+            dtype=torch.float64,
+            device=pl_module.device,
+        )
+        if trainer.world_size > 1:
+            counts = trainer.strategy.reduce(counts, reduce_op="sum")
+        rates = (counts[:, 0] / counts[:, 1]).tolist()
+        for task, rate in zip(self.tasks, rates):
+            pl_module.log(f"eval/success/{task}", rate, sync_dist=False)
+        pl_module.log("eval/success/mean", float(np.mean(rates)), sync_dist=False)
+        self.last_results = {"success": dict(zip(self.tasks, rates)), "average": float(np.mean(rates))}
+        if out_dir is not None and trainer.world_size > 1:
+            totals = {t: {"successes": int(s), "episodes": int(n)} for t, (s, n) in zip(self.tasks, counts.tolist())}
+            write_report({**self.last_results, "tasks": totals, "seed": self.seed}, out_dir)
+
+
+def _load_policy(args: argparse.Namespace) -> PolicyOrFactory:
+    if args.policy == "expert":
+        expert = _import(ENVS[args.env]["expert"]) if args.env in ENVS else None
+        if expert is None:
+            raise SystemExit(f"--policy expert needs a registered env ({sorted(ENVS)}), got {args.env!r}")
+        return functools.partial(expert, noise=args.noise, horizon=args.horizon, seed=args.seed)
+    if args.checkpoint is None:
+        raise SystemExit("pass --checkpoint CKPT (or --policy expert)")
+    from vla_zoo.policy import Policy  # the trained-model policy; imported here so the experts need no model code
+
+    return Policy.from_checkpoint(args.checkpoint)
+
+
+def _env_kwargs(args: argparse.Namespace, metadata: dict[str, Any] | None) -> dict[str, Any]:
+    """Env options from the command line, rendering what the policy was trained on unless told otherwise."""
+    if args.env not in ENVS:
+        return {}
+    embodiment = "sawyer" if args.env == "metaworld" else args.embodiment
+    spec = None
+    if metadata is not None:
+        spec = metadata["embodiments"].get(embodiment)
+        if spec is None:
+            raise SystemExit(f"the policy knows embodiments {sorted(metadata['embodiments'])}, not {embodiment!r}")
+    kwargs: dict[str, Any] = {}
+    if args.env == "metaworld":
+        if spec is not None:
+            kwargs.update(views=list(spec["image_keys"]), image_size=tuple(spec["image_size"]))
+        if args.views is not None:
+            kwargs["views"] = args.views.split(",")
+        if args.max_steps is not None:
+            kwargs["max_steps"] = args.max_steps
+    else:
+        kwargs["embodiment"] = embodiment
+        if spec is not None:
+            kwargs["image_size"] = int(spec["image_size"][0])
+        if args.max_steps is not None:
+            kwargs["max_episode_steps"] = args.max_steps
+    if args.image_size is not None:
+        kwargs["image_size"] = args.image_size
+    return kwargs
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(prog="python -m vla_zoo.evaluation", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--env", default="metaworld", help=f"one of {sorted(ENVS)} or 'module:make_env'")
+    parser.add_argument("--checkpoint", help="a vla-zoo checkpoint (loaded with vla_zoo.policy.Policy)")
+    parser.add_argument("--policy", choices=["checkpoint", "expert"], default="checkpoint")
+    parser.add_argument("--noise", type=float, default=0.0, help="std of Gaussian action noise (--policy expert)")
+    parser.add_argument("--horizon", type=int, default=1, help="chunk length of the expert (--policy expert)")
+    parser.add_argument("--tasks", default=None, help="comma-separated tasks (Meta-World: names or MT10)")
+    parser.add_argument("--episodes", type=int, default=10, help="episodes per task")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--execute-steps", type=int, default=None, help="actions per chunk before re-planning")
+    parser.add_argument("--max-steps", type=int, default=None, help="episode length limit")
+    parser.add_argument("--image-size", type=int, default=None)
+    parser.add_argument("--views", default=None, help="comma-separated views (Meta-World; default: the policy's)")
+    parser.add_argument("--embodiment", default="point_gripper", help="tabletop embodiment")
+    parser.add_argument("--videos", type=int, default=2, help="GIFs recorded per task")
+    parser.add_argument("--out", required=True, help="output folder")
+    args = parser.parse_args(argv)
+
+    policy = _load_policy(args)
+    env_kwargs = _env_kwargs(args, policy.metadata() if hasattr(policy, "metadata") else None)
+    results = evaluate_closed_loop(
+        policy,
+        resolve_make_env(args.env, **env_kwargs),
+        resolve_tasks(args.env, args.tasks),
+        args.episodes,
+        seed=args.seed,
+        execute_steps=args.execute_steps,
+        max_steps=args.max_steps,
+        record_videos=args.videos,
+        out_dir=args.out,
+    )
+    print(json.dumps({"success": results["success"], "average": results["average"], "out": args.out}, indent=2))
+    return results
+
+
+if __name__ == "__main__":
+    main()
