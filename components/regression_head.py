@@ -32,6 +32,7 @@ class RegressionActionHead(nn.Module):
     ) -> None:
         super().__init__()
         self.max_state_dim, self.max_action_dim, self.horizon = max_state_dim, max_action_dim, horizon
+        self.cross_attention_dim = cross_attention_dim
         self.vl_proj = nn.Linear(cross_attention_dim, hidden_dim)
         self.state_encoder = StateEncoder(num_embodiments, max_state_dim, embodiment_hidden_dim, hidden_dim)
         self.trunk = nn.Sequential(MLP(hidden_dim, [hidden_dim] * (num_layers - 1), hidden_dim), nn.Dropout(dropout))

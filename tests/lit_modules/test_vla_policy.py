@@ -142,3 +142,19 @@ def test_dual_rate_policy_reuses_system2_tokens(trained) -> None:
         policy.get_action({**obs, "embodiment": "spot"})
     md = policy.metadata()
     assert md["embodiments"]["two_link_arm"]["action_dim"] == 3 and md["horizon"] == 8
+
+
+def test_backbone_and_head_width_mismatch_is_reported() -> None:
+    backbone = SmolVLMBackbone(select_layer=1, project_to=32, image_size=32, patch_size=8, vision_hidden_size=32,
+                               vision_layers=1, vision_heads=2, lm_hidden_size=64, lm_layers=2, lm_heads=2)
+    head = FlowMatchingActionHead(num_embodiments=1, max_state_dim=4, max_action_dim=4, horizon=8, hidden_dim=32,
+                                  num_layers=1, num_heads=2, cross_attention_dim=64, embodiment_hidden_dim=32)
+    with pytest.raises(ValueError, match="project_to.*cross_attention_dim"):
+        VLAPolicy(backbone=backbone, action_head=head).configure_model()
+
+
+def test_init_from_missing_checkpoint_names_the_key(tmp_path) -> None:
+    model = tiny_policy()
+    model.hparams.init_from = str(tmp_path / "nope.ckpt")
+    with pytest.raises(FileNotFoundError, match="init_from"):
+        model._load_initial_weights(model.hparams.init_from)

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Post-training results on the embedded world (benchmarks/RESULTS.md): flow-matching policy vs regression baseline.
+#   [PYTHON=.venv/bin/python] bash benchmarks/tabletop_posttrain.sh ARM SEED [STEPS]
+# ARM: flow | regression (post-trained from runs/pretrain/checkpoints/last.ckpt: run `lightning fit --config
+# recipes/pretrain.yaml` first; the regression arm reuses only its backbone) or flow_scratch | regression_scratch
+# (the same recipe from random weights).
+# Writes runs/results/ARM_sSEED/{checkpoints/last.ckpt, eval/results.json}.
+set -euo pipefail
+arm=$1; seed=$2; steps=${3:-1000}
+out=runs/results/${arm}_s${seed}
+mkdir -p "$out"
+cat > "$out/overlay.yaml" <<YAML
+trainer:
+  max_steps: $steps
+  val_check_interval: $(( steps / 2 ))
+  default_root_dir: $out
+  logger:
+    class_path: lightning.pytorch.loggers.CSVLogger
+    init_args: {save_dir: $out, name: logs}
+  callbacks:
+    - class_path: lightning.pytorch.callbacks.ModelCheckpoint
+      init_args: {dirpath: $out/checkpoints, save_last: true, enable_version_counter: false}
+    - class_path: vla_zoo.evaluation.ClosedLoopEvalCallback
+      init_args:
+        policy_factory: vla_zoo.policy.policy_from_module
+        make_env: tabletop
+        env_kwargs: {embodiment: point_gripper}
+        episodes_per_task: 10
+        execute_steps: 8
+YAML
+extra=()
+case "$arm" in regression*) extra+=(--config recipes/ablations/regression_head.yaml) ;; esac
+case "$arm" in *_scratch) extra+=(--model.init_args.init_from=null) ;; esac
+PYTHON=${PYTHON:-python}
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+start=$(date +%s)
+"$PYTHON" -m vla_zoo fit --config recipes/pretrain.yaml --config recipes/posttrain.yaml "${extra[@]}" \
+  --config "$out/overlay.yaml" --seed_everything="$seed"
+train_s=$(( $(date +%s) - start ))
+"$PYTHON" -m vla_zoo.evaluation --env tabletop --embodiment point_gripper --checkpoint "$out/checkpoints/last.ckpt" \
+  --episodes 25 --execute-steps 8 --seed 1000 --videos 1 --out "$out/eval" > "$out/eval.log"
+echo "{\"arm\": \"$arm\", \"seed\": $seed, \"steps\": $steps, \"train_seconds\": $train_s}" > "$out/run.json"
+cat "$out/run.json"
