@@ -19,18 +19,14 @@ from torch import nn
 from torchmetrics.regression import R2Score
 
 from datamodules import schema
-
-
-def _adamw(params) -> torch.optim.Optimizer:
-    # The policy's optimiser (paper Table 6): AdamW, betas (0.95, 0.999), weight decay 1e-5.
-    return torch.optim.AdamW(params, lr=1e-4, betas=(0.95, 0.999), weight_decay=1e-5)
+from lit_modules.optimization import check_schedule, configure_optimizers, paper_adamw
 
 
 class InverseDynamicsModule(LightningModule):
     def __init__(
         self,
         model: nn.Module,
-        optimizer: OptimizerCallable = _adamw,
+        optimizer: OptimizerCallable = paper_adamw,
         warmup_ratio: float = 0.05,
         lr_schedule: str = "cosine",
         num_inference_steps: int | None = None,
@@ -44,10 +40,7 @@ class InverseDynamicsModule(LightningModule):
             num_inference_steps: Euler steps of validation sampling (default: the head's).
         """
         super().__init__()
-        if lr_schedule not in ("cosine", "linear", "constant"):
-            raise ValueError(f"lr_schedule must be 'cosine', 'linear' or 'constant', got {lr_schedule!r}")
-        if not 0.0 <= warmup_ratio < 1.0:
-            raise ValueError(f"warmup_ratio must be in [0, 1), got {warmup_ratio}")
+        check_schedule(lr_schedule, warmup_ratio)
         # LightningCLI stores the parsed config of the injected model; a module passed from Python is not pickled
         # into the hyper-parameters (pass it again to load_from_checkpoint).
         self.save_hyperparameters(ignore=["model"] + ([] if isinstance(optimizer, type) else ["optimizer"]))
@@ -86,11 +79,5 @@ class InverseDynamicsModule(LightningModule):
         self.log("val/action_r2", self.val_r2, prog_bar=True, batch_size=len(x_t))
 
     def configure_optimizers(self):
-        from transformers import get_scheduler
-
-        optimizer = self._optimizer_factory([p for p in self.parameters() if p.requires_grad])
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        names = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
-        scheduler = get_scheduler(names[self.hparams.lr_schedule], optimizer,
-                                  num_warmup_steps=int(self.hparams.warmup_ratio * total), num_training_steps=total)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        hp = self.hparams
+        return configure_optimizers(self, self._optimizer_factory, hp.lr_schedule, hp.warmup_ratio)

@@ -21,18 +21,16 @@ import numpy as np
 import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import OptimizerCallable
+
 from torch import nn
 
 from components.pseudo_labels import PseudoTargets
 from datamodules import schema
+from lit_modules.optimization import check_schedule, configure_optimizers, paper_adamw
 
 #: Checkpoint key holding what inference needs from the data side (normalisers, embodiment map, modalities).
 DATA_SPEC_KEY = "vla_zoo_data_spec"
 
-
-def _adamw(params) -> torch.optim.Optimizer:
-    # The paper's optimiser (Table 6): AdamW, lr 1e-4, betas (0.95, 0.999), weight decay 1e-5.
-    return torch.optim.AdamW(params, lr=1e-4, betas=(0.95, 0.999), weight_decay=1e-5)
 
 
 def _build(part: nn.Module | Callable[[], nn.Module]) -> nn.Module:
@@ -45,7 +43,7 @@ class VLAPolicy(LightningModule):
         backbone: Callable[[], nn.Module],
         action_head: Callable[[], nn.Module],
         pseudo_labelers: Sequence[nn.Module] = (),
-        optimizer: OptimizerCallable = _adamw,
+        optimizer: OptimizerCallable = paper_adamw,
         warmup_ratio: float = 0.05,
         lr_schedule: str = "cosine",
         frame_index: int = 0,
@@ -70,10 +68,7 @@ class VLAPolicy(LightningModule):
                 ``[backbone]`` to put a new action head (the regression baseline) on a pretrained backbone.
         """
         super().__init__()
-        if lr_schedule not in ("cosine", "linear", "constant"):
-            raise ValueError(f"lr_schedule must be 'cosine', 'linear' or 'constant', got {lr_schedule!r}")
-        if not 0.0 <= warmup_ratio < 1.0:
-            raise ValueError(f"warmup_ratio must be in [0, 1), got {warmup_ratio}")
+        check_schedule(lr_schedule, warmup_ratio)
         # From YAML, LightningCLI stores the parsed config of every injected component, so the checkpoint
         # rebuilds them alone. Module objects passed from Python are not pickled into the hyper-parameters; pass
         # them again to load_from_checkpoint.
@@ -223,14 +218,8 @@ class VLAPolicy(LightningModule):
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self):
-        from transformers import get_scheduler
-
-        optimizer = self._optimizer_factory([p for p in self.parameters() if p.requires_grad])
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        names = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
-        scheduler = get_scheduler(names[self.hparams.lr_schedule], optimizer,
-                                  num_warmup_steps=int(self.hparams.warmup_ratio * total), num_training_steps=total)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        hp = self.hparams
+        return configure_optimizers(self, self._optimizer_factory, hp.lr_schedule, hp.warmup_ratio)
 
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -1,0 +1,36 @@
+"""The paper's optimisation (Table 6), shared by every LightningModule that trains an action head."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from lightning.pytorch import LightningModule
+
+LR_SCHEDULES = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
+
+
+def paper_adamw(params) -> torch.optim.Optimizer:
+    """AdamW, lr 1e-4, betas (0.95, 0.999), weight decay 1e-5."""
+    return torch.optim.AdamW(params, lr=1e-4, betas=(0.95, 0.999), weight_decay=1e-5)
+
+
+def check_schedule(lr_schedule: str, warmup_ratio: float) -> None:
+    if lr_schedule not in LR_SCHEDULES:
+        raise ValueError(f"lr_schedule must be one of {sorted(LR_SCHEDULES)}, got {lr_schedule!r}")
+    if not 0.0 <= warmup_ratio < 1.0:
+        raise ValueError(f"warmup_ratio must be in [0, 1), got {warmup_ratio}")
+
+
+def configure_optimizers(
+    module: LightningModule, optimizer_factory: Callable, lr_schedule: str, warmup_ratio: float
+) -> dict[str, Any]:
+    """Optimiser over the trainable parameters + linear warm-up over ``warmup_ratio`` of the run, then
+    ``lr_schedule`` (transformers' schedulers), stepped every optimisation step."""
+    from transformers import get_scheduler
+
+    optimizer = optimizer_factory([p for p in module.parameters() if p.requires_grad])
+    total = max(1, int(module.trainer.estimated_stepping_batches))
+    scheduler = get_scheduler(LR_SCHEDULES[lr_schedule], optimizer,
+                              num_warmup_steps=int(warmup_ratio * total), num_training_steps=total)
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
