@@ -162,6 +162,7 @@ class FlowMatchingActionHead(nn.Module):
     ) -> None:
         super().__init__()
         self.max_state_dim, self.max_action_dim, self.horizon = max_state_dim, max_action_dim, horizon
+        self.cross_attention_dim = cross_attention_dim
         self.num_inference_steps = num_inference_steps
         self.noise_beta_alpha, self.noise_beta_beta, self.noise_s = noise_beta_alpha, noise_beta_beta, noise_s
         self.num_timestep_buckets = num_timestep_buckets
@@ -201,6 +202,11 @@ class FlowMatchingActionHead(nn.Module):
 
     def _check_inputs(self, vl_tokens, state, embodiment_id) -> None:
         B = vl_tokens.shape[0]
+        if vl_tokens.dim() != 3 or vl_tokens.shape[-1] != self.cross_attention_dim:
+            raise ValueError(
+                f"vl_tokens must be [B, S, cross_attention_dim = {self.cross_attention_dim}], got "
+                f"{tuple(vl_tokens.shape)}: set the head's cross_attention_dim to the backbone's out_dim"
+            )
         if embodiment_id.shape != (B,):
             raise ValueError(f"embodiment_id must have shape [B] = [{B}], got {tuple(embodiment_id.shape)}")
         if state is not None and state.shape != (B, self.max_state_dim):

@@ -20,8 +20,11 @@ from torch import nn
 class FramePairEncoder(nn.Module):
     """A small ViT over frames t and t+H of V views: uint8 frames -> conditioning tokens ``[B, 2 V P, width]``.
 
-    Patches are embedded by a strided convolution; tokens get ``frame + view + position`` embeddings and go through
-    pre-norm transformer layers together, so a token of frame t+H can attend to frame t.
+    Patches are embedded by a strided convolution (after a stride-2 3x3 convolution when ``stem_channels`` > 0,
+    "early convolutions", Xiao et al. 2021); tokens get ``frame + view + position`` embeddings and go through
+    pre-norm transformer layers together, so a token of frame t+H can attend to frame t. With ``early_fusion`` the
+    two frames of a view are stacked as 6 channels before patching instead: one token per place sees the motion
+    directly (half the tokens; the frame embedding then has a single entry in use).
     """
 
     def __init__(
@@ -90,7 +93,8 @@ class InverseDynamicsModel(nn.Module):
         action_head: a head with ``loss(vl_tokens, vl_mask, state, actions, action_mask, embodiment_id)`` and
             ``sample(...)``; it is called with ``state=None``. Its ``cross_attention_dim`` must equal
             ``encoder.out_dim``; one embodiment slot (``num_embodiments=1``) is the default use.
-        views: indices of the camera views (in the data's view order) to feed the encoder; None = all.
+        views: indices of the camera views (in the data's view order) to feed the encoder; None = all. Frames
+            given as one view ``[B, 3, h, w]`` are taken as the chosen view.
     """
 
     def __init__(self, encoder: nn.Module, action_head: nn.Module, views: list[int] | None = None) -> None:
@@ -109,8 +113,8 @@ class InverseDynamicsModel(nn.Module):
         return self.action_head.horizon
 
     def _frames(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() == 4:  # one view [B, 3, h, w]
-            x = x[:, None]
+        if x.dim() == 4:  # the chosen view already [B, 3, h, w]
+            return x[:, None]
         if x.dim() != 5:
             raise ValueError(f"frames must be uint8 [B, V, 3, h, w] or [B, 3, h, w], got shape {tuple(x.shape)}")
         return x[:, self.views] if self.views is not None else x

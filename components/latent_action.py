@@ -26,10 +26,9 @@ def _transformer(width: int, depth: int, heads: int, mlp_ratio: float, dropout: 
 
 
 class PatchEmbed(nn.Module):
-    """Frames ``[B, F, 3, h, w]`` -> tokens ``[B, F * P, width]`` with learned patch-position and frame embeddings.
+    """Frames ``[B, F, C, h, w]`` -> tokens ``[B, F * P, width]`` with learned patch-position and frame embeddings.
 
-    ``F`` indexes (time, view) pairs; each gets its own learned embedding so attention can tell x_t from x_{t+H}
-    and one camera from another.
+    ``F`` indexes views; each gets its own learned embedding so attention can tell one camera from another.
     """
 
     def __init__(self, image_size: int, patch_size: int, num_frames: int, width: int, in_channels: int = 3) -> None:
@@ -49,10 +48,10 @@ class PatchEmbed(nn.Module):
 class LatentActionModel(nn.Module):
     """VQ-VAE over ``(x_t, x_{t+H})``: frames in ``[0, 1]``, shaped ``[B, V, 3, h, w]`` (or ``[B, 3, h, w]`` if V = 1).
 
-    Encoder: patch tokens of both frames (and all ``num_views`` views) plus ``num_latent_tokens`` learned
-    action queries, one joint space-time transformer (with two frames, joint attention over all tokens covers the
-    spatial and the temporal mixing that factorised ST-attention does for long clips, at no extra cost), the
-    queries' outputs projected to ``latent_dim``.
+    Encoder: one tubelet token per patch position and view (the patch at t, at t+H and their difference: the
+    temporal mixing), ``num_latent_tokens`` learned action queries, a transformer over all of them (the spatial
+    mixing), the queries' outputs projected to ``latent_dim``. Separate tokens per frame with joint space-time
+    attention learned no motion in 600 CPU steps on moving squares (probe R^2 ~0); tubelets reached 0.5-0.76.
     Decoder: its own patch embedding of ``x_t`` plus the quantised latent tokens, a transformer, a per-patch
     pixel head predicting ``x_{t+H} - x_t``. Predicting the change makes copying the starting point, so training
     spends its capacity on motion; and because the decoder embeds ``x_t`` itself, no gradient reaches the encoder

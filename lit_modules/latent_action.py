@@ -40,7 +40,7 @@ class LatentActionModule(LightningModule):
     def __init__(
         self,
         model: LatentActionModel,
-        quantizer: Callable[..., nn.Module] | None = None,
+        quantizer: Callable[[], nn.Module] | None = None,
         view_indices: Sequence[int] = (0,),
         horizon: int = 16,
         max_action_dim: int = 32,

@@ -51,6 +51,7 @@ class VLAPolicy(LightningModule):
         frame_index: int = 0,
         use_vl_mask: bool = True,
         init_from: str | None = None,
+        init_from_parts: Sequence[str] = ("backbone", "action_head"),
     ) -> None:
         """
         Args:
@@ -65,6 +66,8 @@ class VLAPolicy(LightningModule):
                 padded tokens (an ablation, not a recommendation).
             init_from: a checkpoint whose weights start this run (post-training from a pretrained model). Unlike
                 ``--ckpt_path`` it restores neither optimiser nor step: a new run starts from those weights.
+            init_from_parts: which parts ``init_from`` restores (each must match the checkpoint exactly); e.g.
+                ``[backbone]`` to put a new action head (the regression baseline) on a pretrained backbone.
         """
         super().__init__()
         if lr_schedule not in ("cosine", "linear", "constant"):
@@ -109,13 +112,15 @@ class VLAPolicy(LightningModule):
                 f"model.init_args.init_from: checkpoint {path!r} not found (run the pretraining recipe first, or "
                 "point init_from at an existing .ckpt)"
             )
+        parts = tuple(f"{p}." for p in self.hparams.init_from_parts)
         state = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+        state = {k: v for k, v in state.items() if k.startswith(parts)}
         missing, unexpected = self.load_state_dict(state, strict=False)
-        # Parts the new recipe adds (e.g. a pseudo-labeler) may be missing from the checkpoint; backbone and head
-        # must match exactly, or the user is post-training a different architecture by mistake.
-        core = [k for k in missing + unexpected if k.startswith(("backbone.", "action_head."))]
-        if core:
-            raise ValueError(f"init_from {path!r}: backbone/action head do not match the checkpoint "
+        # Parts not restored (a new head, a pseudo-labeler) start fresh; restored parts must match exactly, or
+        # the user is post-training a different architecture by mistake.
+        core = [k for k in missing + unexpected if k.startswith(parts)]
+        if core or not state:
+            raise ValueError(f"init_from {path!r}: {list(self.hparams.init_from_parts)} do not match the checkpoint "
                              f"(first mismatches: {core[:5]}); use the same sizes as the pretraining recipe")
         self._initialised = True
 

@@ -26,7 +26,7 @@ def tiny_head(**overrides) -> FlowMatchingActionHead:
 
 def random_inputs(head, B=6, S=7, seed=0):
     g = torch.Generator().manual_seed(seed)
-    vl = torch.randn(B, S, head.blocks[0].to_kv.in_features, generator=g)
+    vl = torch.randn(B, S, head.cross_attention_dim, generator=g)
     mask = torch.rand(B, S, generator=g) > 0.4
     mask[:, 0] = True
     state = torch.randn(B, head.max_state_dim, generator=g)
@@ -236,6 +236,8 @@ def test_bad_inputs_name_the_problem():
     vl, mask, state, ids = random_inputs(head)
     with pytest.raises(ValueError, match="vl_mask must be a bool"):
         head.sample(vl, mask.float(), state, ids)
+    with pytest.raises(ValueError, match="backbone's out_dim"):
+        head.sample(vl[..., :8], mask, state, ids)
     with pytest.raises(ValueError, match="max_state_dim"):
         head.sample(vl, mask, state[:, :2], ids)
     with pytest.raises(IndexError, match="expand_embodiments"):

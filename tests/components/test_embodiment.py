@@ -80,3 +80,12 @@ def test_out_of_range_slot_names_the_fix():
         layer(torch.randn(2, 3), torch.tensor([0, 2]))
     with pytest.raises(ValueError, match="shrink"):
         layer.expand(1)
+
+
+def test_grouped_backward_passes_gradcheck():
+    torch.manual_seed(0)
+    layer = EmbodimentLinear(4, 5, 3).double()
+    ids = torch.tensor([0, 3, 3, 1, 0, 1])
+    x = torch.randn(6, 2, 5, dtype=torch.double, requires_grad=True)
+    # gradcheck perturbs layer.weight / layer.bias in place, so the closure sees the perturbed values
+    assert torch.autograd.gradcheck(lambda x, w, b: layer(x, ids), (x, layer.weight, layer.bias))

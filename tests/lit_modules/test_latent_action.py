@@ -1,0 +1,153 @@
+"""LatentActionModule: it learns latent actions on the embedded world, logs what it must, and keeps DDP ranks in sync."""
+
+from __future__ import annotations
+
+from functools import partial
+
+import numpy as np
+import pytest
+import torch
+from lightning.pytorch import Callback, Trainer, seed_everything
+from torch.utils.data import DataLoader, Dataset
+from vector_quantize_pytorch import FSQ, VectorQuantize
+
+from components.codebook_metrics import ridge_probe_r2
+from components.latent_action import LatentActionModel
+from datamodules import schema
+from lit_modules.latent_action import LatentActionModule
+from tests.components.test_latent_action import moving_square_pairs
+
+
+class PairDataset(Dataset):
+    """Schema samples (only the keys the module reads) from uint8 frame pairs ``[M, 2, V, 3, h, w]``."""
+
+    def __init__(self, images: torch.Tensor, actions: torch.Tensor, action_mask: torch.Tensor) -> None:
+        self.images, self.actions, self.action_mask = images, actions, action_mask
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> dict:
+        return {
+            schema.IMAGES: self.images[i],
+            schema.ACTIONS: self.actions[i],
+            schema.ACTION_MASK: self.action_mask[i],
+            schema.HAS_ACTION: torch.tensor(True),
+        }
+
+
+def square_dataset(n: int, seed: int, horizon: int = 2) -> PairDataset:
+    x_t, x_tH, shift = moving_square_pairs(n, seed=seed)
+    images = (torch.stack([x_t, x_tH], 1).unsqueeze(2) * 255).round().to(torch.uint8)  # [n, 2, 1, 3, 32, 32]
+    actions = (shift / horizon).unsqueeze(1).expand(n, horizon, 2).contiguous()  # the shift spread over the chunk
+    return PairDataset(images, actions, torch.ones_like(actions, dtype=torch.bool))
+
+
+def tiny_module(**kwargs) -> LatentActionModule:
+    model = LatentActionModel(image_size=32, patch_size=8, width=32, depth=1, heads=2, num_latent_tokens=4, latent_dim=8)
+    quantizer = partial(VectorQuantize, dim=8, codebook_size=8, kmeans_init=True, threshold_ema_dead_code=2)
+    return LatentActionModule(model, quantizer=quantizer, horizon=2, max_action_dim=2, warmup_steps=1, **kwargs)
+
+
+def cpu_trainer(**kwargs) -> Trainer:
+    cfg = dict(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+               enable_model_summary=False)
+    return Trainer(**{**cfg, **kwargs})
+
+
+class OneThread(Callback):
+    """One torch thread per process: on a shared 2-core machine two threads per process are ~10x slower."""
+
+    def setup(self, trainer, pl_module, stage):
+        self.previous = torch.get_num_threads()
+        torch.set_num_threads(1)
+
+    def teardown(self, trainer, pl_module, stage):
+        torch.set_num_threads(self.previous)
+
+
+class KmeansWatch(Callback):
+    def on_sanity_check_end(self, trainer, pl_module):
+        self.after_sanity_check = pl_module.model.awaits_kmeans_init
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if batch_idx == 0:
+            self.after_first_step = pl_module.model.awaits_kmeans_init
+
+
+class LoggedMetrics(Callback):
+    def __init__(self):
+        self.logged: dict[str, float] = {}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.logged.update({k: float(v) for k, v in trainer.callback_metrics.items()})
+
+    def on_validation_end(self, trainer, pl_module):  # after the module's epoch-end logging
+        self.logged.update({k: float(v) for k, v in trainer.callback_metrics.items()})
+
+
+def test_kmeans_waits_for_training_data_and_every_metric_is_logged():
+    seed_everything(0)
+    module = tiny_module()
+    watch, metrics = KmeansWatch(), LoggedMetrics()
+    trainer = cpu_trainer(max_steps=4, log_every_n_steps=2, num_sanity_val_steps=2,
+                          callbacks=[OneThread(), watch, metrics])
+    train, val = square_dataset(64, seed=0), square_dataset(32, seed=1)
+    trainer.fit(module, DataLoader(train, batch_size=16, shuffle=True), DataLoader(val, batch_size=16))
+    trainer.validate(module, DataLoader(val, batch_size=16), verbose=False)
+    # Lightning's sanity check validated before any training batch: the codebook stayed uninitialised, so k-means
+    # was not fitted to validation data; the first training batch initialised it.
+    assert watch.after_sanity_check is True and watch.after_first_step is False
+    logged = metrics.logged
+    for stage in ("train", "val"):
+        for name in ("recon_mse", "psnr", "recon_gain", "shuffle_ratio", "commitment", "perplexity", "usage",
+                     "dead_codes", "probe_r2", "probe_r2_chunk"):
+            assert f"{stage}/{name}" in logged, f"{stage}/{name} not logged; got {sorted(logged)}"
+    # In eval mode the library's aux loss is 0; the commitment distance we compute is not.
+    assert logged["val/aux_loss"] == 0.0 and logged["val/commitment"] > 0.0
+    # The flow-matching target statistics were refitted on the validation latents.
+    assert bool(module.model.target_stats_fitted)
+    x_t, x_tH, _ = moving_square_pairs(32, seed=1)
+    module.model.eval()
+    target = module.model.latent_action_target(x_t, x_tH)
+    assert target.mean(0).abs().max() < 1e-2 and (target.std(0) - 1).abs().max() < 1e-2
+    module.configure_model()  # idempotent: the quantiser built by fit stays
+    assert isinstance(module.model.quantizer, VectorQuantize)
+
+
+def test_quantiser_in_two_places_and_view_mismatch_are_refused():
+    model = LatentActionModel(image_size=32, patch_size=8, width=32, depth=1, heads=2,
+                              quantizer=FSQ(levels=[5, 5, 5], dim=8))
+    with pytest.raises(ValueError, match="either to the model or to this module"):
+        LatentActionModule(model, quantizer=partial(FSQ, levels=[5, 5, 5], dim=8))
+    with pytest.raises(ValueError, match="num_views=1"):
+        LatentActionModule(model, view_indices=[0, 1])
+
+
+class SaveCodebook(Callback):
+    def __init__(self, out_dir: str) -> None:
+        self.out_dir = out_dir
+
+    def on_train_end(self, trainer, pl_module):
+        codebook = pl_module.model.quantizer._codebook
+        torch.save(
+            {"embed": codebook.embed.clone(), "cluster_size": codebook.cluster_size.clone(), "use_ddp": codebook.use_ddp},
+            f"{self.out_dir}/rank{trainer.global_rank}.pt",
+        )
+
+
+def test_codebooks_stay_identical_across_two_ddp_processes(tmp_path):
+    seed_everything(0)
+    module = tiny_module()
+    batch_size, steps = 8, 6
+    trainer = cpu_trainer(strategy="ddp_spawn", devices=2, max_steps=steps, limit_val_batches=0,
+                          num_sanity_val_steps=0, log_every_n_steps=3, callbacks=[OneThread(), SaveCodebook(str(tmp_path))])
+    trainer.fit(module, DataLoader(square_dataset(128, seed=0), batch_size=batch_size, shuffle=True))
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    assert ranks[0]["use_ddp"] and ranks[1]["use_ddp"], "the quantiser was not built for synchronisation"
+    torch.testing.assert_close(ranks[0]["embed"], ranks[1]["embed"], atol=0, rtol=0)
+    torch.testing.assert_close(ranks[0]["cluster_size"], ranks[1]["cluster_size"], atol=0, rtol=0)
+    # The EMA code counts track the global batch (both ranks' tokens), not one rank's: proof of all-reduce, since
+    # DDP's buffer broadcast alone would also make the codebooks equal, but with rank 0's counts only.
+    tokens_per_rank = batch_size * module.model.num_latent_tokens
+    assert float(ranks[0]["cluster_size"].sum()) > 1.5 * tokens_per_rank
