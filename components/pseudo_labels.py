@@ -25,7 +25,7 @@ component's config, which the vla-zoo CLI embeds in every checkpoint, instantiat
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -67,7 +67,7 @@ def _instantiate(config: Any, base: Any, where: str) -> Any:
     from jsonargparse import ArgumentParser
 
     parser = ArgumentParser(exit_on_error=False)
-    parser.add_argument("--part", type=base)
+    parser.add_subclass_arguments(base, "part", fail_untyped=False)  # as LightningCLI does for its model
     try:
         return parser.instantiate_classes(parser.parse_object({"part": config})).part
     except Exception as e:
@@ -100,8 +100,7 @@ def _load_latent_action_model(path: str) -> tuple[LatentActionModel, dict[str, A
     model = config if isinstance(config, nn.Module) else _instantiate(config, LatentActionModel, path)
     quantizer = init_args.get("quantizer")  # a factory given to LatentActionModule, built in its configure_model
     if model.quantizer is None and quantizer is not None:
-        factory = quantizer if callable(quantizer) else _instantiate(quantizer, Callable[[], nn.Module], path)
-        model.quantizer = factory().float()
+        model.quantizer = (quantizer() if callable(quantizer) else _instantiate(quantizer, nn.Module, path)).float()
     model.load_state_dict(state)
     return model, init_args
 
