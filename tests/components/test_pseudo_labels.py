@@ -257,3 +257,20 @@ def test_config_errors_name_the_key(pyramid) -> None:
     model.data_spec = mixture(pyramid).data_spec()
     with pytest.raises(ValueError, match="embodiment_id"):
         model._check_label_slots()
+
+
+def test_recipes_wire_the_labelers(tmp_path) -> None:
+    from vla_zoo.cli import VLAZooCLI
+
+    root = Path(__file__).resolve().parents[2] / "recipes"
+    common = [f"--trainer.default_root_dir={tmp_path}", "--trainer.logger=false"]
+    cli = VLAZooCLI(args=["--config", str(root / "pretrain.yaml"), *common], run=False)
+    (labeler,) = cli.model.pseudo_labelers
+    assert isinstance(labeler, LatentActionLabeler) and labeler.co_train
+    assert cli.datamodule.embodiments["latent"] == labeler.embodiment_id
+    targets = {s.name: MixtureDataModule.source_targets(s) for s in cli.datamodule.sources}
+    assert targets == {"robot": ["action", "latent"], "robot_b": ["action"], "sim": ["action"], "human": ["latent"],
+                       "neural": ["latent"]}
+    post = VLAZooCLI(args=["--config", str(root / "pretrain.yaml"), "--config", str(root / "posttrain.yaml"), *common],
+                     run=False)
+    assert not len(post.model.pseudo_labelers)
