@@ -4,13 +4,48 @@ A pseudo-labeler is an ``nn.Module`` with a ``kind`` (``"latent"``, ``"idm"``, .
 ``targets(batch, select) -> PseudoTargets | None``: for the batch rows ``select``-ed (the samples whose source
 declares this kind among its ``targets``), it returns action-chunk-shaped targets for its own embodiment slot.
 ``VLAPolicy`` concatenates them with the real-action rows; the action head never knows which is which.
+
+Two labelers, as in GR00T N1 (paper Sec. 2.2):
+
+- ``LatentActionLabeler`` (kind ``latent``): the pre-quantisation latent ``[N, D]`` of a latent-action model for
+  the frame pair (t, t+H), laid into the first N steps and D dims of the chunk. Either frozen (a trained model, or a
+  ``LatentActionModule`` checkpoint) or co-trained inside the policy's fit (``co_train``): then its own VQ-VAE loss
+  is returned as ``aux_loss`` and its latent, detached, is the target, so the action head's loss never shapes the
+  latent space it is asked to predict.
+- ``IDMLabeler`` (kind ``idm``): a frozen inverse dynamics model (an ``InverseDynamicsModule`` checkpoint) samples
+  the H actions between frames t and t+H with a fixed noise seed.
+
+Both also label whole episodes step by step (``label_steps``) for offline labelling into new shards
+(``lit_modules/labeling.py``).
+
+Checkpoints are read without Lightning (components stay framework-free): ``torch.load`` of the state dict plus the
+component's config, which the vla-zoo CLI embeds in every checkpoint, instantiated with jsonargparse.
 """
 
 from __future__ import annotations
 
+import os
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
+import numpy as np
 import torch
+import torch.nn.functional as F
+import yaml
+from torch import nn
+
+from components.inverse_dynamics import InverseDynamicsModel
+from components.latent_action import LatentActionModel
+from datamodules import schema
+from datamodules.labeling import label_episode
+from datamodules.normalization import Normalizer
+
+#: Where ``vla_zoo.cli`` embeds the run's resolved YAML in a checkpoint (``vla_zoo.cli.CHECKPOINT_CONFIG_KEY``;
+#: repeated here because the CLI module imports Lightning).
+CHECKPOINT_CONFIG_KEY = "vla_zoo_config"
+#: Where Lightning stores ``MixtureDataModule.state_dict()`` (normalisers, embodiment map, modalities).
+MIXTURE_STATE_KEY = "MixtureDataModule"
 
 
 @dataclass
@@ -24,3 +59,342 @@ class PseudoTargets:
     state: torch.Tensor | None = None  # [N, S_max]; None -> zeros
     name: str = "pseudo"  # for logging
     aux_loss: torch.Tensor | None = None  # the labeler's own training loss when it is co-trained
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+def _instantiate(config: Any, base: Any, where: str) -> Any:
+    """A ``{class_path, init_args}`` config (nested ones too) -> the object, the way LightningCLI builds it."""
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_subclass_arguments(base, "part", fail_untyped=False)  # as LightningCLI does for its model
+    try:
+        return parser.instantiate_classes(parser.parse_object({"part": config})).part
+    except Exception as e:
+        raise ValueError(f"{where}: cannot rebuild the component from its stored config: {e}") from e
+
+
+def load_component(path: str, attribute: str = "model") -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """A LightningModule checkpoint -> (the config of its ``attribute`` component, that component's state dict,
+    the module's other init arguments). Needs only torch: the config comes from the recipe the vla-zoo CLI
+    embedded (or, failing that, from the hyper-parameters Lightning saved)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"labeler checkpoint {path!r} not found: train it first (recipes/lam.yaml, "
+                                "recipes/idm.yaml) or point `checkpoint` at an existing .ckpt")
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    init_args: dict[str, Any] = {}
+    if CHECKPOINT_CONFIG_KEY in ckpt:
+        init_args = (yaml.safe_load(ckpt[CHECKPOINT_CONFIG_KEY]).get("model") or {}).get("init_args") or {}
+    hparams = dict(ckpt.get("hyper_parameters") or {})
+    init_args = {**hparams, **init_args}
+    if init_args.get(attribute) is None:
+        raise KeyError(f"checkpoint {path!r} holds no config for its `{attribute}`: train it with the vla-zoo CLI "
+                       "(`lightning fit --config ...`), which embeds the recipe in every checkpoint")
+    prefix = f"{attribute}."
+    state = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
+    return init_args[attribute], state, {**init_args, MIXTURE_STATE_KEY: ckpt.get(MIXTURE_STATE_KEY)}
+
+
+def _load_latent_action_model(path: str) -> tuple[LatentActionModel, dict[str, Any]]:
+    config, state, init_args = load_component(path, "model")
+    model = config if isinstance(config, nn.Module) else _instantiate(config, LatentActionModel, path)
+    quantizer = init_args.get("quantizer")  # a factory given to LatentActionModule, built in its configure_model
+    if model.quantizer is None and quantizer is not None:
+        model.quantizer = (quantizer() if callable(quantizer) else _instantiate(quantizer, nn.Module, path)).float()
+    model.load_state_dict(state)
+    return model, init_args
+
+
+def _freeze(module: nn.Module) -> None:
+    module.eval()
+    for p in module.parameters():
+        p.requires_grad_(False)
+
+
+class _Labeler(nn.Module):
+    """Shared by the labelers: a frozen model stays in eval mode and out of the optimiser whatever the Trainer does
+    (Lightning puts the whole LightningModule in train mode at the start of every epoch)."""
+
+    frozen: bool = True
+
+    def train(self, mode: bool = True) -> "_Labeler":
+        super().train(mode)
+        if self.frozen:
+            self.model.eval()
+        return self
+
+    @staticmethod
+    def _views(images: torch.Tensor, view_indices: Sequence[int] | None, name: str) -> torch.Tensor:
+        if view_indices is None:
+            return images
+        if max(view_indices) >= images.shape[-4]:
+            raise ValueError(f"{name}: view_indices {list(view_indices)} but the batch has {images.shape[-4]} views")
+        return images[..., list(view_indices), :, :, :]
+
+    @staticmethod
+    def _place(values: torch.Tensor, horizon: int, max_action_dim: int, steps: int, dims: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """[n, steps, dims] -> zero-padded actions [n, H, A_max] and their mask."""
+        n = values.shape[0]
+        actions = values.new_zeros(n, horizon, max_action_dim)
+        mask = torch.zeros(n, horizon, max_action_dim, dtype=torch.bool, device=values.device)
+        actions[:, :steps, :dims] = values[:, :steps, :dims]
+        mask[:, :steps, :dims] = True
+        return actions, mask
+
+
+# ---------------------------------------------------------------------------------------------- latent actions
+class LatentActionLabeler(_Labeler):
+    """Latent actions of a LAM as targets of the ``latent`` embodiment slot.
+
+    Args:
+        model: a ``LatentActionModel`` (fresh when co-trained; trained, with fitted target statistics, when frozen).
+        checkpoint: alternatively a ``LatentActionModule`` checkpoint, loaded frozen.
+        embodiment_id: the action-head slot of latent actions (must not be a real embodiment's slot).
+        view_indices: the batch views the LAM sees (default: the checkpoint's, else ``[0]``).
+        co_train: train the LAM inside the policy's fit. Its loss (pixel MSE of x_{t+H} + ``quantizer_loss_weight``
+            x the quantiser's aux loss, times ``loss_weight``) becomes ``aux_loss``, computed on the rows whose
+            source declares ``latent``. Targets are normalised by running statistics (see ``stats_momentum``).
+        loss_weight: weight of the LAM's loss in the policy's total loss.
+        quantizer_loss_weight: weight of the quantiser's aux (commitment) loss inside the LAM's loss.
+        stats_momentum: co-training only. Statistics cannot be fitted before the encoder is trained, so the target is
+            normalised per element by an exponential moving average of the latent's first and second moments
+            (kept in the model's ``target_mean`` / ``target_std`` buffers, so the checkpoint's LAM is usable frozen
+            afterwards). An EMA rather than a LayerNorm: the target keeps its per-element offsets and relative scales,
+            and, being a buffer, never receives gradients. Under DDP the batch moments are averaged over ranks.
+        horizon: H of the frame pairs for offline labelling (``label_steps``; default: the checkpoint's).
+        label_embodiment: embodiment name of offline-labelled shards.
+    """
+
+    kind = "latent"
+
+    def __init__(
+        self,
+        model: LatentActionModel | None = None,
+        checkpoint: str | None = None,
+        embodiment_id: int = 2,
+        view_indices: Sequence[int] | None = None,
+        co_train: bool = False,
+        loss_weight: float = 1.0,
+        quantizer_loss_weight: float = 1.0,
+        stats_momentum: float = 0.05,
+        horizon: int | None = None,
+        label_embodiment: str = "latent",
+    ) -> None:
+        super().__init__()
+        if (model is None) == (checkpoint is None):
+            raise ValueError("LatentActionLabeler: give exactly one of `model` (a LatentActionModel) and "
+                             "`checkpoint` (a LatentActionModule checkpoint)")
+        if not 0.0 < stats_momentum <= 1.0:
+            raise ValueError(f"LatentActionLabeler: stats_momentum must be in (0, 1], got {stats_momentum}")
+        stored: dict[str, Any] = {}
+        if checkpoint is not None:
+            model, stored = _load_latent_action_model(checkpoint)
+        self.model = model
+        self.checkpoint = checkpoint
+        self.embodiment_id = embodiment_id
+        self.view_indices = list(view_indices if view_indices is not None else stored.get("view_indices", [0]))
+        self.horizon = horizon if horizon is not None else stored.get("horizon")
+        self.co_train, self.frozen = co_train, not co_train
+        self.loss_weight, self.quantizer_loss_weight, self.stats_momentum = loss_weight, quantizer_loss_weight, stats_momentum
+        self.label_embodiment = label_embodiment
+        if len(self.view_indices) != model.num_views:
+            raise ValueError(f"LatentActionLabeler: view_indices {self.view_indices} select {len(self.view_indices)} "
+                             f"views but the LAM was built for num_views={model.num_views}")
+        if self.frozen:
+            if not bool(model.target_stats_fitted):
+                raise ValueError(
+                    "LatentActionLabeler: the frozen LAM has no fitted target statistics; use a checkpoint saved "
+                    "after a validation epoch of recipes/lam.yaml, call model.fit_target_stats(...), or set co_train"
+                )
+            _freeze(model)
+
+    def _frames(self, batch: dict, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        images = self._views(batch[schema.IMAGES][index], self.view_indices, "LatentActionLabeler")
+        frames = images.float() / 255.0  # [n, 2, V, 3, h, w]
+        return frames[:, 0], frames[:, 1]
+
+    @torch.no_grad()
+    def _update_stats(self, z: torch.Tensor) -> None:
+        """EMA of the per-element mean and second moment of the latent ``z [n, N, D]`` (averaged over DDP ranks)."""
+        moments = torch.stack([z.sum(0), z.square().sum(0), z.new_full(z.shape[1:], z.shape[0])])  # [3, N, D]
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(moments)
+        if moments[2, 0, 0] < 2:
+            return
+        mean, second = moments[0] / moments[2], moments[1] / moments[2]
+        m = self.model
+        if bool(m.target_stats_fitted):
+            a = self.stats_momentum
+            old_second = m.target_std.square() + m.target_mean.square()
+            mean, second = (1 - a) * m.target_mean + a * mean, (1 - a) * old_second + a * second
+        m.set_target_stats(mean, (second - mean.square()).clamp_min(0).sqrt())
+
+    def _normalise(self, z: torch.Tensor) -> torch.Tensor:
+        return (z - self.model.target_mean) / self.model.target_std
+
+    def targets(self, batch: dict, select: torch.Tensor) -> PseudoTargets | None:
+        index = select.nonzero(as_tuple=True)[0]
+        train_lam = self.co_train and self.training
+        if not index.numel() and not train_lam:
+            return None
+        horizon, max_action_dim = batch[schema.ACTIONS].shape[1:]
+        n, d = self.model.num_latent_tokens, self.model.latent_dim
+        if n > horizon:
+            raise ValueError(f"LatentActionLabeler: the LAM's num_latent_tokens ({n}) exceeds the action horizon "
+                             f"({horizon}); lower the LAM's `num_latent_tokens` or raise `data.init_args.horizon` "
+                             "(and the action head's `horizon`)")
+        if d > max_action_dim:
+            raise ValueError(f"LatentActionLabeler: the LAM's latent_dim ({d}) exceeds max_action_dim "
+                             f"({max_action_dim}); lower the LAM's `latent_dim` or raise `data.init_args.max_action_dim` "
+                             "(and the action head's `max_action_dim`)")
+        aux = None
+        if train_lam:
+            if not index.numel():
+                # No sample asks for latents: keep the LAM in the graph (zero loss) so that DDP does not hang.
+                aux = sum(p.sum() for p in self.model.parameters()) * 0.0
+                return PseudoTargets(index, batch[schema.ACTIONS][:0], batch[schema.ACTION_MASK][:0],
+                                     batch[schema.EMBODIMENT_ID][:0], name=self.kind, aux_loss=aux)
+            x_t, x_tH = self._frames(batch, index)
+            out = self.model(x_t, x_tH)
+            aux = self.loss_weight * (F.mse_loss(out["recon"], x_tH) + self.quantizer_loss_weight * out["aux_loss"])
+            z = out["z"].detach()  # the head's loss must not shape the latent space it learns to predict
+            self._update_stats(z)
+        else:
+            with torch.no_grad():
+                z = self.model.encode(*self._frames(batch, index))
+        actions, mask = self._place(self._normalise(z), horizon, max_action_dim, n, d)
+        slot = torch.full_like(index, self.embodiment_id)
+        return PseudoTargets(index, actions, mask, slot, name=self.kind, aux_loss=aux)
+
+    # ------------------------------------------------------------------ offline
+    @torch.no_grad()
+    def label_steps(self, frames: torch.Tensor, batch_size: int = 64) -> tuple[np.ndarray, list[str]]:
+        """One episode's frames uint8 ``[T, V, 3, h, w]`` -> per-step labels ``[T, N * D]`` (the raw, unnormalised
+        latent of the pair (s, min(s + H, T - 1)), flattened) and their names."""
+        if self.horizon is None:
+            raise ValueError("LatentActionLabeler.label_steps needs the LAM's frame gap: set `horizon`")
+        T = frames.shape[0]
+        frames = self._views(frames, self.view_indices, "LatentActionLabeler")
+        steps = torch.arange(T)
+        out = []
+        for s in steps.split(batch_size):
+            x_t = frames[s].float() / 255.0
+            x_tH = frames[(s + self.horizon).clamp(max=T - 1)].float() / 255.0
+            out.append(self.model.encode(x_t.to(self.model.target_mean.device), x_tH.to(self.model.target_mean.device)))
+        z = torch.cat(out).flatten(1).cpu().numpy().astype(np.float32)
+        names = [f"latent_{i}_{j}" for i in range(self.model.num_latent_tokens) for j in range(self.model.latent_dim)]
+        return z, names
+
+
+# ---------------------------------------------------------------------------------------------- inverse dynamics
+class IDMLabeler(_Labeler):
+    """A frozen inverse dynamics model's action chunks as targets of its own embodiment slot (e.g. ``idm``).
+
+    Args:
+        checkpoint: an ``InverseDynamicsModule`` checkpoint (vla-zoo CLI); its embedded data state gives the IDM's
+            action dims, embodiment slot and normaliser.
+        model: alternatively an ``InverseDynamicsModel`` (then give ``action_dim``).
+        embodiment: the embodiment the IDM was trained on (a key of its training mixture's ``embodiments``).
+        embodiment_id: the policy's action-head slot of these labels.
+        action_dim: real action dims of the IDM's embodiment (default: from the checkpoint).
+        idm_embodiment_id: the IDM head's own slot for ``embodiment`` (default: from the checkpoint, else 0).
+        view_indices: the batch views passed to the IDM (default: all, in the batch's order, which must then be the
+            order the IDM was trained with).
+        num_steps: Euler steps of the IDM's flow head (default: the head's).
+        seed: the fixed noise seed: a frame pair always gets the same label.
+        normalizer: the IDM embodiment's normaliser as a dict (default: from the checkpoint); ``label_steps``
+            un-normalises with it. Targets for the policy stay in the IDM's normalised units.
+        label_embodiment: embodiment name of offline-labelled shards (default ``idm_<embodiment>``).
+    """
+
+    kind = "idm"
+
+    def __init__(
+        self,
+        checkpoint: str | None = None,
+        model: InverseDynamicsModel | None = None,
+        embodiment: str = "point_gripper",
+        embodiment_id: int = 4,
+        action_dim: int | None = None,
+        idm_embodiment_id: int | None = None,
+        view_indices: Sequence[int] | None = None,
+        num_steps: int | None = None,
+        seed: int = 0,
+        normalizer: dict | None = None,
+        label_embodiment: str | None = None,
+    ) -> None:
+        super().__init__()
+        if (model is None) == (checkpoint is None):
+            raise ValueError("IDMLabeler: give exactly one of `checkpoint` (an InverseDynamicsModule checkpoint) and "
+                             "`model` (an InverseDynamicsModel)")
+        data_state: dict[str, Any] = {}
+        if checkpoint is not None:
+            config, state, init_args = load_component(checkpoint, "model")
+            model = config if isinstance(config, nn.Module) else _instantiate(config, InverseDynamicsModel, checkpoint)
+            model.load_state_dict(state)
+            data_state = init_args.get(MIXTURE_STATE_KEY) or {}
+            known = data_state.get("embodiments", {})
+            if known and embodiment not in known:
+                raise ValueError(f"IDMLabeler: `embodiment` {embodiment!r} is not one the IDM in {checkpoint!r} was "
+                                 f"trained on ({sorted(known)})")
+            if idm_embodiment_id is None:
+                idm_embodiment_id = known.get(embodiment)
+            if normalizer is None:
+                normalizer = data_state.get("normalizers", {}).get(embodiment)
+        self.model = model
+        self.checkpoint, self.embodiment, self.embodiment_id = checkpoint, embodiment, embodiment_id
+        self.normalizer = Normalizer.from_dict(normalizer) if normalizer is not None else None
+        if action_dim is None and self.normalizer is not None:
+            action_dim = self.normalizer.dim("actions")
+        if not action_dim:
+            raise ValueError("IDMLabeler: `action_dim` is unknown; give it, or a checkpoint trained with a "
+                             "MixtureDataModule (whose normalisers it carries)")
+        self.action_dim = int(action_dim)
+        self.idm_embodiment_id = int(idm_embodiment_id or 0)
+        modality = (data_state.get("modalities") or {}).get(embodiment) or {}
+        self.action_names = list(modality.get("action_names") or [f"action_{i}" for i in range(self.action_dim)])
+        self.view_indices = list(view_indices) if view_indices is not None else None
+        self.num_steps, self.seed = num_steps, seed
+        self.label_embodiment = label_embodiment or f"idm_{embodiment}"
+        _freeze(model)
+
+    @property
+    def horizon(self) -> int:
+        return self.model.horizon
+
+    @torch.no_grad()
+    def predict(self, x_t: torch.Tensor, x_tH: torch.Tensor) -> torch.Tensor:
+        """uint8 frames ``[n, V, 3, h, w]`` at t and t+H -> normalised chunks ``[n, H, action_dim]``."""
+        x_t = self._views(x_t, self.view_indices, "IDMLabeler")
+        x_tH = self._views(x_tH, self.view_indices, "IDMLabeler")
+        generator = torch.Generator(device=x_t.device).manual_seed(self.seed)
+        slot = torch.full((x_t.shape[0],), self.idm_embodiment_id, dtype=torch.long, device=x_t.device)
+        chunk = self.model.predict(x_t, x_tH, slot, num_steps=self.num_steps, generator=generator)
+        return chunk[..., : self.action_dim]
+
+    def targets(self, batch: dict, select: torch.Tensor) -> PseudoTargets | None:
+        index = select.nonzero(as_tuple=True)[0]
+        if not index.numel():
+            return None
+        horizon, max_action_dim = batch[schema.ACTIONS].shape[1:]
+        if self.horizon != horizon:
+            raise ValueError(f"IDMLabeler: the IDM predicts {self.horizon}-step chunks but the data's horizon is "
+                             f"{horizon}; `data.init_args.horizon` must equal the IDM head's `horizon`")
+        if self.action_dim > max_action_dim:
+            raise ValueError(f"IDMLabeler: the IDM's action_dim ({self.action_dim}) exceeds max_action_dim "
+                             f"({max_action_dim}); raise `data.init_args.max_action_dim` and the head's")
+        images = batch[schema.IMAGES][index]  # [n, 2, V, 3, h, w]
+        chunk = self.predict(images[:, 0], images[:, 1])
+        actions, mask = self._place(chunk, horizon, max_action_dim, horizon, self.action_dim)
+        return PseudoTargets(index, actions, mask, torch.full_like(index, self.embodiment_id), name=self.kind)
+
+    # ------------------------------------------------------------------ offline
+    @torch.no_grad()
+    def label_steps(self, frames: torch.Tensor, batch_size: int = 64) -> tuple[np.ndarray, list[str]]:
+        """One episode's frames uint8 ``[T, V, 3, h, w]`` -> per-step actions ``[T, action_dim]`` in the IDM
+        embodiment's units (overlapping chunk predictions averaged by step index), and their names."""
+        device = next(self.model.parameters()).device
+        labels = label_episode(lambda x_t, x_tH, t: self.predict(x_t.to(device), x_tH.to(device)), frames,
+                               self.horizon, batch_size=batch_size, action_dim=self.action_dim,
+                               normalizer=self.normalizer)
+        return labels.actions, self.action_names

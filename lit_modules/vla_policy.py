@@ -129,6 +129,17 @@ class VLAPolicy(LightningModule):
         spec = getattr(datamodule, "data_spec", None)
         if callable(spec):
             self.data_spec = spec()
+            self._check_label_slots()
+
+    def _check_label_slots(self) -> None:
+        """A pseudo-label kind needs its own action-head slot: sharing a real embodiment's would mix the targets."""
+        real = {e["id"]: name for name, e in self.data_spec["embodiments"].items() if e.get("has_action", True)}
+        for labeler in self.pseudo_labelers:
+            slot = getattr(labeler, "embodiment_id", None)
+            if slot in real:
+                raise ValueError(f"pseudo-labeler {labeler.kind!r} uses embodiment slot {slot}, the slot of the real "
+                                 f"embodiment {real[slot]!r}; give the labeler's `embodiment_id` a slot of its own "
+                                 "(below the action head's `num_embodiments`)")
 
     # ------------------------------------------------------------------ training
     def _vl_tokens(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -168,6 +179,9 @@ class VLAPolicy(LightningModule):
         rows = self._training_rows(batch)
         batch_size = tokens.shape[0]
         aux = [r.aux_loss for r in rows if r.aux_loss is not None]
+        for r in rows:
+            if r.aux_loss is not None:
+                self.log(f"{stage}/aux_loss_{r.name}", r.aux_loss.detach(), batch_size=batch_size)
         rows = [r for r in rows if r.index.numel()]
         if not rows:
             # Nothing to predict in this batch; keep every parameter in the graph so DDP does not hang.
@@ -228,6 +242,12 @@ class VLAPolicy(LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.data_spec = checkpoint.get(DATA_SPEC_KEY)
+        if not len(self.pseudo_labelers):
+            # Labelers only make training targets and are not rebuilt from the hyper-parameters (a frozen one would
+            # need its own checkpoint on the deployment machine): a model loaded for inference drops their weights.
+            state = checkpoint["state_dict"]
+            for key in [k for k in state if k.startswith("pseudo_labelers.")]:
+                del state[key]
 
     # ------------------------------------------------------------------ inference
     def _normalizer(self, embodiment: str):
