@@ -277,7 +277,8 @@ class VLAPolicy(LightningModule):
     @torch.no_grad()
     def encode_observation(self, images: torch.Tensor, instructions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """System 2: uint8 images ``[B, V, 3, h, w]`` + instructions -> VL tokens ``[B, S, D]`` and mask ``[B, S]``."""
-        return self.backbone(images, instructions)
+        tokens, mask = self.backbone(images, instructions)
+        return tokens, (mask if self.hparams.use_vl_mask else torch.ones_like(mask))
 
     @torch.no_grad()
     def act(
