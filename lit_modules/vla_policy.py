@@ -50,6 +50,7 @@ class VLAPolicy(LightningModule):
         use_vl_mask: bool = True,
         init_from: str | None = None,
         init_from_parts: Sequence[str] = ("backbone", "action_head"),
+        image_augmentation: nn.Module | None = None,
     ) -> None:
         """
         Args:
@@ -66,6 +67,8 @@ class VLAPolicy(LightningModule):
                 ``--ckpt_path`` it restores neither optimiser nor step: a new run starts from those weights.
             init_from_parts: which parts ``init_from`` restores (each must match the checkpoint exactly); e.g.
                 ``[backbone]`` to put a new action head (the regression baseline) on a pretrained backbone.
+            image_augmentation: applied to the policy's training images only (e.g.
+                ``components.augmentation.RandomShift``); validation and inference see the images as they are.
         """
         super().__init__()
         check_schedule(lr_schedule, warmup_ratio)
@@ -73,7 +76,8 @@ class VLAPolicy(LightningModule):
         # rebuilds them alone. Module objects passed from Python are not pickled into the hyper-parameters; pass
         # them again to load_from_checkpoint.
         live = [name for name, value in (("backbone", backbone), ("action_head", action_head),
-                                         ("pseudo_labelers", pseudo_labelers), ("optimizer", optimizer))
+                                         ("pseudo_labelers", pseudo_labelers), ("optimizer", optimizer),
+                                         ("image_augmentation", image_augmentation))
                 if isinstance(value, nn.Module) or (name == "pseudo_labelers" and len(value))
                 or (name == "optimizer" and not isinstance(value, type))]
         self.save_hyperparameters(ignore=live)
@@ -83,6 +87,7 @@ class VLAPolicy(LightningModule):
         self.backbone = backbone if isinstance(backbone, nn.Module) else None
         self.action_head = action_head if isinstance(action_head, nn.Module) else None
         self.pseudo_labelers = nn.ModuleList(pseudo_labelers)
+        self.image_augmentation = image_augmentation
         self.data_spec: dict[str, Any] | None = None  # normalisers + embodiment map, set from the datamodule
 
     # ------------------------------------------------------------------ construction
@@ -144,6 +149,8 @@ class VLAPolicy(LightningModule):
     # ------------------------------------------------------------------ training
     def _vl_tokens(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         images = batch[schema.IMAGES][:, self.hparams.frame_index]  # [B, V, 3, h, w]
+        if self.training and self.image_augmentation is not None:
+            images = self.image_augmentation(images)
         return self.backbone(images, list(batch[schema.INSTRUCTION]))
 
     def _source_declares(self, batch: dict, kind: str) -> torch.Tensor:

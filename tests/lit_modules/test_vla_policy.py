@@ -158,3 +158,27 @@ def test_init_from_missing_checkpoint_names_the_key(tmp_path) -> None:
     model.hparams.init_from = str(tmp_path / "nope.ckpt")
     with pytest.raises(FileNotFoundError, match="init_from"):
         model._load_initial_weights(model.hparams.init_from)
+
+
+def test_image_augmentation_applies_to_training_steps_only(pyramid) -> None:
+    seen = []
+
+    class Record(torch.nn.Module):
+        def forward(self, images):
+            seen.append(images.shape)
+            return images
+
+    model = tiny_policy()
+    model.image_augmentation = Record()
+    model.configure_model()
+    dm = mixture(pyramid, batch_size=4, batches=1)
+    dm.setup("fit")
+    model.data_spec = dm.data_spec()
+    batch = next(iter(dm.train_dataloader()))
+    model.train()
+    model.training_step(batch, 0)
+    assert len(seen) == 1 and seen[0][:2] == batch["images"][:, 0].shape[:2]
+    model.eval()
+    with torch.no_grad():
+        model.validation_step(batch, 0)
+    assert len(seen) == 1, "validation must see the images unaugmented"
