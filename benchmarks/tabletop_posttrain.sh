@@ -1,13 +1,24 @@
 #!/usr/bin/env bash
 # Post-training results on the embedded world (benchmarks/RESULTS.md): flow-matching policy vs regression baseline.
-#   [PYTHON=.venv/bin/python] bash benchmarks/tabletop_posttrain.sh ARM SEED [STEPS]
+#   [PYTHON=.venv/bin/python] bash benchmarks/tabletop_posttrain.sh ARM SEED [STEPS] [DEMOS]
 # ARM: flow | regression (post-trained from runs/pretrain/checkpoints/last.ckpt: run `lightning fit --config
 # recipes/pretrain.yaml` first; the regression arm reuses only its backbone) or flow_scratch | regression_scratch
 # (the same recipe from random weights).
-# Writes runs/results/ARM_sSEED/{checkpoints/last.ckpt, eval/results.json}.
+# DEMOS (default 50, the pyramid's robot tier): post-train on the first DEMOS robot episodes of seed 0, generated
+# into .cache/vla_zoo/tabletop_robotDEMOS (episode i is the same episode in every pyramid of that seed).
+# Writes runs/results/ARM_sSEED[_dDEMOS]/{checkpoints/last.ckpt, eval/results.json}.
 set -euo pipefail
-arm=$1; seed=$2; steps=${3:-1000}
+arm=$1; seed=$2; steps=${3:-1000}; demos=${4:-50}
+PYTHON=${PYTHON:-python}
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 out=runs/results/${arm}_s${seed}
+robot=.cache/vla_zoo/tabletop/robot
+if [ "$demos" != 50 ]; then
+  out=${out}_d${demos}
+  robot=.cache/vla_zoo/tabletop_robot${demos}/robot
+  "$PYTHON" -c "from envs.tabletop import TabletopPyramid as P; P(root='.cache/vla_zoo/tabletop_robot${demos}', \
+episodes={'robot': ${demos}, 'robot_b': 0, 'sim': 0, 'human': 0, 'neural': 0}, num_workers=1).prepare()"
+fi
 mkdir -p "$out"
 cat > "$out/overlay.yaml" <<YAML
 trainer:
@@ -27,17 +38,19 @@ trainer:
         env_kwargs: {embodiment: point_gripper}
         episodes_per_task: 10
         execute_steps: 8
+data:
+  init_args:
+    sources:
+      - {name: robot, shards: $robot, embodiment: point_gripper, weight: 1.0}
 YAML
 extra=()
 case "$arm" in regression*) extra+=(--config recipes/ablations/regression_head.yaml) ;; esac
 case "$arm" in *_scratch) extra+=(--model.init_args.init_from=null) ;; esac
-PYTHON=${PYTHON:-python}
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 start=$(date +%s)
 "$PYTHON" -m vla_zoo fit --config recipes/pretrain.yaml --config recipes/posttrain.yaml "${extra[@]}" \
   --config "$out/overlay.yaml" --seed_everything="$seed"
 train_s=$(( $(date +%s) - start ))
 "$PYTHON" -m vla_zoo.evaluation --env tabletop --embodiment point_gripper --checkpoint "$out/checkpoints/last.ckpt" \
   --episodes 25 --execute-steps 8 --seed 1000 --videos 1 --out "$out/eval" > "$out/eval.log"
-echo "{\"arm\": \"$arm\", \"seed\": $seed, \"steps\": $steps, \"train_seconds\": $train_s}" > "$out/run.json"
+echo "{\"arm\": \"$arm\", \"seed\": $seed, \"steps\": $steps, \"demos\": $demos, \"train_seconds\": $train_s}" > "$out/run.json"
 cat "$out/run.json"

@@ -45,8 +45,10 @@ class ComposedBackbone(VisionLanguageBackbone):
 
     Args:
         vision_pretrained_path: local directory of a vision checkpoint (SigLIP / SigLIP2 / CLIP, a full dual-encoder
-            checkpoint is fine: its vision half is taken) with its ``preprocessor_config.json``. None: random
-            ``vision_model_type`` encoder from the size arguments.
+            checkpoint is fine: its vision half is taken; or a conv encoder such as ResNet / ConvNeXt, whose feature
+            map cells become the patch tokens) with its ``preprocessor_config.json``. None: random
+            ``vision_model_type`` encoder from the size arguments (a ViT type, or ``"resnet"``: a stride-4 stem and
+            ``vision_layers`` basic-block stages of ``vision_hidden_size`` channels, grid image_size / 2^(1 + layers)).
         lm_pretrained_path: local directory of a causal LM (Llama-style: SmolLM2, Qwen2/3, Llama, Mistral, Gemma)
             with its tokenizer. None: random ``lm_model_type`` LM with the offline tokenizer.
         select_layer: keep LM layers ``[0, select_layer)``; negative counts from the top.
@@ -90,7 +92,18 @@ class ComposedBackbone(VisionLanguageBackbone):
 
         # NaFlex encoders (SigLIP2) take patch sequences and resize their position grid to any image size.
         naflex = "siglip2_vision_model"
-        if vision_pretrained_path is None:
+        if vision_pretrained_path is None and vision_model_type == "resnet":
+            # A conv tower: stem (stride 4) + `vision_layers` basic-block stages of `vision_hidden_size` channels,
+            # every stage after the first halving the grid; its feature map becomes the patch tokens.
+            vision_config = AutoConfig.for_model(
+                "resnet",
+                embedding_size=vision_hidden_size // 2,
+                hidden_sizes=[vision_hidden_size] * vision_layers,
+                depths=[1] * vision_layers,
+                layer_type="basic",
+            )
+            image_mean, image_std, rescale_factor = _SIGLIP_MEAN, _SIGLIP_STD, 1 / 255
+        elif vision_pretrained_path is None:
             grid_size = (
                 {"num_patches": (image_size // patch_size) ** 2}
                 if vision_model_type == naflex
@@ -119,23 +132,37 @@ class ComposedBackbone(VisionLanguageBackbone):
             image_mean, image_std = image_processor.image_mean, image_processor.image_std
             rescale_factor = image_processor.rescale_factor
         self._naflex = vision_config.model_type == naflex
-        if not self._naflex:
+        # Conv encoders (ResNet, ConvNeXt, ...) have no patch size or fixed resolution: they return a feature map
+        # [N, C, g, g] whose cells are the patch tokens.
+        self._feature_map = hasattr(vision_config, "hidden_sizes")
+        if not (self._naflex or self._feature_map):
             image_size = vision_config.image_size
         # The attention-pooling head makes a single image embedding for contrastive training; we use patch tokens.
         if hasattr(vision_config, "vision_use_head"):
             vision_config.vision_use_head = False
-        self.patch_size = vision_config.patch_size
-        self.grid = image_size // self.patch_size
-        if image_size % self.patch_size or self.grid % scale_factor:
-            raise ValueError(
-                f"image_size={image_size} must be a multiple of the patch size ({self.patch_size}) and the patch grid "
-                f"({self.grid}) a multiple of scale_factor={scale_factor}"
-            )
         self.vision_model = (
             AutoModel.from_config(vision_config)
             if vision_pretrained_path is None
             else load_pretrained(vision_pretrained_path, vision_config)
         )
+        if self._feature_map:
+            vision_dim = vision_config.hidden_sizes[-1]
+            with torch.no_grad():  # the grid follows from the strides; one probe is simpler than summing them
+                probe = self.vision_model(pixel_values=torch.zeros(1, 3, image_size, image_size))
+            self.grid = probe.last_hidden_state.shape[-1]
+            self.patch_size = image_size // self.grid
+            if self.grid % scale_factor:
+                raise ValueError(f"the vision encoder's {self.grid}x{self.grid} feature map at image_size={image_size} "
+                                 f"is not a multiple of scale_factor={scale_factor}; change one of them")
+        else:
+            vision_dim = vision_config.hidden_size
+            self.patch_size = vision_config.patch_size
+            self.grid = image_size // self.patch_size
+            if image_size % self.patch_size or self.grid % scale_factor:
+                raise ValueError(
+                    f"image_size={image_size} must be a multiple of the patch size ({self.patch_size}) and the patch "
+                    f"grid ({self.grid}) a multiple of scale_factor={scale_factor}"
+                )
 
         if lm_pretrained_path is None:
             tok = self.tokenizer
@@ -160,7 +187,7 @@ class ComposedBackbone(VisionLanguageBackbone):
             )
         lm_dim = self.language_model.config.hidden_size
 
-        self.connector = PixelShuffleConnector(vision_config.hidden_size, lm_dim, scale_factor)
+        self.connector = PixelShuffleConnector(vision_dim, lm_dim, scale_factor)
         self.projector = OutputProjector(lm_dim, project_to)
         self._finish_init(
             tokenizer=self.tokenizer,
@@ -214,6 +241,8 @@ class ComposedBackbone(VisionLanguageBackbone):
             )
         else:
             out = self.vision_model(pixel_values=pixels)
+        if self._feature_map:
+            return self.connector(out.last_hidden_state.flatten(2).transpose(1, 2))  # [N, C, g, g] -> [N, g*g, C]
         # Encoders with a CLS token (CLIP) or registers put them first; the patch grid is the last g*g tokens.
         return self.connector(out.last_hidden_state[:, -g * g :])  # [N, T, D_lm]
 

@@ -278,7 +278,7 @@ def test_composed_round_trips_through_local_directories(tmp_path):
     assert torch.equal(tokens, expected) and torch.equal(mask, expected_mask)
 
 
-@pytest.mark.parametrize("vision_model_type", ["siglip2_vision_model", "clip_vision_model"])
+@pytest.mark.parametrize("vision_model_type", ["siglip2_vision_model", "clip_vision_model", "resnet"])
 def test_composed_accepts_other_vision_encoders(vision_model_type):
     backbone = _build(ComposedBackbone, vision_model_type=vision_model_type).eval()
     images = _images(2)
