@@ -141,3 +141,16 @@ def test_checkpoint_without_embedded_config_is_reported(tmp_path: Path) -> None:
     torch.save({"state_dict": {}}, path)
     with pytest.raises(KeyError, match=CHECKPOINT_CONFIG_KEY):
         load_run_config(path)
+
+
+PRETRAIN = str(REPO_ROOT / "recipes" / "pretrain.yaml")
+ABLATIONS = sorted((REPO_ROOT / "recipes" / "ablations").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("overlay", ABLATIONS, ids=lambda p: p.stem)
+def test_each_ablation_layers_on_the_pretraining_recipe(overlay: Path) -> None:
+    """Every value an ablation sets survives layering and validation (a renamed argument fails here, not in a run)."""
+    base = [str(REPO_ROOT / "recipes" / "ablations" / "composed_backbone.yaml")] if overlay.stem == "conv_vision" else []
+    config = _flatten(_print_config(PRETRAIN, *base, str(overlay)))
+    for key, value in _flatten(yaml.safe_load(overlay.read_text())).items():
+        assert config[key] == value, key
