@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Meta-World MT10 results (benchmarks/RESULTS.md): flow-matching policy vs regression baseline.
+#   [PYTHON=.venv/bin/python] bash benchmarks/metaworld_posttrain.sh ARM SEED STEPS [DEMOS]
+# ARM: flow | regression (from random weights, recipes/metaworld/posttrain_scratch.yaml), flow_pretrained |
+# regression_pretrained (from runs/pretrain/checkpoints/last.ckpt: run `lightning fit --config
+# recipes/pretrain.yaml` first; the regression arm reuses only its backbone); a `_cotrain` suffix adds the human
+# tier labelled by the co-trained latent-action model. DEMOS: 10 (default) or 50 per task.
+# Writes runs/metaworld/ARM_dDEMOS_sSEED/{checkpoints/last.ckpt, logs/, eval/results.json, run.json}.
+set -euo pipefail
+arm=$1; seed=$2; steps=$3; demos=${4:-10}
+out=runs/metaworld/${arm}_d${demos}_s${seed}
+mkdir -p "$out"
+# Validation loss once at the end; closed-loop success comes from the separate 10-episode evaluation below.
+cat > "$out/overlay.yaml" <<YAML
+trainer:
+  max_steps: $steps
+  val_check_interval: $steps
+  default_root_dir: $out
+  logger:
+    class_path: lightning.pytorch.loggers.CSVLogger
+    init_args: {save_dir: $out, name: logs}
+  callbacks:
+    - class_path: lightning.pytorch.callbacks.ModelCheckpoint
+      init_args: {dirpath: $out/checkpoints, save_last: true, enable_version_counter: false}
+YAML
+configs=(--config recipes/pretrain.yaml --config recipes/metaworld/posttrain_scratch.yaml)
+case "$demos" in
+  10) ;;
+  50) configs+=(--config recipes/metaworld/demos50.yaml) ;;
+  *) echo "DEMOS must be 10 or 50, got $demos" >&2; exit 2 ;;
+esac
+case "$arm" in *_pretrained*) configs+=(--config recipes/metaworld/posttrain_pretrained.yaml) ;; esac
+case "$arm" in regression*) configs+=(--config recipes/ablations/regression_head.yaml) ;; esac
+case "$arm" in *_cotrain) configs+=(--config recipes/metaworld/cotrain_human.yaml)
+  [ "$demos" = 50 ] && configs+=(--config recipes/metaworld/cotrain_human_demos50.yaml) ;; esac
+PYTHON=${PYTHON:-python}
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+# Render the demonstrations before the clock starts: generation is data preparation, not training time.
+"$PYTHON" -m vla_zoo fit "${configs[@]}" --config "$out/overlay.yaml" --trainer.max_steps=0 \
+  --trainer.logger=false > "$out/prepare.log" 2>&1
+start=$(date +%s)
+"$PYTHON" -m vla_zoo fit "${configs[@]}" --config "$out/overlay.yaml" --seed_everything="$seed" > "$out/train.log" 2>&1
+train_s=$(( $(date +%s) - start ))
+"$PYTHON" -m vla_zoo.evaluation --env metaworld --checkpoint "$out/checkpoints/last.ckpt" --tasks MT10 \
+  --episodes 10 --execute-steps 8 --seed 1000 --videos 1 --out "$out/eval" > "$out/eval.log"
+echo "{\"arm\": \"$arm\", \"demos\": $demos, \"seed\": $seed, \"steps\": $steps, \"train_seconds\": $train_s}" \
+  > "$out/run.json"
+cat "$out/run.json"

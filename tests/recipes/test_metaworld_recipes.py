@@ -1,0 +1,73 @@
+"""recipes/metaworld/*.yaml layer on recipes/pretrain.yaml into runnable configs whose data, slots and heads agree."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO_ROOT
+
+# find_spec, not importorskip: importing metaworld imports mujoco, which must come after envs.metaworld sets MUJOCO_GL.
+if importlib.util.find_spec("metaworld") is None:
+    pytest.skip("Meta-World is in the `sim` extra: pip install -e '.[sim]'", allow_module_level=True)
+
+from envs.metaworld.generate import MetaWorldDemos  # noqa: E402
+from vla_zoo.cli import VLAZooCLI  # noqa: E402
+from vla_zoo.evaluation import ClosedLoopEvalCallback  # noqa: E402
+
+RECIPES = REPO_ROOT / "recipes"
+BASE = ["pretrain.yaml", "metaworld/posttrain_scratch.yaml"]
+
+
+def _instantiate(overlays: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> VLAZooCLI:
+    monkeypatch.chdir(tmp_path)  # the recipes' relative run dirs land here, not in the checkout
+    args = []
+    for name in BASE + overlays:
+        args += ["--config", str(RECIPES / name)]
+    monkeypatch.setattr("sys.argv", ["vla-zoo"])  # LightningCLI warns when given both args and a command line
+    return VLAZooCLI(args=args, run=False)
+
+
+def _mismatched_sources(cli: VLAZooCLI) -> list[str]:
+    """Sources whose shards the recipe's own preparer does not write (training would find no files)."""
+    written = {os.path.normpath(p) for p in cli.datamodule.prepare.sources.values()}
+    return [s.name for s in cli.datamodule.sources + cli.datamodule.val_sources
+            if os.path.normpath(s.shards) not in written]
+
+
+@pytest.mark.parametrize("overlays, head, init_from, tiers, episodes", [
+    ([], "FlowMatchingActionHead", None, {"robot"}, 10),
+    (["ablations/regression_head.yaml"], "RegressionActionHead", None, {"robot"}, 10),
+    (["metaworld/posttrain_pretrained.yaml"], "FlowMatchingActionHead", "runs/pretrain/checkpoints/last.ckpt",
+     {"robot"}, 10),
+    (["metaworld/demos50.yaml"], "FlowMatchingActionHead", None, {"robot"}, 50),
+    (["metaworld/cotrain_human.yaml"], "FlowMatchingActionHead", None, {"robot", "human"}, 10),
+    (["metaworld/demos50.yaml", "metaworld/cotrain_human.yaml", "metaworld/cotrain_human_demos50.yaml"],
+     "FlowMatchingActionHead", None, {"robot", "human"}, 50),
+])
+def test_recipe_instantiates_consistently(overlays, head, init_from, tiers, episodes, tmp_path, monkeypatch) -> None:
+    cli = _instantiate(overlays, tmp_path, monkeypatch)
+    data, model = cli.datamodule, cli.model
+    assert isinstance(data.prepare, MetaWorldDemos)
+    assert set(data.prepare.episodes) == tiers and set(data.prepare.episodes.values()) == {episodes}
+    assert not _mismatched_sources(cli)
+    # Real actions only ever train the Sawyer's slot; the human tier only feeds the latent labeler's own slot.
+    assert {s.embodiment for s in data.sources if s.has_action} == {"sawyer"}
+    head_config = cli.config.model.init_args.action_head
+    assert head_config.class_path.endswith(head)
+    num_slots = head_config.init_args.num_embodiments
+    assert all(0 <= slot < num_slots for slot in data.embodiments.values())
+    for labeler in model.pseudo_labelers:
+        assert labeler.embodiment_id not in {data.embodiments[s.embodiment] for s in data.sources if s.has_action}
+    assert model.hparams.init_from == init_from
+    evals = [c for c in cli.trainer.callbacks if isinstance(c, ClosedLoopEvalCallback)]
+    assert len(evals) == 1 and len(evals[0].tasks) == 10
+
+
+def test_cotrain_at_50_demos_needs_its_paths_overlay(tmp_path, monkeypatch) -> None:
+    """Without cotrain_human_demos50.yaml the sources point at the 10-demo cache the preparer does not write."""
+    cli = _instantiate(["metaworld/demos50.yaml", "metaworld/cotrain_human.yaml"], tmp_path, monkeypatch)
+    assert sorted(_mismatched_sources(cli)) == ["human", "robot"]
