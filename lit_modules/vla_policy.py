@@ -81,8 +81,11 @@ class VLAPolicy(LightningModule):
                 if isinstance(value, nn.Module) or (name == "pseudo_labelers" and len(value))
                 or (name == "optimizer" and not isinstance(value, type))]
         self.save_hyperparameters(ignore=live)
-        # LightningCLI replaces hparams with the parsed config: keep the callables themselves.
-        self._backbone_factory, self._head_factory, self._optimizer_factory = backbone, action_head, optimizer
+        # LightningCLI replaces hparams with the parsed config: keep the callables themselves, outside nn.Module's
+        # registry (a module passed directly would otherwise be registered twice and saved under two names).
+        for name, value in (("_backbone_factory", backbone), ("_head_factory", action_head),
+                            ("_optimizer_factory", optimizer)):
+            object.__setattr__(self, name, value)
         # Modules given directly (Python use) are kept; factories (YAML) are built in configure_model.
         self.backbone = backbone if isinstance(backbone, nn.Module) else None
         self.action_head = action_head if isinstance(action_head, nn.Module) else None
@@ -115,6 +118,7 @@ class VLAPolicy(LightningModule):
         parts = tuple(f"{p}." for p in self.hparams.init_from_parts)
         state = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
         state = {k: v for k, v in state.items() if k.startswith(parts)}
+        self._grow_embodiment_slots(state)
         missing, unexpected = self.load_state_dict(state, strict=False)
         # Parts not restored (a new head, a pseudo-labeler) start fresh; restored parts must match exactly, or
         # the user is post-training a different architecture by mistake.
@@ -123,6 +127,26 @@ class VLAPolicy(LightningModule):
             raise ValueError(f"init_from {path!r}: {list(self.hparams.init_from_parts)} do not match the checkpoint "
                              f"(first mismatches: {core[:5]}); use the same sizes as the pretraining recipe")
         self._initialised = True
+
+    def _grow_embodiment_slots(self, state: dict[str, torch.Tensor]) -> None:
+        """A checkpoint whose adapters have fewer embodiment slots than this model (a robot added at post-training,
+        ``num_embodiments`` raised in the recipe): its slots fill the first rows, bit-identical, and the extra slots
+        keep their fresh initialisation, as ``expand_embodiments`` would leave them."""
+        from components.embodiment import EmbodimentLinear
+
+        for key, theirs in state.items():
+            name, _, param = key.rpartition(".")
+            try:
+                layer = self.get_submodule(name)
+            except AttributeError:
+                continue  # not in this model: load_state_dict reports it
+            if not isinstance(layer, EmbodimentLinear):
+                continue
+            own = getattr(layer, param)
+            if theirs.shape[0] < own.shape[0] and theirs.shape[1:] == own.shape[1:]:
+                merged = own.detach().clone()
+                merged[: theirs.shape[0]] = theirs
+                state[key] = merged
 
     def setup(self, stage: str) -> None:
         self.configure_model()

@@ -12,6 +12,7 @@ from lightning.pytorch import Trainer, seed_everything
 
 from components.action_head import FlowMatchingActionHead
 from components.backbones import SmolVLMBackbone
+from components.embodiment import EmbodimentLinear
 from datamodules.mixture import MixtureDataModule
 from envs.tabletop import TabletopEnv, TabletopPyramid
 from lit_modules.vla_policy import DATA_SPEC_KEY, VLAPolicy
@@ -182,3 +183,26 @@ def test_image_augmentation_applies_to_training_steps_only(pyramid) -> None:
     with torch.no_grad():
         model.validation_step(batch, 0)
     assert len(seen) == 1, "validation must see the images unaugmented"
+
+
+def test_init_from_a_checkpoint_with_fewer_embodiment_slots_keeps_them_and_adds_fresh_ones(tmp_path) -> None:
+    torch.manual_seed(0)
+    pretrained = tiny_policy()  # 2 embodiment slots
+    pretrained.configure_model()
+    path = tmp_path / "pretrain.ckpt"
+    torch.save({"state_dict": pretrained.state_dict()}, path)
+
+    torch.manual_seed(1)
+    grown = tiny_policy()
+    grown.action_head.expand_embodiments(3)  # as a recipe with num_embodiments: 3 builds it
+    fresh = {k: v.clone() for k, v in grown.state_dict().items()}
+    grown._load_initial_weights(str(path))
+    after, before = grown.state_dict(), pretrained.state_dict()
+    slotted = [k for k in after if after[k].shape != before[k].shape]
+    assert slotted and all(isinstance(grown.get_submodule(k.rpartition(".")[0]), EmbodimentLinear) for k in slotted)
+    for key, value in after.items():
+        if key in slotted:
+            assert torch.equal(value[:2], before[key]), key  # the pretrained robots, bit-identical
+            assert torch.equal(value[2:], fresh[key][2:]), key  # the new robot, freshly initialised
+        else:
+            assert torch.equal(value, before[key]), key
