@@ -187,3 +187,22 @@ def expand_embodiments(module: nn.Module, num_embodiments: int) -> None:
     for layer in module.modules():
         if isinstance(layer, EmbodimentLinear):
             layer.expand(num_embodiments)
+
+
+def grow_embodiment_slots(module: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Make a state dict with fewer embodiment slots than ``module`` loadable into it, in place: each adapter
+    tensor's slots fill the first rows bit-identically and the extra rows keep ``module``'s own (fresh) values, as
+    ``expand_embodiments`` would leave them. For a robot added at post-training (``num_embodiments`` raised)."""
+    for key, theirs in state.items():
+        name, _, param = key.rpartition(".")
+        try:
+            layer = module.get_submodule(name)
+        except AttributeError:
+            continue  # not in this module: load_state_dict reports it
+        if not isinstance(layer, EmbodimentLinear):
+            continue
+        own = getattr(layer, param)
+        if theirs.shape[0] < own.shape[0] and theirs.shape[1:] == own.shape[1:]:
+            merged = own.detach().clone()
+            merged[: theirs.shape[0]] = theirs
+            state[key] = merged

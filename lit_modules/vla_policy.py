@@ -24,6 +24,7 @@ from lightning.pytorch.cli import OptimizerCallable
 
 from torch import nn
 
+from components.embodiment import grow_embodiment_slots
 from components.pseudo_labels import PseudoTargets
 from datamodules import schema
 from lit_modules.optimization import check_schedule, configure_optimizers, paper_adamw
@@ -118,7 +119,7 @@ class VLAPolicy(LightningModule):
         parts = tuple(f"{p}." for p in self.hparams.init_from_parts)
         state = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
         state = {k: v for k, v in state.items() if k.startswith(parts)}
-        self._grow_embodiment_slots(state)
+        grow_embodiment_slots(self, state)
         missing, unexpected = self.load_state_dict(state, strict=False)
         # Parts not restored (a new head, a pseudo-labeler) start fresh; restored parts must match exactly, or
         # the user is post-training a different architecture by mistake.
@@ -127,26 +128,6 @@ class VLAPolicy(LightningModule):
             raise ValueError(f"init_from {path!r}: {list(self.hparams.init_from_parts)} do not match the checkpoint "
                              f"(first mismatches: {core[:5]}); use the same sizes as the pretraining recipe")
         self._initialised = True
-
-    def _grow_embodiment_slots(self, state: dict[str, torch.Tensor]) -> None:
-        """A checkpoint whose adapters have fewer embodiment slots than this model (a robot added at post-training,
-        ``num_embodiments`` raised in the recipe): its slots fill the first rows, bit-identical, and the extra slots
-        keep their fresh initialisation, as ``expand_embodiments`` would leave them."""
-        from components.embodiment import EmbodimentLinear
-
-        for key, theirs in state.items():
-            name, _, param = key.rpartition(".")
-            try:
-                layer = self.get_submodule(name)
-            except AttributeError:
-                continue  # not in this model: load_state_dict reports it
-            if not isinstance(layer, EmbodimentLinear):
-                continue
-            own = getattr(layer, param)
-            if theirs.shape[0] < own.shape[0] and theirs.shape[1:] == own.shape[1:]:
-                merged = own.detach().clone()
-                merged[: theirs.shape[0]] = theirs
-                state[key] = merged
 
     def setup(self, stage: str) -> None:
         self.configure_model()
