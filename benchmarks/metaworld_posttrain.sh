@@ -11,18 +11,8 @@ arm=$1; seed=$2; steps=$3; demos=${4:-10}
 out=runs/metaworld/${arm}_d${demos}_s${seed}
 mkdir -p "$out"
 # Validation loss once at the end; closed-loop success comes from the separate 10-episode evaluation below.
-cat > "$out/overlay.yaml" <<YAML
-trainer:
-  max_steps: $steps
-  val_check_interval: $steps
-  default_root_dir: $out
-  logger:
-    class_path: lightning.pytorch.loggers.CSVLogger
-    init_args: {save_dir: $out, name: logs}
-  callbacks:
-    - class_path: lightning.pytorch.callbacks.ModelCheckpoint
-      init_args: {dirpath: $out/checkpoints, save_last: true, enable_version_counter: false}
-YAML
+source "$(dirname "$0")/run_overlay.sh"
+write_run_overlay "$out" "$steps" "$steps"
 configs=(--config recipes/pretrain.yaml --config recipes/metaworld/posttrain_scratch.yaml)
 case "$demos" in
   10) ;;

@@ -20,17 +20,9 @@ if [ "$demos" != 50 ]; then
 episodes={'robot': ${demos}, 'robot_b': 0, 'sim': 0, 'human': 0, 'neural': 0}, num_workers=1).prepare()"
 fi
 mkdir -p "$out"
-cat > "$out/overlay.yaml" <<YAML
-trainer:
-  max_steps: $steps
-  val_check_interval: $(( steps / 2 ))
-  default_root_dir: $out
-  logger:
-    class_path: lightning.pytorch.loggers.CSVLogger
-    init_args: {save_dir: $out, name: logs}
-  callbacks:
-    - class_path: lightning.pytorch.callbacks.ModelCheckpoint
-      init_args: {dirpath: $out/checkpoints, save_last: true, enable_version_counter: false}
+source "$(dirname "$0")/run_overlay.sh"
+write_run_overlay "$out" "$steps" "$(( steps / 2 ))"
+cat >> "$out/overlay.yaml" <<YAML
     - class_path: vla_zoo.evaluation.ClosedLoopEvalCallback
       init_args:
         policy_factory: vla_zoo.policy.policy_from_module
