@@ -20,14 +20,14 @@ import time
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+import gymnasium as gym
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from envs.tabletop import TabletopEnv
 from envs.tabletop.tiers import generate_episodes
-from vla_zoo.evaluation import episode_seed
+from vla_zoo.evaluation import evaluate_closed_loop, make_tabletop_env
 
 
 class Vocabulary:
@@ -74,34 +74,55 @@ def dataset(num_demos: int, horizon: int, vocab: Vocabulary):
             torch.tensor([w + [0] * (width - len(w)) for w in words]), torch.from_numpy(np.stack(chunks)))
 
 
-def evaluate(policy: ConvBCPolicy, vocab: Vocabulary, episodes: int, execute_steps: int, seed: int = 1000) -> dict:
-    out = {}
-    for family in ("pick_place", "push"):
-        env = TabletopEnv(task_families=(family,))
-        wins, closest, grasped = 0, [], 0
-        for i in range(episodes):
-            obs, _ = env.reset(seed=episode_seed(seed, family, i))
-            steps, done, best, held = 0, False, np.inf, False
-            while steps < env.max_episode_steps and not done:
-                images = np.concatenate([obs["images"]["scene"], obs["images"]["wrist"]], -1)
-                with torch.no_grad():
-                    chunk = policy(torch.from_numpy(images).permute(2, 0, 1)[None],
-                                   torch.from_numpy(obs["state"])[None], torch.tensor([vocab(obs["instruction"])]))[0]
-                for action in chunk[:execute_steps].numpy():
-                    obs, _, terminated, truncated, info = env.step(action)
-                    steps += 1
-                    w = env.world
-                    best = min(best, float(np.linalg.norm(w.obj_pos[w.scene.target_obj] - w.ee)))
-                    held |= w.held == w.scene.target_obj
-                    if terminated or truncated:
-                        wins += bool(info["success"])
-                        done = True
-                        break
-            closest.append(best)
-            grasped += held
-        out[family] = {"success": wins / episodes, "median_closest_to_target": float(np.median(closest)),
-                       "grasped_target": grasped / episodes}
-    return out
+class _BCPolicy:
+    """The conv net behind the evaluator's policy interface (``get_action(obs) -> {"actions": [H, A]}``)."""
+
+    def __init__(self, net: ConvBCPolicy, vocab: Vocabulary) -> None:
+        self.net, self.vocab = net, vocab
+
+    def get_action(self, obs: dict) -> dict:
+        images = np.concatenate([obs["images"]["scene"], obs["images"]["wrist"]], -1)
+        with torch.no_grad():
+            chunk = self.net(torch.from_numpy(images).permute(2, 0, 1)[None], torch.from_numpy(obs["state"])[None],
+                             torch.tensor([self.vocab(obs["instruction"])]))[0]
+        return {"actions": chunk.numpy()}
+
+
+class _FailureModes(gym.Wrapper):
+    """Per episode: the gripper's closest approach to the target object, and whether it ever held it."""
+
+    def __init__(self, env: gym.Env, log: list[dict]) -> None:
+        super().__init__(env)
+        self.log = log
+
+    def reset(self, **kwargs):
+        out = super().reset(**kwargs)
+        self.log.append({"closest": np.inf, "grasped": False})
+        return out
+
+    def step(self, action):
+        out = super().step(action)
+        w, episode = self.env.unwrapped.world, self.log[-1]
+        episode["closest"] = min(episode["closest"], float(np.linalg.norm(w.obj_pos[w.scene.target_obj] - w.ee)))
+        episode["grasped"] |= w.held == w.scene.target_obj
+        return out
+
+
+def evaluate(net: ConvBCPolicy, vocab: Vocabulary, episodes: int, execute_steps: int, seed: int = 1000) -> dict:
+    """``vla_zoo.evaluation.evaluate_closed_loop`` (the evaluator's seeds and protocol) plus failure-mode figures."""
+    logs: dict[str, list[dict]] = {}
+
+    def make_env(task: str, env_seed: int) -> gym.Env:
+        return _FailureModes(make_tabletop_env(task, env_seed), logs.setdefault(task, []))
+
+    results = evaluate_closed_loop(_BCPolicy(net, vocab), make_env, ["pick_place", "push"], episodes, seed=seed,
+                                   execute_steps=execute_steps)
+    return {
+        task: {"success": results["success"][task],
+               "median_closest_to_target": float(np.median([e["closest"] for e in log])),
+               "grasped_target": float(np.mean([e["grasped"] for e in log]))}
+        for task, log in logs.items()
+    }
 
 
 def main() -> None:

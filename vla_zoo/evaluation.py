@@ -118,7 +118,7 @@ def _rollout(
     frames = [_frame(obs)] if record else []
     steps = 0
     while steps < max_steps:
-        chunk = np.asarray(policy.get_action({**obs, "embodiment": env.embodiment})["actions"])
+        chunk = np.asarray(policy.get_action({**obs, "embodiment": env.unwrapped.embodiment})["actions"])
         if chunk.ndim != 2 or chunk.shape[1] != action_dim or len(chunk) == 0:
             raise ValueError(
                 f"policy returned actions of shape {chunk.shape}; the env {type(env).__name__} needs [H, {action_dim}]"
