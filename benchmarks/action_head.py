@@ -3,7 +3,8 @@
 Measured in one process, each against a baseline written here:
 - training step (forward + backward of ``loss``), batch 8 with 8 embodiments mixed: samples/s, peak memory, and
   achieved FLOP/s as a fraction of this machine's fp32 matmul peak (2048^3 matmuls, measured in the same run;
-  target >= 0.5). Baseline: the same head whose adapters gather one weight copy per sample (the released code).
+  target >= 0.5). Baseline: the same head whose adapters are the released code's (a dense ``[E, in, out]`` weight gathered per
+  sample).
 - inference latency of one H-action chunk, K = 4, batch 1, with vs without the cross-attention K/V cache
   (target: cache >= 1.5x faster).
 - peak memory of the embodiment adapters (state encoder, action encoder, action decoder; forward + backward) at
@@ -40,25 +41,42 @@ SMALL = dict(num_embodiments=32, max_state_dim=64, max_action_dim=32, horizon=16
 
 
 # ----------------------------------------------------------------------------------------------- baselines
-def gather_forward(self: EmbodimentLinear, x: torch.Tensor, embodiment) -> torch.Tensor:
-    """The released code's adapter: index the weight per sample, materialising B copies ([B, in, out])."""
-    if isinstance(embodiment, EmbodimentGroups):
-        slots = torch.tensor(embodiment.slots, device=x.device)
-        counts = torch.tensor(embodiment.counts, device=x.device)
-        embodiment = torch.repeat_interleave(slots, counts)[embodiment.inverse]
-    w, b = self.weight[embodiment], self.bias[embodiment]  # [B, in, out], [B, out]
-    y = torch.bmm(x.reshape(x.shape[0], -1, x.shape[-1]), w) + b[:, None]
-    return y.view(*x.shape[:-1], -1)
+class PerSampleGatherLinear(torch.nn.Module):
+    """The released code's adapter layer: one dense ``[E, in, out]`` parameter, indexed per sample, which
+    materialises B weight copies ``[B, in, out]`` and gets a dense gradient for all E slots."""
+
+    def __init__(self, layer: EmbodimentLinear) -> None:
+        super().__init__()
+        weight, bias = layer.dense()
+        self.weight, self.bias = torch.nn.Parameter(weight), torch.nn.Parameter(bias)
+
+    def forward(self, x: torch.Tensor, embodiment) -> torch.Tensor:
+        if isinstance(embodiment, EmbodimentGroups):
+            slots = torch.tensor(embodiment.slots, device=x.device)
+            counts = torch.tensor(embodiment.counts, device=x.device)
+            embodiment = torch.repeat_interleave(slots, counts)[embodiment.inverse]
+        w, b = self.weight[embodiment], self.bias[embodiment]  # [B, in, out], [B, out]
+        y = torch.bmm(x.reshape(x.shape[0], -1, x.shape[-1]), w) + b[:, None]
+        return y.view(*x.shape[:-1], -1)
 
 
 def use_gather_adapters(module: torch.nn.Module, enabled: bool = True) -> torch.nn.Module:
-    """Switch every adapter layer of ``module`` to (or back from) per-sample weight gathering, weights unchanged."""
-    for layer in module.modules():
-        if isinstance(layer, EmbodimentLinear):
-            if enabled:
-                layer.forward = types.MethodType(gather_forward, layer)
-            else:
-                layer.__dict__.pop("forward", None)
+    """Swap every adapter layer of ``module`` for (or back from) its per-sample-gather twin, same weights.
+
+    The twins are built once and kept on the module, so switching back and forth costs nothing per call."""
+    originals = module.__dict__.setdefault("_grouped_adapters", {})
+    twins = module.__dict__.setdefault("_gather_adapters", {})
+    if not originals:
+        originals.update((n, m) for n, m in module.named_modules() if isinstance(m, EmbodimentLinear))
+    for name, layer in originals.items():
+        parent, _, child = name.rpartition(".")
+        if enabled and name not in twins:
+            twins[name] = PerSampleGatherLinear(layer).to(next(layer.parameters()).device)
+        outgoing = layer if enabled else twins.get(name)
+        if outgoing is not None:  # its gradients would otherwise stay allocated while the other variant runs
+            for p in outgoing.parameters():
+                p.grad = None
+        setattr(module.get_submodule(parent), child, twins[name] if enabled else layer)
     return module
 
 
@@ -252,8 +270,9 @@ def bench_adapters(cfg, device, batch, num_present):
         peaks[name] = peak_memory(step, device, params)
         del adapters
     grouped, gather = peaks["grouped"], peaks["per_sample_gather"]
-    # Both variants hold the same [E, in, out] parameters and allocate the same dense gradient for them; the
-    # difference is what the forward/backward allocates on top (activations, weight copies), reported separately.
+    # Both variants hold the same E x [in, out] parameters; the gather baseline also allocates B weight copies and a
+    # dense gradient for all E slots, the grouped adapters a gradient for the slots present only. What each
+    # allocates on top of the parameters is reported separately.
     return dict(batch=batch, embodiments_in_batch=num_present, parameter_bytes=params, grouped_peak_bytes=grouped,
                 gather_peak_bytes=gather, ratio=grouped / gather,
                 ratio_excluding_parameters=(grouped - params) / (gather - params), target_ratio=0.25,

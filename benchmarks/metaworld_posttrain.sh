@@ -4,7 +4,8 @@
 # ARM: flow | regression (from random weights, recipes/metaworld/posttrain_scratch.yaml), flow_pretrained |
 # regression_pretrained (from runs/pretrain/checkpoints/last.ckpt: run `lightning fit --config
 # recipes/pretrain.yaml` first; the regression arm reuses only its backbone); a `_cotrain` suffix adds the human
-# tier labelled by the co-trained latent-action model. DEMOS: 10 (default) or 50 per task.
+# tier labelled by the co-trained latent-action model; a `_conv` suffix swaps the ViT for the conv vision tower
+# (recipes/ablations/composed_backbone.yaml + conv_vision.yaml). DEMOS: 10 (default) or 50 per task.
 # Writes runs/metaworld/ARM_dDEMOS_sSEED/{checkpoints/last.ckpt, logs/, eval/results.json, run.json}.
 set -euo pipefail
 arm=$1; seed=$2; steps=$3; demos=${4:-10}
@@ -21,6 +22,8 @@ case "$demos" in
 esac
 case "$arm" in *_pretrained*) configs+=(--config recipes/metaworld/posttrain_pretrained.yaml) ;; esac
 case "$arm" in regression*) configs+=(--config recipes/ablations/regression_head.yaml) ;; esac
+case "$arm" in *_conv*) configs+=(--config recipes/ablations/composed_backbone.yaml
+  --config recipes/ablations/conv_vision.yaml) ;; esac
 case "$arm" in *_cotrain) configs+=(--config recipes/metaworld/cotrain_human.yaml)
   [ "$demos" = 50 ] && configs+=(--config recipes/metaworld/cotrain_human_demos50.yaml) ;; esac
 PYTHON=${PYTHON:-python}

@@ -64,8 +64,14 @@ class AdaLayerNorm(nn.Module):
         nn.init.zeros_(self.modulation.weight)
         nn.init.zeros_(self.modulation.bias)
 
-    def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:  # x [B, N, D], cond [B, C]
-        scale, shift = self.modulation(F.silu(cond))[:, None].chunk(2, dim=-1)  # [B, 1, D] each
+    def scale_shift(self, cond: torch.Tensor) -> torch.Tensor:  # cond [..., C] -> [..., 2D]
+        return self.modulation(F.silu(cond))
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor, scale_shift: torch.Tensor | None = None) -> torch.Tensor:
+        # x [B, N, D], cond [B, C]; or scale_shift [B, 2D] computed beforehand (then cond is not read)
+        if scale_shift is None:
+            scale_shift = self.scale_shift(cond)
+        scale, shift = scale_shift[:, None].chunk(2, dim=-1)  # [B, 1, D] each
         return self.norm(x) * (1 + scale) + shift
 
 
@@ -118,10 +124,11 @@ class DiTBlock(nn.Module):
         k, v = self.to_kv(source).chunk(2, dim=-1)
         return self._heads(k), self._heads(v)
 
-    def forward(self, x: torch.Tensor, temb: torch.Tensor, context: VLContext | None = None,
-                cached_kv: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        # x [B, N, D], temb [B, D]
-        h = self.norm1(x, temb)
+    def forward(self, x: torch.Tensor, temb: torch.Tensor | None, context: VLContext | None = None,
+                cached_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
+                scale_shift: torch.Tensor | None = None) -> torch.Tensor:
+        # x [B, N, D], temb [B, D] (or the adaLN scale_shift [B, 2D] computed beforehand)
+        h = self.norm1(x, temb, scale_shift)
         q = self._heads(self.to_q(h))
         if self.is_cross:
             k, v = cached_kv if cached_kv is not None else self.keys_values(context.tokens)
@@ -216,21 +223,33 @@ class FlowMatchingActionHead(nn.Module):
             )
 
     def _velocity(self, noisy_actions: torch.Tensor, time_bucket: torch.Tensor, state_token: torch.Tensor | None,
-                  context: VLContext, groups: EmbodimentGroups) -> torch.Tensor:
+                  context: VLContext, groups: EmbodimentGroups,
+                  scale_shifts: list[torch.Tensor] | None = None) -> torch.Tensor:
         # noisy_actions [B, H, A_max], time_bucket [B], state_token [B, 1, D] | None -> velocity [B, H, A_max]
+        # scale_shifts: per block (then the output norm) the adaLN [B, 2D] of this time, if computed beforehand
         H = noisy_actions.shape[1]
-        temb = self.timestep_embedding(time_bucket)  # [B, D]
+        temb = self.timestep_embedding(time_bucket) if scale_shifts is None else None  # [B, D]
         x = self.action_encoder(noisy_actions, time_bucket, groups) + self.position_embedding[:H]  # [B, H, D]
         if state_token is not None:
             x = torch.cat([state_token, x], dim=1)  # [B, 1 + H, D]
         for i, block in enumerate(self.blocks):
             cached = context.kv[i] if context.kv is not None else None
+            ss = scale_shifts[i] if scale_shifts is not None else None
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(block, x, temb, context, cached, use_reentrant=False)
+                x = checkpoint(block, x, temb, context, cached, ss, use_reentrant=False)
             else:
-                x = block(x, temb, context, cached)
-        x = self.proj_out(self.norm_out(x, temb)[:, -H:])  # [B, H, embodiment_hidden]
+                x = block(x, temb, context, cached, ss)
+        ss = scale_shifts[-1] if scale_shifts is not None else None
+        x = self.proj_out(self.norm_out(x, temb, ss)[:, -H:])  # [B, H, embodiment_hidden]
         return self.action_decoder(x, groups)
+
+    def time_conditioning(self, time_bucket: torch.Tensor) -> list[torch.Tensor]:
+        """adaLN scale/shift of every block, then of the output norm, for flow times ``time_bucket`` ``[..., B]``:
+        a list of ``[..., B, 2D]``. Sampling computes all K Euler steps' at once: the time grid is known before the
+        first step, and one matmul over K rows reads each adaLN weight once instead of K times (batch-1 inference
+        is bound by reading weights)."""
+        temb = self.timestep_embedding(time_bucket.flatten()).view(*time_bucket.shape, -1)  # [..., B, D]
+        return [block.norm1.scale_shift(temb) for block in self.blocks] + [self.norm_out.scale_shift(temb)]
 
     def forward(self, noisy_actions: torch.Tensor, t: torch.Tensor, vl_tokens: torch.Tensor, vl_mask: torch.Tensor,
                 state: torch.Tensor | None, embodiment_id: torch.Tensor) -> torch.Tensor:
@@ -266,8 +285,9 @@ class FlowMatchingActionHead(nn.Module):
                use_kv_cache: bool = True) -> torch.Tensor:
         """K-step Euler integration from noise to an action chunk ``[B, H, A_max]`` (call ``eval()`` first).
 
-        With ``use_kv_cache`` the cross-attention keys/values of the VL tokens and the state token, which do not
-        depend on the flow time, are computed once and reused by all K steps.
+        With ``use_kv_cache`` the cross-attention keys/values of the VL tokens, which do not depend on the flow
+        time, are computed once and reused by all K steps. Either way the time conditioning of all K steps is
+        computed up front (``time_conditioning``).
         """
         self._check_inputs(vl_tokens, state, embodiment_id)
         K = num_steps or self.num_inference_steps
@@ -279,9 +299,13 @@ class FlowMatchingActionHead(nn.Module):
         state_token = self.state_encoder(state[:, None], groups) if state is not None else None
         x = torch.randn(B, self.horizon, self.max_action_dim, generator=generator, device=vl_tokens.device,
                         dtype=vl_tokens.dtype)  # A^0 ~ N(0, I)
+        t = (torch.arange(K, device=x.device, dtype=torch.float32) / K)[:, None].expand(K, B)  # [K, B]: 0, 1/K, ...
+        buckets = self.time_bucket(t)
+        scale_shifts = self.time_conditioning(buckets)  # per block [K, B, 2D]
         for k in range(K):
-            t = torch.full((B,), k / K, device=x.device)
-            x = x + self._velocity(x, self.time_bucket(t), state_token, context, groups) / K  # A^{t+1/K} = A^t + V/K
+            step_ss = [ss[k] for ss in scale_shifts]
+            v = self._velocity(x, buckets[k], state_token, context, groups, step_ss)
+            x = x + v / K  # A^{t+1/K} = A^t + V/K
         return x
 
 

@@ -56,8 +56,15 @@ def as_groups(embodiment: torch.Tensor | EmbodimentGroups) -> EmbodimentGroups:
 class EmbodimentLinear(nn.Module):
     """``y = x W_e + b_e`` with a weight per embodiment slot ``e``; rows of different slots may share a batch.
 
-    ``weight`` is ``[E, in, out]`` (``x @ W`` layout, so a slot's matrix is a contiguous block) and each slot is
-    initialised like ``nn.Linear``.
+    Each slot is its own parameter (``weights.e`` ``[in, out]``, ``x @ W`` layout; ``biases.e`` ``[out]``),
+    initialised like ``nn.Linear``. One ``[E, in, out]`` tensor (the released code's layout) would get a dense
+    gradient for every slot on every step: at N1 sizes that is 1.26 GB of zeros stacked per step (a quarter of the
+    head's train-step time on CPU, measured by ``benchmarks/action_head.py``), and AdamW would then keep moving the
+    weights of robots that are not in the batch. With a parameter per slot, slots absent from the batch get no
+    gradient, so post-training one robot leaves every other robot's weights bit-identical. Under DDP that means
+    unused parameters: use ``strategy: ddp_find_unused_parameters_true`` (as ``recipes/n1.yaml`` does).
+
+    Checkpoints written with the dense layout (``weight`` ``[E, in, out]``, ``bias`` ``[E, out]``) still load.
     """
 
     def __init__(self, num_embodiments: int, in_features: int, out_features: int) -> None:
@@ -65,36 +72,35 @@ class EmbodimentLinear(nn.Module):
         if num_embodiments < 1:
             raise ValueError(f"num_embodiments must be >= 1, got {num_embodiments}")
         self.in_features, self.out_features = in_features, out_features
-        self.weight = nn.Parameter(torch.empty(num_embodiments, in_features, out_features))
-        self.bias = nn.Parameter(torch.empty(num_embodiments, out_features))
-        self._init_slots(self.weight.data, self.bias.data)
+        self.weights = nn.ParameterList()
+        self.biases = nn.ParameterList()
+        self.expand(num_embodiments)
 
     @property
     def num_embodiments(self) -> int:
-        return self.weight.shape[0]
-
-    def _init_slots(self, weight: torch.Tensor, bias: torch.Tensor) -> None:
-        # nn.Linear's default: U(-1/sqrt(in), 1/sqrt(in)) for weight and bias.
-        bound = 1.0 / math.sqrt(self.in_features)
-        nn.init.uniform_(weight, -bound, bound)
-        nn.init.uniform_(bias, -bound, bound)
+        return len(self.weights)
 
     @torch.no_grad()
     def expand(self, num_embodiments: int) -> None:
         """Append freshly initialised slots up to ``num_embodiments``; existing slots stay bit-identical.
 
-        Replaces the parameters, so build the optimizer after expanding.
+        Adds parameters, so build the optimizer after expanding.
         """
         old = self.num_embodiments
         if num_embodiments < old:
             raise ValueError(f"cannot shrink EmbodimentLinear from {old} to {num_embodiments} slots")
-        if num_embodiments == old:
-            return
-        extra_w = self.weight.new_empty(num_embodiments - old, self.in_features, self.out_features)
-        extra_b = self.bias.new_empty(num_embodiments - old, self.out_features)
-        self._init_slots(extra_w, extra_b)
-        self.weight = nn.Parameter(torch.cat([self.weight.data, extra_w]))
-        self.bias = nn.Parameter(torch.cat([self.bias.data, extra_b]))
+        like = self.weights[0] if old else torch.empty(0)
+        bound = 1.0 / math.sqrt(self.in_features)  # nn.Linear's default: U(-1/sqrt(in), 1/sqrt(in))
+        for _ in range(old, num_embodiments):
+            w = like.new_empty(self.in_features, self.out_features).uniform_(-bound, bound)
+            b = like.new_empty(self.out_features).uniform_(-bound, bound)
+            self.weights.append(nn.Parameter(w))
+            self.biases.append(nn.Parameter(b))
+
+    @torch.no_grad()
+    def dense(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """A copy of all slots in the dense layout: weight ``[E, in, out]``, bias ``[E, out]``."""
+        return torch.stack(list(self.weights)), torch.stack(list(self.biases))
 
     def forward(self, x: torch.Tensor, embodiment: torch.Tensor | EmbodimentGroups) -> torch.Tensor:
         # x [B, ..., in] -> [B, ..., out]
@@ -107,20 +113,31 @@ class EmbodimentLinear(nn.Module):
             )
         if groups.single_slot is not None:
             e = groups.single_slot
-            return torch.matmul(x, self.weight[e]) + self.bias[e]
+            return torch.matmul(x, self.weights[e]) + self.biases[e]
         lead = x.shape[1:-1]
-        # unbind once: its backward stacks the per-slot gradients into one [E, in, out] tensor, where indexing
-        # weight[e] per group would allocate a full-size zero gradient per group.
-        weights, biases = self.weight.unbind(0), self.bias.unbind(0)
         rows = x.index_select(0, groups.order).split(groups.counts)  # per group [n_e, ..., in]
         out = [
-            torch.addmm(biases[e], r.reshape(-1, self.in_features), weights[e]).view(r.shape[0], *lead, self.out_features)
+            torch.addmm(self.biases[e], r.reshape(-1, self.in_features), self.weights[e]).view(r.shape[0], *lead, self.out_features)
             for e, r in zip(groups.slots, rows)
         ]
         return torch.cat(out).index_select(0, groups.inverse)
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        split_dense_slots(state_dict, prefix)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def extra_repr(self) -> str:
         return f"num_embodiments={self.num_embodiments}, in_features={self.in_features}, out_features={self.out_features}"
+
+
+def split_dense_slots(state: dict[str, torch.Tensor], prefix: str) -> None:
+    """Rewrite an ``EmbodimentLinear``'s dense-layout entries (``prefix + "weight"`` ``[E, in, out]``, ``"bias"``
+    ``[E, out]``, as checkpoints before per-slot parameters stored them) into per-slot entries, in place."""
+    for dense, per_slot in (("weight", "weights"), ("bias", "biases")):
+        tensor = state.pop(prefix + dense, None)
+        if tensor is not None:
+            for e, slot in enumerate(tensor.unbind(0)):
+                state[f"{prefix}{per_slot}.{e}"] = slot.clone()
 
 
 def sinusoidal_embedding(positions: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -190,19 +207,16 @@ def expand_embodiments(module: nn.Module, num_embodiments: int) -> None:
 
 
 def grow_embodiment_slots(module: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Make a state dict with fewer embodiment slots than ``module`` loadable into it, in place: each adapter
-    tensor's slots fill the first rows bit-identically and the extra rows keep ``module``'s own (fresh) values, as
-    ``expand_embodiments`` would leave them. For a robot added at post-training (``num_embodiments`` raised)."""
-    for key, theirs in state.items():
-        name, _, param = key.rpartition(".")
-        try:
-            layer = module.get_submodule(name)
-        except AttributeError:
-            continue  # not in this module: load_state_dict reports it
+    """Make a state dict with fewer embodiment slots than ``module`` loadable into it, in place: the slots it has
+    load bit-identically and the extra slots keep ``module``'s own (fresh) values, as ``expand_embodiments`` would
+    leave them. For a robot added at post-training (``num_embodiments`` raised)."""
+    for name, layer in module.named_modules():
         if not isinstance(layer, EmbodimentLinear):
             continue
-        own = getattr(layer, param)
-        if theirs.shape[0] < own.shape[0] and theirs.shape[1:] == own.shape[1:]:
-            merged = own.detach().clone()
-            merged[: theirs.shape[0]] = theirs
-            state[key] = merged
+        prefix = f"{name}." if name else ""
+        split_dense_slots(state, prefix)
+        if not any(f"{prefix}weights.{e}" in state for e in range(layer.num_embodiments)):
+            continue  # this layer is not in the state dict at all: load_state_dict reports it
+        for e in range(layer.num_embodiments):
+            for per_slot, params in (("weights", layer.weights), ("biases", layer.biases)):
+                state.setdefault(f"{prefix}{per_slot}.{e}", params[e].detach().clone())

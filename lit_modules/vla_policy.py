@@ -38,6 +38,19 @@ def _build(part: nn.Module | Callable[[], nn.Module]) -> nn.Module:
     return part if isinstance(part, nn.Module) else part()
 
 
+def shuffled_vl_loss(head: nn.Module, tokens: torch.Tensor, mask: torch.Tensor, state: torch.Tensor | None,
+                     actions: torch.Tensor, action_mask: torch.Tensor, embodiment_id: torch.Tensor) -> torch.Tensor:
+    """The head's loss when every row gets the vision-language tokens of the next row in the batch (another scene
+    and instruction). Minus the loss on the true tokens with the same noise and flow times, it says how much the
+    policy relies on what it sees and is told (logged as ``val/vl_gain``; near 0: it acts on state alone).
+
+    Runs inside ``fork_rng``, so the random state is restored on exit: a ``head.loss`` call made right after
+    draws the same noise and flow times."""
+    devices = [tokens.device] if tokens.device.type == "cuda" else []
+    with torch.no_grad(), torch.random.fork_rng(devices=devices):
+        return head.loss(tokens.roll(1, 0), mask.roll(1, 0), state, actions, action_mask, embodiment_id)["loss"]
+
+
 class VLAPolicy(LightningModule):
     def __init__(
         self,
@@ -131,6 +144,8 @@ class VLAPolicy(LightningModule):
 
     def setup(self, stage: str) -> None:
         self.configure_model()
+        if stage == "fit" and self._trainer is not None:
+            self._check_ddp_allows_unused_slots()
         # Only a Trainer run starts from init_from; load_from_checkpoint (deployment) never calls setup, so a
         # post-trained checkpoint does not need the pretraining checkpoint to exist on the robot's machine.
         if stage == "fit" and self.hparams.init_from and not getattr(self, "_initialised", False):
@@ -140,6 +155,19 @@ class VLAPolicy(LightningModule):
         if callable(spec):
             self.data_spec = spec()
             self._check_label_slots()
+
+    def _check_ddp_allows_unused_slots(self) -> None:
+        """Embodiment slots absent from a rank's batch get no gradient (components/embodiment.py), which plain
+        DDP reports as an error only at the first backward; say so up front, with the fix."""
+        from lightning.pytorch.strategies import DDPStrategy
+
+        strategy = self.trainer.strategy
+        if isinstance(strategy, DDPStrategy) and not strategy._ddp_kwargs.get("find_unused_parameters", False):
+            raise ValueError(
+                "trainer.strategy: VLAPolicy under DDP needs find_unused_parameters (each embodiment slot has its "
+                "own parameters, and slots absent from a rank's batch get no gradient); set `strategy: "
+                "ddp_find_unused_parameters_true` (or ddp_spawn_find_unused_parameters_true) in the recipe"
+            )
 
     def _check_label_slots(self) -> None:
         """A pseudo-label kind needs its own action-head slot: sharing a real embodiment's would mix the targets."""
@@ -201,17 +229,21 @@ class VLAPolicy(LightningModule):
             self.log(f"{stage}/loss", loss, batch_size=batch_size)
             return loss
         index = torch.cat([r.index for r in rows])
-        state = torch.cat([
-            r.state if r.state is not None else torch.zeros_like(batch[schema.STATE][r.index]) for r in rows
-        ])
-        out = self.action_head.loss(
-            tokens[index], mask[index], state,
+        targets = (
+            tokens[index], mask[index],
+            torch.cat([r.state if r.state is not None else torch.zeros_like(batch[schema.STATE][r.index]) for r in rows]),
             torch.cat([r.actions for r in rows]),
             torch.cat([r.action_mask for r in rows]),
             torch.cat([r.embodiment_id for r in rows]),
         )
+        shuffled = None
+        if stage == "val" and index.numel() > 1:
+            shuffled = shuffled_vl_loss(self.action_head, *targets)  # restores the random state: same noise below
+        out = self.action_head.loss(*targets)
         loss = out["loss"]
         self.log(f"{stage}/action_loss", loss, batch_size=batch_size, prog_bar=stage == "train")
+        if shuffled is not None:
+            self.log("val/vl_gain", shuffled - loss, batch_size=batch_size)
         for a in aux:
             loss = loss + a
         self.log(f"{stage}/loss", loss, batch_size=batch_size, prog_bar=True)

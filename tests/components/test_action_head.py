@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from components.action_head import FlowMatchingActionHead
+from components.action_head import AdaLayerNorm, FlowMatchingActionHead
 from components.regression_head import RegressionActionHead
 
 SEED = 0  # thresholds below were calibrated over seeds 0, 1, 2
@@ -134,6 +134,28 @@ def test_kv_cache_gives_the_same_actions(interleave):
     cached = head.sample(vl, mask, state, ids, generator=torch.Generator().manual_seed(5), use_kv_cache=True)
     uncached = head.sample(vl, mask, state, ids, generator=torch.Generator().manual_seed(5), use_kv_cache=False)
     torch.testing.assert_close(cached, uncached, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("use_kv_cache", [True, False])
+def test_sampling_is_euler_integration_of_the_forward_velocity(use_kv_cache):
+    """sample() precomputes the adaLN time conditioning of all K steps; it must equal K calls of forward()."""
+    torch.manual_seed(SEED)
+    head = tiny_head().eval()
+    for module in head.modules():  # adaLN starts at zero (time would not matter): give it weights
+        if isinstance(module, AdaLayerNorm):
+            torch.nn.init.normal_(module.modulation.weight, std=0.3)
+            torch.nn.init.normal_(module.modulation.bias, std=0.3)
+    vl, mask, state, ids = random_inputs(head)
+    K, B = 4, vl.shape[0]
+    x = torch.randn(B, head.horizon, head.max_action_dim, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        for k in range(K):
+            x = x + head(x, torch.full((B,), k / K), vl, mask, state, ids) / K
+    sampled = head.sample(vl, mask, state, ids, num_steps=K, generator=torch.Generator().manual_seed(5),
+                          use_kv_cache=use_kv_cache)
+    torch.testing.assert_close(sampled, x, rtol=1e-5, atol=1e-6)
+    coarse = head.sample(vl, mask, state, ids, num_steps=2, generator=torch.Generator().manual_seed(5))
+    assert (coarse - sampled).abs().max() > 1e-3, "the time conditioning should matter once adaLN has weights"
 
 
 def test_sampling_is_deterministic_under_a_seeded_generator():

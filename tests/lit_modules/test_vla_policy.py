@@ -3,19 +3,21 @@ deployable Policy that reproduces its actions in robot units, and dual-rate cont
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from lightning.pytorch import Trainer, seed_everything
+from lightning.pytorch import Callback, Trainer, seed_everything
 
 from components.action_head import FlowMatchingActionHead
 from components.backbones import SmolVLMBackbone
 from components.embodiment import EmbodimentLinear
 from datamodules.mixture import MixtureDataModule
 from envs.tabletop import TabletopEnv, TabletopPyramid
-from lit_modules.vla_policy import DATA_SPEC_KEY, VLAPolicy
+from lit_modules.vla_policy import DATA_SPEC_KEY, VLAPolicy, shuffled_vl_loss
+from tests.lit_modules.test_latent_action import OneThread
 from vla_zoo.policy import Policy
 
 
@@ -27,7 +29,7 @@ def tiny_policy(**head_kwargs) -> VLAPolicy:
                                   num_layers=2, num_heads=2, cross_attention_dim=64, embodiment_hidden_dim=64,
                                   dropout=0.0, **head_kwargs)
     return VLAPolicy(backbone=backbone, action_head=head,
-                     optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3, betas=(0.95, 0.999), weight_decay=1e-5))
+                     optimizer=partial(torch.optim.AdamW, lr=1e-3, betas=(0.95, 0.999), weight_decay=1e-5))
 
 
 @pytest.fixture(scope="module")
@@ -198,11 +200,90 @@ def test_init_from_a_checkpoint_with_fewer_embodiment_slots_keeps_them_and_adds_
     fresh = {k: v.clone() for k, v in grown.state_dict().items()}
     grown._load_initial_weights(str(path))
     after, before = grown.state_dict(), pretrained.state_dict()
-    slotted = [k for k in after if after[k].shape != before[k].shape]
-    assert slotted and all(isinstance(grown.get_submodule(k.rpartition(".")[0]), EmbodimentLinear) for k in slotted)
+    added = set(after) - set(before)
+    assert added and all(k.rpartition(".")[0].endswith(("weights", "biases")) and k.endswith(".2") for k in added)
+    assert all(isinstance(grown.get_submodule(k.rsplit(".", 2)[0]), EmbodimentLinear) for k in added)
     for key, value in after.items():
-        if key in slotted:
-            assert torch.equal(value[:2], before[key]), key  # the pretrained robots, bit-identical
-            assert torch.equal(value[2:], fresh[key][2:]), key  # the new robot, freshly initialised
+        if key in added:
+            assert torch.equal(value, fresh[key]), key  # the new robot, freshly initialised
         else:
-            assert torch.equal(value, before[key]), key
+            assert torch.equal(value, before[key]), key  # the pretrained robots (and everything else), bit-identical
+
+
+class SaveState(Callback):
+    def __init__(self, out_dir: Path) -> None:
+        self.out_dir = out_dir
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        state = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
+        torch.save(state, self.out_dir / f"rank{trainer.global_rank}.pt")
+
+
+def test_ddp_trains_mixed_embodiments_and_leaves_absent_slots_untouched(pyramid, tmp_path) -> None:
+    """Two gloo processes, each drawing its own mixed batches: per-slot adapter weights stay in sync, the slots
+    present train, and a slot absent from every batch is neither updated nor decayed."""
+    seed_everything(0)
+    model = tiny_policy()
+    model.action_head.expand_embodiments(3)  # slot 2 has no data
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
+    trainer = Trainer(strategy="ddp_spawn_find_unused_parameters_true", devices=2, accelerator="cpu", max_steps=4,
+                      logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                      num_sanity_val_steps=0, limit_val_batches=0, default_root_dir=tmp_path,
+                      callbacks=[OneThread(), SaveState(tmp_path)])
+    trainer.fit(model, mixture(pyramid, batch_size=4, batches=4))
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    for key, value in ranks[0].items():
+        assert torch.equal(value, ranks[1][key]), f"{key} differs across ranks"
+    slot_keys = [k for k in initial if k.rpartition(".")[0].endswith(("weights", "biases"))]
+    assert slot_keys
+    for key in slot_keys:
+        moved = not torch.equal(ranks[0][key], initial[key])
+        assert moved == (not key.endswith(".2")), key
+
+
+def test_plain_ddp_is_refused_with_the_strategy_that_works(pyramid, tmp_path) -> None:
+    trainer = Trainer(strategy="ddp", devices=1, accelerator="cpu", max_steps=1, logger=False,
+                      enable_checkpointing=False, enable_progress_bar=False, default_root_dir=tmp_path)
+    with pytest.raises(ValueError, match="ddp_find_unused_parameters_true"):
+        trainer.fit(tiny_policy(), mixture(pyramid, batch_size=4, batches=2))
+
+
+def _vl_task(B: int, g: torch.Generator):
+    """Actions are +-0.8 by a sign every VL token carries in feature 0: only the VL input tells which."""
+    sign = torch.randint(0, 2, (B,), generator=g).float() * 2 - 1
+    tokens = torch.randn(B, 5, 16, generator=g)
+    tokens[:, :, 0] += 2 * sign[:, None]
+    mask = torch.ones(B, 5, dtype=torch.bool)
+    actions = (0.8 * sign)[:, None, None].expand(B, 4, 4).clone()
+    return tokens, mask, torch.zeros(B, 4), actions, torch.ones_like(actions, dtype=torch.bool), torch.zeros(B, dtype=torch.long)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_vl_gain_is_zero_for_a_blind_head_and_large_for_one_that_reads_its_input(seed) -> None:
+    torch.manual_seed(seed)
+    head = FlowMatchingActionHead(num_embodiments=1, max_state_dim=4, max_action_dim=4, horizon=4, hidden_dim=32,
+                                  num_layers=2, num_heads=2, cross_attention_dim=16, embodiment_hidden_dim=32,
+                                  dropout=0.0)
+    g = torch.Generator().manual_seed(seed)
+    held_out = _vl_task(64, g)
+
+    def gain() -> float:
+        shuffled = shuffled_vl_loss(head, *held_out)  # restores the random state: the next call draws the same noise
+        return float(shuffled - head.loss(*held_out)["loss"])
+
+    blind = {n: p.detach().clone() for n, p in head.named_parameters() if "blocks.0.to_out" in n}
+    with torch.no_grad():
+        for n, p in head.named_parameters():
+            if n in blind:
+                p.zero_()  # block 0 is the only cross-attention block: the head now cannot see VL tokens
+        assert gain() == 0.0, "with the same noise and flow times, a head blind to VL must gain exactly 0"
+        for n, p in head.named_parameters():
+            if n in blind:
+                p.copy_(blind[n])
+    opt = torch.optim.AdamW(head.parameters(), lr=3e-3)
+    for _ in range(150):
+        loss = head.loss(*_vl_task(32, g))["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert gain() > 1.0  # 3.3-4.6 after 150 steps over seeds 0-5; an ignored input would give ~0
