@@ -72,6 +72,7 @@ class LatentActionModel(nn.Module):
         num_latent_tokens: int = 16,
         latent_dim: int = 8,
         quantizer: nn.Module | None = None,
+        latent_norm: bool = True,
         target_std_floor: float = 1e-4,
     ) -> None:
         super().__init__()
@@ -87,6 +88,12 @@ class LatentActionModel(nn.Module):
         self.queries = nn.Parameter(torch.randn(1, num_latent_tokens, width) * 0.02)
         self.encoder = _transformer(width, depth, heads, mlp_ratio, dropout)
         self.to_latent = nn.Linear(width, latent_dim)
+        # Pre-quantisation latents standardised over the batch (BatchNorm without affine). Without it the encoder
+        # shrinks its output into one FSQ bin and the code collapses: on moving squares FSQ 5 x 4 collapsed on
+        # every seed (z_q spread 0.000) and 5 x 8 reached probe R^2 0.41-0.53; with it, 0.61-0.67 and 0.65-0.71
+        # (600 steps, seeds 0-1). Batch statistics cannot shrink, so every dim spans the bins. Under DDP,
+        # `trainer.sync_batchnorm: true` pools the statistics over ranks.
+        self.latent_norm = nn.BatchNorm1d(latent_dim, affine=False) if latent_norm else None
 
         self.dec_embed = PatchEmbed(image_size, patch_size, num_views, width)
         self.from_latent = nn.Linear(latent_dim, width)
@@ -126,7 +133,10 @@ class LatentActionModel(nn.Module):
         tokens = self.enc_embed(torch.cat([x_t, x_tH, x_tH - x_t], dim=2))  # [B, V * P, W]
         queries = self.queries.expand(tokens.shape[0], -1, -1)
         h = self.encoder(torch.cat([queries, tokens], dim=1))
-        return self.to_latent(h[:, : self.num_latent_tokens])
+        z = self.to_latent(h[:, : self.num_latent_tokens])  # [B, N, D]
+        if self.latent_norm is not None:
+            z = self.latent_norm(z.flatten(0, 1)).view_as(z)
+        return z
 
     @property
     def awaits_kmeans_init(self) -> bool:

@@ -169,7 +169,8 @@ def test_target_is_normalised_by_fitted_stats_that_live_in_the_state_dict():
 
 
 # ---------------------------------------------------------------------------------------------------- learning
-def _train_on_moving_squares(quantizer, latent_dim: int, seed: int = 0, steps: int = 600) -> dict[str, float]:
+def _train_on_moving_squares(quantizer, latent_dim: int, seed: int = 0, steps: int = 600,
+                             latent_norm: bool = True) -> dict[str, float]:
     """Train on moving-square pairs; probe R^2 (untrained and trained), recon gain over copying, shuffle ratio and
     the spread of the quantised latent across samples (0 when the codebook collapses to one code)."""
     threads = torch.get_num_threads()
@@ -179,7 +180,7 @@ def _train_on_moving_squares(quantizer, latent_dim: int, seed: int = 0, steps: i
         x0, x1, shift = moving_square_pairs(2048, seed=seed)
         v0, v1, v_shift = moving_square_pairs(512, seed=seed + 100)
         model = LatentActionModel(image_size=32, patch_size=8, width=64, depth=2, heads=4, num_latent_tokens=4,
-                                  latent_dim=latent_dim, quantizer=quantizer)
+                                  latent_dim=latent_dim, quantizer=quantizer, latent_norm=latent_norm)
 
         def probe() -> float:
             model.eval()
@@ -213,21 +214,31 @@ def _train_on_moving_squares(quantizer, latent_dim: int, seed: int = 0, steps: i
 @pytest.mark.slow
 def test_latent_learns_the_motion_of_a_moving_square():
     """Unquantised model, 600 steps: calibrated over seeds 0, 1, 2 (one thread, shared machine):
-    probe R^2 0.54 / 0.76 / 0.59 (untrained 0.06 / 0.01 / 0.06), recon gain 2.21 / 2.26 / 2.15,
-    shuffle ratio 1.73 / 1.78 / 1.72."""
+    probe R^2 0.66 / 0.67 / 0.79 (untrained 0.06 / 0.01 / 0.06), recon gain 2.34 / 2.42 / 2.40,
+    shuffle ratio 1.92 / 1.89 / 1.92."""
     r = _train_on_moving_squares(None, latent_dim=8)
-    assert r["trained"] >= 0.4 and r["trained"] >= r["untrained"] + 0.3, r
-    assert r["gain"] >= 1.8
-    assert r["shuffle"] >= 1.4
+    assert r["trained"] >= 0.5 and r["trained"] >= r["untrained"] + 0.3, r
+    assert r["gain"] >= 2.0
+    assert r["shuffle"] >= 1.6
 
 
 @pytest.mark.slow
 def test_fsq_quantised_latent_learns_the_motion_without_collapsing():
-    """FSQ, levels 5 x 8 dims, 600 steps; seeds 0, 1, 2: probe R^2 0.53 / 0.41 / 0.49, gain 1.97 / 1.84 / 1.96,
-    shuffle 1.46 / 1.30 / 1.47, spread of z_q 0.54 / 0.48 / 0.54. With a 4-dim latent (levels 5 x 4) the same
-    model collapses to a single code (spread 0.000, shuffle 1.00) on every seed tried: keep latent_dim >= 8."""
+    """FSQ, levels 5 x 8 dims, 600 steps; seeds 0, 1, 2: probe R^2 0.65 / 0.71 / 0.66, gain 2.27 / 2.25 / 2.10,
+    shuffle 1.78 / 1.75 / 1.68, spread of z_q 0.63 / 0.61 / 0.64."""
     r = _train_on_moving_squares(FSQ(levels=[5] * 8), latent_dim=8)
-    assert r["z_q_spread"] >= 0.2, r
-    assert r["trained"] >= 0.3 and r["trained"] >= r["untrained"] + 0.25, r
-    assert r["gain"] >= 1.6, r
-    assert r["shuffle"] >= 1.2, r
+    assert r["z_q_spread"] >= 0.4, r
+    assert r["trained"] >= 0.5 and r["trained"] >= r["untrained"] + 0.3, r
+    assert r["gain"] >= 1.9, r
+    assert r["shuffle"] >= 1.5, r
+
+
+@pytest.mark.slow
+def test_batch_normalised_latent_is_what_keeps_a_small_fsq_code_alive():
+    """FSQ 5 x 4 dims: without the latent's batch normalisation the code collapses to one value on every seed
+    tried (z_q spread 0.000, shuffle ratio 1.00); with it, seeds 0, 1, 2 reach probe R^2 0.61 / 0.67 / 0.66,
+    shuffle 1.56 / 1.62 / 1.62, spread 0.64 / 0.68 / 0.71."""
+    collapsed = _train_on_moving_squares(FSQ(levels=[5] * 4), latent_dim=4, latent_norm=False)
+    assert collapsed["z_q_spread"] < 0.05 and collapsed["shuffle"] < 1.05, collapsed
+    alive = _train_on_moving_squares(FSQ(levels=[5] * 4), latent_dim=4)
+    assert alive["z_q_spread"] >= 0.4 and alive["trained"] >= 0.45 and alive["shuffle"] >= 1.4, alive
