@@ -35,6 +35,10 @@ class SaveConfigToLogDirAndCheckpoints(SaveConfigCallback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         # Keep the whole resolved config as text once; it is cheap and identical on every rank.
         self._config_text = self.parser.dump(self.config, skip_none=False, skip_validation=True)
+        if stage != "fit":
+            # validate / test / predict on a finished run read its config; they must not refuse to run because
+            # the run's config.yaml exists, nor replace the recipe that trained the checkpoint.
+            return
         super().setup(trainer, pl_module, stage)
 
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:

@@ -54,6 +54,18 @@ def test_training_reduces_loss(tmp_path: Path) -> None:
     assert train[-1] < 0.5 * train[0], train
 
 
+def test_validate_reruns_a_finished_run_from_its_own_config(tmp_path: Path) -> None:
+    args = [*_fit_args(tmp_path), "--trainer.logger=false"]  # config.yaml then lands in default_root_dir
+    assert run_cli(args).returncode == 0
+    config = tmp_path / "config.yaml"
+    written = config.read_text()
+    ckpt = next(tmp_path.rglob("last.ckpt"))
+    proc = run_cli(["validate", "--config", str(config), f"--ckpt_path={ckpt}", "--trainer.logger=false"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "val/loss" in proc.stdout
+    assert config.read_text() == written
+
+
 def _print_config(*configs: str, extra: tuple[str, ...] = ()) -> dict:
     args = ["fit"]
     for c in configs:
