@@ -105,12 +105,15 @@ def ridge_probe_r2(
 
 
 class RidgeProbeR2(Metric):
-    """In-sample R^2 of a closed-form ridge probe ``targets ~ features``, from accumulated sufficient statistics.
+    """Held-out R^2 of a closed-form ridge probe ``targets ~ features``, from accumulated sufficient statistics.
 
-    Keeps ``sum x``, ``sum y``, ``X^T X``, ``X^T Y``, ``sum y^2`` (float64), so memory does not grow with the number
-    of samples and DDP ranks merge by summing. Feature standardisation and ``l2`` follow :func:`ridge_probe_r2`.
-    In-sample R^2 is optimistic by about ``F / M`` (features over samples): keep ``M`` well above ``F``.
-    Rows with ``weight == 0`` (e.g. samples without actions) are ignored.
+    Samples alternate between two folds; the probe is fitted on each fold and scored on the other (two-fold
+    cross-fitting), and R^2 = 1 - (SSE of both scorings) / (SS of both folds). An in-sample R^2 is optimistic by
+    about ``F / M`` (features over samples): with 128 latent features and a few hundred validation samples, a random
+    encoder scored 0.76 in-sample on the embedded world. Per fold it keeps ``n``, ``sum x``, ``sum y``, ``X^T X``,
+    ``X^T Y``, ``sum y^2`` (float64), so memory does not grow with the number of samples and DDP ranks merge by
+    summing. Feature standardisation and ``l2`` follow :func:`ridge_probe_r2` (fit-fold statistics). Rows with
+    ``weight == 0`` (e.g. samples without actions) are ignored.
     """
 
     full_state_update = False
@@ -120,32 +123,47 @@ class RidgeProbeR2(Metric):
         super().__init__(**kwargs)
         self.l2 = l2
         f, t = num_features, num_targets
-        for name, shape in {"n": (), "sx": (f,), "sy": (t,), "xx": (f, f), "xy": (f, t), "yy": (t,)}.items():
+        for name, shape in {"n": (2,), "sx": (2, f), "sy": (2, t), "xx": (2, f, f), "xy": (2, f, t), "yy": (2, t)}.items():
             self.add_state(name, torch.zeros(shape, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("seen", torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
 
     def update(self, features: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor | None = None) -> None:
         x, y = features.detach().flatten(1).double(), targets.detach().flatten(1).double()
         if weight is not None:
             keep = weight.reshape(-1).bool()
             x, y = x[keep], y[keep]
-        self.n += x.shape[0]
-        self.sx += x.sum(0)
-        self.sy += y.sum(0)
-        self.xx += x.T @ x
-        self.xy += x.T @ y
-        self.yy += (y * y).sum(0)
+        fold = (torch.arange(x.shape[0], device=x.device) + int(self.seen)) % 2  # alternate across batches too
+        self.seen += x.shape[0]
+        for k in range(2):
+            xk, yk = x[fold == k], y[fold == k]
+            self.n[k] += xk.shape[0]
+            self.sx[k] += xk.sum(0)
+            self.sy[k] += yk.sum(0)
+            self.xx[k] += xk.T @ xk
+            self.xy[k] += xk.T @ yk
+            self.yy[k] += (yk * yk).sum(0)
+
+    def _fit(self, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Ridge on fold ``k``: feature mean and scale, weights on standardised features, target mean."""
+        n = self.n[k]
+        mx, my = self.sx[k] / n, self.sy[k] / n
+        cxx = self.xx[k] - n * torch.outer(mx, mx)
+        cxy = self.xy[k] - n * torch.outer(mx, my)
+        sx = (cxx.diagonal() / (n - 1)).clamp_min(1e-16).sqrt()
+        w = _ridge_solve(cxx / torch.outer(sx, sx), cxy / sx[:, None], self.l2 * float(n))
+        return mx, sx, w, my
+
+    def _sse(self, j: int, mx: torch.Tensor, sx: torch.Tensor, w: torch.Tensor, my: torch.Tensor) -> torch.Tensor:
+        """Sum over fold ``j`` of ``||y - my - ((x - mx) / sx) w||^2``, from fold j's sums."""
+        n, sxj, syj = self.n[j], self.sx[j], self.sy[j]
+        yy = (self.yy[j] - 2 * my * syj + n * my * my).sum()  # sum (y - my)^2
+        xy = (self.xy[j] - torch.outer(mx, syj) - torch.outer(sxj, my) + n * torch.outer(mx, my)) / sx[:, None]
+        xx = (self.xx[j] - torch.outer(mx, sxj) - torch.outer(sxj, mx) + n * torch.outer(mx, mx)) / torch.outer(sx, sx)
+        return yy - 2 * (w * xy).sum() + (w * (xx @ w)).sum()
 
     def compute(self) -> torch.Tensor:
-        n = self.n
-        if n < 2:
+        if bool((self.n < 2).any()):
             return torch.tensor(float("nan"))
-        mx, my = self.sx / n, self.sy / n
-        cxx = self.xx - n * torch.outer(mx, mx)  # centred X^T X
-        cxy = self.xy - n * torch.outer(mx, my)
-        syy = self.yy - n * my * my  # per-target total sum of squares
-        sx = (cxx.diagonal() / (n - 1)).clamp_min(1e-16).sqrt()
-        cxx, cxy = cxx / torch.outer(sx, sx), cxy / sx[:, None]  # standardised features
-        w = _ridge_solve(cxx, cxy, self.l2 * float(n))
-        # SSE = syy - 2 w.cxy + w.cxx w, summed over targets
-        sse = syy.sum() - 2 * (w * cxy).sum() + (w * (cxx @ w)).sum()
-        return (1 - sse / syy.sum().clamp_min(1e-12)).float()
+        sse = sum(self._sse(1 - k, *self._fit(k)) for k in range(2))
+        sst = sum((self.yy[j] - self.sy[j] ** 2 / self.n[j]).sum() for j in range(2))
+        return (1 - sse / sst.clamp_min(1e-12)).float()

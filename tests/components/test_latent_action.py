@@ -59,6 +59,14 @@ def test_codebook_usage_perplexity_usage_and_dead_codes():
         CodebookUsage(8).update(torch.tensor([8]))
 
 
+def _ridge_predict(x_fit, y_fit, x_eval, l2=1e-3):
+    x_fit, y_fit, x_eval = x_fit.double(), y_fit.double(), x_eval.double()
+    mx, sx, my = x_fit.mean(0), x_fit.std(0), y_fit.mean(0)
+    xs = (x_fit - mx) / sx
+    w = torch.linalg.solve(xs.T @ xs + l2 * len(x_fit) * torch.eye(x_fit.shape[1], dtype=torch.double), xs.T @ (y_fit - my))
+    return ((x_eval - mx) / sx) @ w + my
+
+
 def test_ridge_probe_r2_separates_signal_from_noise_and_batches_add_up():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(600, 12, generator=g)
@@ -67,15 +75,30 @@ def test_ridge_probe_r2_separates_signal_from_noise_and_batches_add_up():
     noise = torch.randn(600, 2, generator=g)
     assert ridge_probe_r2(x[:400], noise[:400], x[400:], noise[400:]) < 0.05  # held out: no fit to noise
 
+    # The streamed metric is two-fold cross-fitted: even and odd samples fit each other's probe.
+    def cross_fitted(x, y):
+        a, b = torch.arange(len(x)) % 2 == 0, torch.arange(len(x)) % 2 == 1
+        sse = sum(((y[e] - _ridge_predict(x[f], y[f], x[e])) ** 2).sum() for f, e in ((a, b), (b, a)))
+        sst = sum(((y[e] - y[e].mean(0)) ** 2).sum() for e in (a, b))
+        return float(1 - sse / sst)
+
     streamed = RidgeProbeR2(12, 2)
-    for i in range(0, 600, 64):
+    for i in range(0, 600, 64):  # batches of even size 64 and a last one of 24: folds alternate across batches
         streamed.update(x[i : i + 64], y[i : i + 64])
-    assert float(streamed.compute()) == pytest.approx(ridge_probe_r2(x, y), abs=1e-5)
+    assert float(streamed.compute()) == pytest.approx(cross_fitted(x, y), abs=1e-5)
+    assert float(streamed.compute()) > 0.95
 
     weighted = RidgeProbeR2(12, 2)
     keep = torch.arange(600) % 3 > 0
     weighted.update(x, torch.where(keep[:, None], y, torch.full_like(y, 1e3)), keep)  # dropped rows are garbage
-    assert float(weighted.compute()) == pytest.approx(ridge_probe_r2(x[keep], y[keep]), abs=1e-5)
+    assert float(weighted.compute()) == pytest.approx(cross_fitted(x[keep], y[keep]), abs=1e-5)
+
+    # Many features, few samples: in-sample R^2 of pure noise is high, the held-out metric's is not.
+    wide, few = torch.randn(80, 40, generator=g), torch.randn(80, 2, generator=g)
+    assert ridge_probe_r2(wide, few) > 0.35
+    noise_probe = RidgeProbeR2(40, 2)
+    noise_probe.update(wide, few)
+    assert float(noise_probe.compute()) < 0.05
     assert math.isnan(float(RidgeProbeR2(12, 2).compute()))
 
 
