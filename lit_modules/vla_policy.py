@@ -247,10 +247,11 @@ class VLAPolicy(LightningModule):
         for a in aux:
             loss = loss + a
         self.log(f"{stage}/loss", loss, batch_size=batch_size, prog_bar=True)
-        self._log_breakdown(stage, out["per_sample"].detach(), rows, batch, index)
+        self._log_breakdown(stage, out["per_sample"].detach(), rows, batch, index, embodiment_id=targets[-1])
         return loss
 
-    def _log_breakdown(self, stage: str, per_sample: torch.Tensor, rows, batch: dict, index: torch.Tensor) -> None:
+    def _log_breakdown(self, stage: str, per_sample: torch.Tensor, rows, batch: dict, index: torch.Tensor,
+                       embodiment_id: torch.Tensor) -> None:
         """Per target kind and per data source loss, so a mixture's tiers can be watched separately."""
         start = 0
         for r in rows:
@@ -262,7 +263,7 @@ class VLAPolicy(LightningModule):
         slot_names = {e["id"]: name for name, e in spec.get("embodiments", {}).items()}
         for key, ids, names in (
             ("source", batch[schema.SOURCE_ID][index], dict(enumerate(source_names))),
-            ("embodiment", torch.cat([r.embodiment_id for r in rows]), slot_names),
+            ("embodiment", embodiment_id, slot_names),
         ):
             for i in ids.unique().tolist():
                 sel = ids == i
