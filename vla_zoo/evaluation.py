@@ -261,6 +261,10 @@ class ClosedLoopEvalCallback(Callback):
     built with ``env_kwargs``. Logs ``eval/success/<task>`` and ``eval/success/mean``; episodes are split over
     processes and the counts summed, so every rank logs the same numbers. Rank 0 writes the report and
     ``record_videos`` GIFs per task under ``<log_dir>/closed_loop/step_<global_step>``.
+
+    With weight averaging (Lightning's ``EMAWeightAveraging``), list this callback first: the averaging callback
+    swaps the averaged weights in for validation and back at the end of the validation epoch, so callbacks after it
+    would roll out the raw weights, not the ones the checkpoint deploys. ``setup`` refuses the other order.
     """
 
     def __init__(
@@ -289,6 +293,19 @@ class ClosedLoopEvalCallback(Callback):
         self.record_videos = record_videos
         self._val_epochs = 0
         self.last_results: dict[str, Any] | None = None
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        from lightning.pytorch.callbacks import WeightAveraging
+
+        callbacks = trainer.callbacks
+        before = callbacks[: callbacks.index(self)] if self in callbacks else []
+        averaging = [type(c).__name__ for c in before if isinstance(c, WeightAveraging)]
+        if averaging:
+            raise ValueError(
+                f"trainer.callbacks: {averaging[0]} is listed before ClosedLoopEvalCallback, so the rollouts would "
+                f"score the raw weights (it swaps the averaged ones out at the end of validation, before later "
+                f"callbacks run); list ClosedLoopEvalCallback before {averaging[0]} in the recipe"
+            )
 
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.sanity_checking:

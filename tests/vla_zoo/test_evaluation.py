@@ -239,3 +239,37 @@ def test_callback_logs_success_per_task_and_mean_every_n_validations(tmp_path, g
     report = json.loads((tmp_path / "closed_loop" / f"step_{trainer.global_step}" / "results.json").read_text())
     assert report["success"] == {"reachable": expected, "blocked": 0.0}
     assert math.isclose(callback.last_results["average"], expected / 2)
+
+
+class DriftingGainModule(GainModule):
+    """SGD moves ``gain`` by -0.25 every step (loss = gain), so the raw and the averaged weights differ."""
+
+    def training_step(self, batch, batch_idx):
+        return self.gain.sum() + batch[0].sum() * 0
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.25)
+
+
+def test_callback_rolls_out_the_averaged_weights_and_refuses_an_order_that_would_not(tmp_path):
+    from lightning.pytorch.callbacks import EMAWeightAveraging
+
+    seen = []
+
+    def factory(module):
+        seen.append(float(module.gain))
+        return GainPolicy(module)
+
+    def fit(callbacks):
+        trainer = Trainer(max_epochs=1, callbacks=callbacks, default_root_dir=tmp_path, logger=False,
+                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                          num_sanity_val_steps=0)
+        trainer.fit(DriftingGainModule(1.0))
+
+    evaluate = ClosedLoopEvalCallback(factory, tasks=["reachable"], make_env=LineEnv, episodes_per_task=1,
+                                      record_videos=0)
+    fit([evaluate, EMAWeightAveraging(decay=0.5)])
+    # Raw gain after the two steps: 0.75, 0.5. EMA: the first update copies (0.75), the second 0.5*0.75 + 0.5*0.5.
+    assert seen == [pytest.approx(0.625)]
+    with pytest.raises(ValueError, match="list ClosedLoopEvalCallback before EMAWeightAveraging"):
+        fit([EMAWeightAveraging(decay=0.5), evaluate])
