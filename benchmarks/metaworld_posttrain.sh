@@ -5,8 +5,11 @@
 # regression_pretrained (from runs/pretrain/checkpoints/last.ckpt: run `lightning fit --config
 # recipes/pretrain.yaml` first; the regression arm reuses only its backbone); a `_cotrain` suffix adds the human
 # tier labelled by the co-trained latent-action model; a `_conv` suffix swaps the ViT for the conv vision tower
-# (recipes/ablations/composed_backbone.yaml + conv_vision.yaml). DEMOS: 10 (default) or 50 per task.
-# Writes runs/metaworld/ARM_dDEMOS_sSEED/{checkpoints/last.ckpt, logs/, eval/results.json, run.json}.
+# (recipes/ablations/composed_backbone.yaml + conv_vision.yaml); an `_ema` suffix trains with Lightning's
+# EMAWeightAveraging (decay 0.999), whose averaged weights are what the checkpoints hold and what is evaluated.
+# DEMOS: 10 (default) or 50 per task. OMP_NUM_THREADS (default 1) sets the threads of the training process.
+# Writes runs/metaworld/ARM_dDEMOS_sSEED/{checkpoints/last.ckpt, checkpoints/step=*.ckpt (every quarter of the run,
+# for a learning curve: evaluate them with the command at the end), logs/, eval/results.json, run.json}.
 set -euo pipefail
 arm=$1; seed=$2; steps=$3; demos=${4:-10}
 out=runs/metaworld/${arm}_d${demos}_s${seed}
@@ -14,6 +17,15 @@ mkdir -p "$out"
 # Validation loss once at the end; closed-loop success comes from the separate 10-episode evaluation below.
 source "$(dirname "$0")/run_overlay.sh"
 write_run_overlay "$out" "$steps" "$steps"
+cat >> "$out/overlay.yaml" <<YAML
+    - class_path: lightning.pytorch.callbacks.ModelCheckpoint
+      init_args: {dirpath: $out/checkpoints, filename: "{step}", every_n_train_steps: $(( steps / 4 )), save_top_k: -1}
+YAML
+case "$arm" in *_ema*) cat >> "$out/overlay.yaml" <<YAML
+    - class_path: lightning.pytorch.callbacks.EMAWeightAveraging
+      init_args: {decay: 0.999}
+YAML
+;; esac
 configs=(--config recipes/pretrain.yaml --config recipes/metaworld/posttrain_scratch.yaml)
 case "$demos" in
   10) ;;
