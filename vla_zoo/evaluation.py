@@ -29,6 +29,7 @@ from typing import Any, Callable, Sequence
 import gymnasium as gym
 import numpy as np
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.callbacks import WeightAveraging
 
 #: A policy, or ``env -> policy`` for policies that need the env itself (scripted experts read simulator state).
 PolicyOrFactory = Any
@@ -295,8 +296,6 @@ class ClosedLoopEvalCallback(Callback):
         self.last_results: dict[str, Any] | None = None
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        from lightning.pytorch.callbacks import WeightAveraging
-
         callbacks = trainer.callbacks
         before = callbacks[: callbacks.index(self)] if self in callbacks else []
         averaging = [type(c).__name__ for c in before if isinstance(c, WeightAveraging)]
