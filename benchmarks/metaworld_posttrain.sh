@@ -19,7 +19,7 @@ source "$(dirname "$0")/run_overlay.sh"
 write_run_overlay "$out" "$steps" "$steps"
 cat >> "$out/overlay.yaml" <<YAML
     - class_path: lightning.pytorch.callbacks.ModelCheckpoint
-      init_args: {dirpath: $out/checkpoints, filename: "{step}", every_n_train_steps: $(( steps / 4 )), save_top_k: -1}
+      init_args: {dirpath: $out/checkpoints, filename: "{step}", every_n_train_steps: $(( steps >= 4 ? steps / 4 : 1 )), save_top_k: -1}
 YAML
 case "$arm" in *_ema*) cat >> "$out/overlay.yaml" <<YAML
     - class_path: lightning.pytorch.callbacks.EMAWeightAveraging
