@@ -64,18 +64,40 @@ def test_chunked_expert_reproduces_the_per_step_expert_exactly():
 
 
 def test_visual_randomisation_changes_the_look_not_the_scene_and_is_seeded():
-    plain = MetaWorldEnv("reach-v3", image_size=32, views=("corner",))
-    varied = MetaWorldEnv("reach-v3", image_size=32, views=("corner",), visual_randomization=VisualRandomization())
+    views = ("corner", "workspace")
+    plain = MetaWorldEnv("reach-v3", image_size=32, views=views)
+    varied = MetaWorldEnv("reach-v3", image_size=32, views=views, visual_randomization=VisualRandomization())
     a, _ = plain.reset(seed=1)
     b, _ = varied.reset(seed=1)
     c, _ = varied.reset(seed=2)
     b_again, _ = varied.reset(seed=1)
+    a_again, _ = plain.reset(seed=1)
     varied.reset(seed=1)
     assert np.array_equal(plain.raw_observation, varied.raw_observation)  # same placement of objects and goal
-    diff = lambda x, y: np.abs(x["images"]["corner"].astype(int) - y["images"]["corner"]).mean()  # noqa: E731
-    assert diff(a, b) > 5 and diff(b, c) > 5
-    assert diff(b, b_again) == 0
+    for view in views:  # our free camera is jittered and re-seeded like Meta-World's own
+        diff = lambda x, y: np.abs(x["images"][view].astype(int) - y["images"][view]).mean()  # noqa: E731
+        assert diff(a, b) > 5 and diff(b, c) > 5, view
+        assert diff(b, b_again) == 0 and diff(a, a_again) == 0, view
     plain.close(), varied.close()
+
+
+def test_workspace_camera_shows_the_goal_larger_than_the_corner_camera():
+    # The reason the `workspace` view exists: reach/push/pick-place goals are only in the image.
+    env = MetaWorldEnv("reach-v3", image_size=64, views=("corner", "workspace"))
+    goal = env._raw.model.site("goal").id
+    shown = env._raw.model.site_rgba[goal].copy()
+    pixels = {"corner": [], "workspace": []}
+    for seed in range(4):
+        env._raw.model.site_rgba[goal] = shown
+        with_goal, _ = env.reset(seed=seed)
+        env._raw.model.site_rgba[goal, 3] = 0.0
+        without = env._observation()
+        for view in pixels:
+            changed = np.any(with_goal["images"][view] != without["images"][view], axis=-1)
+            pixels[view].append(int(changed.sum()))
+    env.close()
+    assert min(pixels["workspace"]) >= 3, pixels  # visible in every scene
+    assert sum(pixels["workspace"]) >= 2 * sum(pixels["corner"]), pixels
 
 
 @pytest.mark.slow  # ~10 s of CPU in three processes; over 20 s of wall time on a busy machine
