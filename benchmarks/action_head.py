@@ -60,24 +60,28 @@ class PerSampleGatherLinear(torch.nn.Module):
         return y.view(*x.shape[:-1], -1)
 
 
-def use_gather_adapters(module: torch.nn.Module, enabled: bool = True) -> torch.nn.Module:
-    """Swap every adapter layer of ``module`` for (or back from) its per-sample-gather twin, same weights.
+class GatherAdapterSwitch:
+    """Swaps every adapter layer of ``module`` for (or back from) its per-sample-gather twin, same weights.
 
-    The twins are built once and kept on the module, so switching back and forth costs nothing per call."""
-    originals = module.__dict__.setdefault("_grouped_adapters", {})
-    twins = module.__dict__.setdefault("_gather_adapters", {})
-    if not originals:
-        originals.update((n, m) for n, m in module.named_modules() if isinstance(m, EmbodimentLinear))
-    for name, layer in originals.items():
-        parent, _, child = name.rpartition(".")
-        if enabled and name not in twins:
-            twins[name] = PerSampleGatherLinear(layer).to(next(layer.parameters()).device)
-        outgoing = layer if enabled else twins.get(name)
-        if outgoing is not None:  # its gradients would otherwise stay allocated while the other variant runs
-            for p in outgoing.parameters():
-                p.grad = None
-        setattr(module.get_submodule(parent), child, twins[name] if enabled else layer)
-    return module
+    The twins are built once and kept here (not registered on ``module``, so they never show up in its parameters
+    or state dict), and switching back and forth costs nothing per call."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        self.module = module
+        self.grouped = {n: m for n, m in module.named_modules() if isinstance(m, EmbodimentLinear)}
+        self.gather: dict[str, PerSampleGatherLinear] = {}
+
+    def use(self, gather: bool) -> torch.nn.Module:
+        for name, layer in self.grouped.items():
+            parent, _, child = name.rpartition(".")
+            if gather and name not in self.gather:
+                self.gather[name] = PerSampleGatherLinear(layer).to(next(layer.parameters()).device)
+            outgoing = layer if gather else self.gather.get(name)
+            if outgoing is not None:  # its gradients would otherwise stay allocated while the other variant runs
+                for p in outgoing.parameters():
+                    p.grad = None
+            setattr(self.module.get_submodule(parent), child, self.gather[name] if gather else layer)
+        return self.module
 
 
 # ----------------------------------------------------------------------------------------------- measuring
@@ -181,6 +185,7 @@ def bench_train_step(cfg, device, batch, num_present, vl_tokens, repeats, peak_f
     # one head for both variants (an N1 head plus gradients is ~7 GB); the baseline only swaps the adapters' forward
     head = FlowMatchingActionHead(**cfg).to(device).train()
     variants = {"grouped": False, "per_sample_gather": True}
+    switch = GatherAdapterSwitch(head)
 
     def step():
         head.zero_grad(set_to_none=True)
@@ -188,14 +193,14 @@ def bench_train_step(cfg, device, batch, num_present, vl_tokens, repeats, peak_f
 
     results, times = {}, {name: [] for name in variants}
     for name, gather in variants.items():
-        use_gather_adapters(head, gather)
+        switch.use(gather)
         flops = count_flops(step)  # also the warm-up
         results[name] = dict(flops_per_step=flops, peak_memory_bytes=peak_memory(step, device, param_bytes(head)))
     for _ in range(repeats):  # interleaved, so load changes on a shared machine hit both alike
         for name, gather in variants.items():
-            use_gather_adapters(head, gather)
+            switch.use(gather)
             times[name] += timed(step, device, 1)
-    use_gather_adapters(head, False)
+    switch.use(False)
     for name, r in results.items():
         seconds = statistics.median(times[name])
         r.update(seconds_per_step=seconds, samples_per_s=batch / seconds, achieved_flops_per_s=r["flops_per_step"] / seconds,
@@ -259,7 +264,7 @@ def bench_adapters(cfg, device, batch, num_present):
         torch.manual_seed(0)
         adapters = Adapters(cfg).to(device)
         if name == "per_sample_gather":
-            use_gather_adapters(adapters)
+            GatherAdapterSwitch(adapters).use(True)
 
         def step():
             adapters.zero_grad(set_to_none=True)

@@ -144,8 +144,6 @@ class VLAPolicy(LightningModule):
 
     def setup(self, stage: str) -> None:
         self.configure_model()
-        if stage == "fit" and self._trainer is not None:
-            self._check_ddp_allows_unused_slots()
         # Only a Trainer run starts from init_from; load_from_checkpoint (deployment) never calls setup, so a
         # post-trained checkpoint does not need the pretraining checkpoint to exist on the robot's machine.
         if stage == "fit" and self.hparams.init_from and not getattr(self, "_initialised", False):
@@ -156,13 +154,15 @@ class VLAPolicy(LightningModule):
             self.data_spec = spec()
             self._check_label_slots()
 
+    def on_fit_start(self) -> None:
+        self._check_ddp_allows_unused_slots()
+
     def _check_ddp_allows_unused_slots(self) -> None:
         """Embodiment slots absent from a rank's batch get no gradient (components/embodiment.py), which plain
-        DDP reports as an error only at the first backward; say so up front, with the fix."""
-        from lightning.pytorch.strategies import DDPStrategy
-
-        strategy = self.trainer.strategy
-        if isinstance(strategy, DDPStrategy) and not strategy._ddp_kwargs.get("find_unused_parameters", False):
+        DDP reports as an error only at the first backward; say so up front, with the fix. By fit start the
+        strategy has wrapped this module, so torch's own DDP wrapper says how it was configured."""
+        wrapper = self.trainer.strategy.model
+        if isinstance(wrapper, torch.nn.parallel.DistributedDataParallel) and not wrapper.find_unused_parameters:
             raise ValueError(
                 "trainer.strategy: VLAPolicy under DDP needs find_unused_parameters (each embodiment slot has its "
                 "own parameters, and slots absent from a rank's batch get no gradient); set `strategy: "
