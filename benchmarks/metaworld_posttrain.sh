@@ -8,7 +8,8 @@
 # (recipes/ablations/composed_backbone.yaml + conv_vision.yaml); an `_ema` suffix trains with Lightning's
 # EMAWeightAveraging (decay 0.999), whose averaged weights are what the checkpoints hold and what is evaluated; a
 # `_ws` suffix renders the `workspace` camera instead of `corner` (recipes/metaworld/workspace_camera.yaml; the
-# demo cache is rebuilt whenever the views change).
+# demo cache is rebuilt whenever the views change); a `_shift` suffix adds DrQ's random-shift image augmentation
+# (recipes/ablations/random_shift.yaml).
 # DEMOS: 10 (default) or 50 per task. OMP_NUM_THREADS (default 1) sets the threads of the training process.
 # Writes runs/metaworld/ARM_dDEMOS_sSEED/{checkpoints/last.ckpt, checkpoints/step=*.ckpt (every quarter of the run,
 # for a learning curve: evaluate them with the command at the end), logs/, eval/results.json, run.json}.
@@ -39,6 +40,7 @@ case "$arm" in regression*) configs+=(--config recipes/ablations/regression_head
 case "$arm" in *_conv*) configs+=(--config recipes/ablations/composed_backbone.yaml
   --config recipes/ablations/conv_vision.yaml) ;; esac
 case "$arm" in *_ws*) configs+=(--config recipes/metaworld/workspace_camera.yaml) ;; esac
+case "$arm" in *_shift*) configs+=(--config recipes/ablations/random_shift.yaml) ;; esac
 case "$arm" in *_cotrain*) configs+=(--config recipes/metaworld/cotrain_human.yaml)
   [ "$demos" = 50 ] && configs+=(--config recipes/metaworld/cotrain_human_demos50.yaml) ;; esac
 PYTHON=${PYTHON:-python}

@@ -67,6 +67,14 @@ def test_recipe_instantiates_consistently(overlays, head, init_from, tiers, epis
     assert len(evals) == 1 and len(evals[0].tasks) == 10
 
 
+def test_camera_and_augmentation_overlays_reach_the_preparer_and_the_policy(tmp_path, monkeypatch) -> None:
+    cli = _instantiate(["metaworld/demos50.yaml", "metaworld/workspace_camera.yaml", "ablations/random_shift.yaml"],
+                       tmp_path, monkeypatch)
+    assert cli.datamodule.prepare.views["robot"] == ("workspace", "gripper_pov")
+    assert not _mismatched_sources(cli)
+    assert type(cli.model.image_augmentation).__name__ == "RandomShift" and cli.model.image_augmentation.pad == 4
+
+
 def test_cotrain_at_50_demos_needs_its_paths_overlay(tmp_path, monkeypatch) -> None:
     """Without cotrain_human_demos50.yaml the sources point at the 10-demo cache the preparer does not write."""
     cli = _instantiate(["metaworld/demos50.yaml", "metaworld/cotrain_human.yaml"], tmp_path, monkeypatch)
