@@ -64,8 +64,9 @@ class FreeCamera:
 
 
 #: View name -> free camera. ``workspace`` frames x in [-0.3, 0.3], y in [0.4, 0.9], z up to 0.35 (every MT10
-#: object, goal and hand position) from the front right, 35 degrees down, so no arm link hides the table.
+#: object, goal and hand position) from the robot's right side, 35 degrees down, so no arm link hides the table.
 FREE_CAMERAS = {"workspace": FreeCamera(lookat=(0.0, 0.65, 0.15), distance=0.95, azimuth=160.0, elevation=-35.0)}
+
 #: Meta-World's own episode limit; its env raises if stepped past it.
 MAX_PATH_LENGTH = 500
 
