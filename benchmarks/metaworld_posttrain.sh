@@ -9,7 +9,8 @@
 # EMAWeightAveraging (decay 0.999), whose averaged weights are what the checkpoints hold and what is evaluated; a
 # `_ws` suffix renders the `workspace` camera instead of `corner` (recipes/metaworld/workspace_camera.yaml; the
 # demo cache is rebuilt whenever the views change); a `_shift` suffix adds DrQ's random-shift image augmentation
-# (recipes/ablations/random_shift.yaml).
+# (recipes/ablations/random_shift.yaml); a `_dart` suffix (50 demos only) records the demonstrations with DART noise
+# injection (recipes/metaworld/dart.yaml: noisy execution, clean expert labels; its own cache).
 # DEMOS: 10 (default) or 50 per task. OMP_NUM_THREADS (default 1) sets the threads of the training process.
 # Writes runs/metaworld/ARM_dDEMOS_sSEED/{checkpoints/last.ckpt, checkpoints/step=*.ckpt (every quarter of the run,
 # for a learning curve: evaluate them with the command at the end), logs/, eval/results.json, run.json}.
@@ -41,6 +42,8 @@ case "$arm" in *_conv*) configs+=(--config recipes/ablations/composed_backbone.y
   --config recipes/ablations/conv_vision.yaml) ;; esac
 case "$arm" in *_ws*) configs+=(--config recipes/metaworld/workspace_camera.yaml) ;; esac
 case "$arm" in *_shift*) configs+=(--config recipes/ablations/random_shift.yaml) ;; esac
+case "$arm" in *_dart*) [ "$demos" = 50 ] || { echo "the _dart arms need DEMOS=50" >&2; exit 2; }
+  configs+=(--config recipes/metaworld/dart.yaml) ;; esac
 case "$arm" in *_cotrain*) configs+=(--config recipes/metaworld/cotrain_human.yaml)
   [ "$demos" = 50 ] && configs+=(--config recipes/metaworld/cotrain_human_demos50.yaml) ;; esac
 PYTHON=${PYTHON:-python}

@@ -13,6 +13,13 @@ tier       what                                                                 
            or actions (a stand-in for video of people doing the tasks)                 behind_gripper
 =========  ==========================================================================  ===========  =======
 
+``dart_noise`` > 0 turns on DART (Laskey et al., 2017, "DART: Noise Injection for Robust Imitation Learning") in the
+``robot`` tier: each episode draws a noise std from U[0, dart_noise], the env executes the expert's action plus that
+Gaussian noise, and the label recorded is the expert's clean action in the state the noise led to. The demonstrations
+then cover the small off-path states a learned policy drifts into, each labelled with the expert's correction,
+which plain behaviour cloning never sees (the ``sim`` tier's noise is different: there the noisy action is the
+label). The number of demonstrations is unchanged.
+
 Only successful episodes are kept: slot ``i`` of a task retries with fresh seeds until the expert succeeds (at most
 ``max_attempts`` times). Every seed derives from ``(seed, task, tier, i, attempt)``, so the data do not depend on
 ``num_workers``. Episodes are recorded up to and including the first successful frame; ``actions[t]`` is the
@@ -78,6 +85,7 @@ class MetaWorldDemos:
         max_steps: int = 300,
         max_attempts: int = 10,
         sim_noise: float = 0.3,
+        dart_noise: float = 0.0,
         views: Sequence[str] = ("corner", "gripper_pov"),
         human_views: Sequence[str] = ("corner2", "behind_gripper"),
         jpeg_quality: int = 90,
@@ -99,6 +107,9 @@ class MetaWorldDemos:
         self.max_steps = max_steps
         self.max_attempts = max_attempts
         self.sim_noise = sim_noise
+        if dart_noise < 0:
+            raise ValueError(f"MetaWorldDemos(dart_noise={dart_noise}): a noise std must be >= 0")
+        self.dart_noise = dart_noise
         self.views = {"robot": tuple(views), "sim": tuple(views), "human": tuple(human_views)}
         self.jpeg_quality = jpeg_quality
 
@@ -115,6 +126,8 @@ class MetaWorldDemos:
             "max_steps": self.max_steps,
             "max_attempts": self.max_attempts,
             "noise": [0.0, self.sim_noise] if tier == "sim" else [0.0, 0.0],
+            # Only present when on, so caches written before the option existed stay valid.
+            **({"dart_noise": [0.0, self.dart_noise]} if tier == "robot" and self.dart_noise > 0 else {}),
         }
 
     @property
@@ -189,6 +202,7 @@ class MetaWorldDemos:
             "max_steps": self.max_steps,
             "max_attempts": self.max_attempts,
             "sim_noise": self.sim_noise,
+            "dart_noise": self.dart_noise if tier == "robot" else 0.0,
         }
 
     @staticmethod
@@ -231,8 +245,9 @@ def generate_demo(job: dict[str, Any]) -> Episode | None:
         s = demo_seed(job["seed"], task, tier, index, attempt)
         rng = np.random.default_rng(s)
         noise = float(rng.uniform(0.0, job["sim_noise"])) if tier == "sim" else 0.0
+        dart = float(rng.uniform(0.0, job["dart_noise"])) if tier == "robot" else 0.0
         policy = MetaWorldExpertPolicy(env, noise=noise, seed=s)
-        frames, states, actions, success = _record(env, policy, s)
+        frames, states, actions, success = _record(env, policy, s, execution_noise=dart, rng=rng)
         if not success:
             continue
         actionless = tier == "human"
@@ -244,12 +259,14 @@ def generate_demo(job: dict[str, Any]) -> Episode | None:
             state=None if actionless else np.stack(states),
             actions=None if actionless else np.stack(actions),
             metadata={"task_family": task, "tier": tier, "seed": s, "index": index, "attempt": attempt,
-                      "noise": noise, "success": True},
+                      "noise": noise, "dart_noise": dart, "success": True},
         )
     return None
 
 
-def _record(env: Any, policy: Any, seed: int) -> tuple[dict[str, list], list, list, bool]:
+def _record(env: Any, policy: Any, seed: int, execution_noise: float = 0.0,
+            rng: np.random.Generator | None = None) -> tuple[dict[str, list], list, list, bool]:
+    """Roll ``policy`` out, recording its commands; ``execution_noise`` perturbs what is executed, not the label."""
     obs, _ = env.reset(seed=seed)
     frames: dict[str, list] = {v: [] for v in obs["images"]}
     states: list[np.ndarray] = []
@@ -262,7 +279,10 @@ def _record(env: Any, policy: Any, seed: int) -> tuple[dict[str, list], list, li
         actions.append(policy.get_action(obs)["actions"][0])
         if success:
             return frames, states, actions, True
-        obs, _, _, truncated, info = env.step(actions[-1])
+        executed = actions[-1]
+        if execution_noise > 0:
+            executed = np.clip(executed + execution_noise * rng.standard_normal(executed.shape), -1.0, 1.0)
+        obs, _, _, truncated, info = env.step(executed.astype(np.float32))
         success = info["success"]
         if truncated and not success:
             return frames, states, actions, False
@@ -279,6 +299,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--horizon", type=int, default=16, help="action chunk length stored per sample")
     parser.add_argument("--sim-noise", type=float, default=0.3, help="largest expert noise std in the sim tier")
+    parser.add_argument("--dart-noise", type=float, default=0.0,
+                        help="largest std of the noise executed (not recorded) in the robot tier (DART)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     demos = MetaWorldDemos(
@@ -291,6 +313,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         num_workers=args.workers,
         horizon=args.horizon,
         sim_noise=args.sim_noise,
+        dart_noise=args.dart_noise,
     )
     start = time.perf_counter()
     demos.prepare()

@@ -135,6 +135,50 @@ def test_generator_writes_replayable_shards_for_two_tasks_and_two_episodes(tmp_p
     assert (tmp_path / "metaworld_robot" / "source.json").stat().st_mtime_ns == stamp
 
 
+def test_dart_executes_noisy_actions_but_records_the_experts_clean_correction():
+    from envs.metaworld.experts import scripted_expert
+    from envs.metaworld.generate import MetaWorldDemos, _record
+
+    env = MetaWorldEnv("push-v3", image_size=16, views=("corner",), max_steps=300)
+    executed, visited = [], []
+    env_step, env_reset = env.step, env.reset
+
+    def spy_step(action):
+        executed.append(np.array(action))
+        out = env_step(action)
+        visited.append(env.raw_observation.copy())
+        return out
+
+    def spy_reset(**kwargs):
+        out = env_reset(**kwargs)
+        executed.clear(), visited.clear(), visited.append(env.raw_observation.copy())
+        return out
+
+    env.step, env.reset = spy_step, spy_reset
+    _, clean_states, _, ok_clean = _record(env, MetaWorldExpertPolicy(env), seed=7)
+    _, states, labels, ok = _record(env, MetaWorldExpertPolicy(env), seed=7, execution_noise=0.3,
+                                    rng=np.random.default_rng(0))
+    assert ok_clean and ok
+    assert len(visited) == len(labels) == len(executed) + 1  # one raw observation per recorded frame
+    labels, executed = np.array(labels), np.array(executed)
+    # Each label is the expert's command in the state the noise led to ...
+    expert = scripted_expert("push-v3")
+    np.testing.assert_allclose(labels, [np.clip(expert.get_action(o), -1, 1) for o in visited], atol=1e-5)
+    # ... while the env executed that command plus N(0, 0.3) (checked where neither side was clipped) ...
+    residual = (executed - labels[:-1])[(np.abs(labels[:-1]) < 0.4) & (np.abs(executed) < 1)]
+    assert residual.size > 100 and abs(residual.mean()) < 0.05 and abs(residual.std() - 0.3) < 0.06
+    # ... which took the hand off the clean expert's path.
+    n = min(len(states), len(clean_states))
+    assert np.abs(np.array(states[:n])[:, :3] - np.array(clean_states[:n])[:, :3]).max() > 0.01
+    env.close()
+
+    # Off (the default) leaves the cache key as it was, so caches written before the option stay valid.
+    assert "dart_noise" not in MetaWorldDemos("unused").config("robot")
+    assert MetaWorldDemos("unused", dart_noise=0.5).config("robot")["dart_noise"] == [0.0, 0.5]
+    with pytest.raises(ValueError, match="dart_noise=-0.1"):
+        MetaWorldDemos("unused", dart_noise=-0.1)
+
+
 def test_human_tier_is_actionless_video_from_other_cameras():
     from envs.metaworld.generate import MetaWorldDemos
 
