@@ -75,6 +75,15 @@ def test_camera_and_augmentation_overlays_reach_the_preparer_and_the_policy(tmp_
     assert type(cli.model.image_augmentation).__name__ == "RandomShift" and cli.model.image_augmentation.pad == 4
 
 
+def test_dart_overlay_reaches_the_preparer_and_trains_on_its_own_cache(tmp_path, monkeypatch) -> None:
+    cli = _instantiate(["metaworld/demos50.yaml", "metaworld/dart.yaml"], tmp_path, monkeypatch)
+    prepare = cli.datamodule.prepare
+    assert prepare.dart_noise == 0.5 and prepare.episodes == {"robot": 50}
+    assert not _mismatched_sources(cli)
+    clean = _instantiate(["metaworld/demos50.yaml"], tmp_path, monkeypatch).datamodule.prepare
+    assert prepare.root != clean.root  # the clean 50-demo cache is not overwritten
+
+
 def test_cotrain_at_50_demos_needs_its_paths_overlay(tmp_path, monkeypatch) -> None:
     """Without cotrain_human_demos50.yaml the sources point at the 10-demo cache the preparer does not write."""
     cli = _instantiate(["metaworld/demos50.yaml", "metaworld/cotrain_human.yaml"], tmp_path, monkeypatch)
