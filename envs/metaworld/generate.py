@@ -23,7 +23,8 @@ label). The number of demonstrations is unchanged.
 Only successful episodes are kept: slot ``i`` of a task retries with fresh seeds until the expert succeeds (at most
 ``max_attempts`` times). Every seed derives from ``(seed, task, tier, i, attempt)``, so the data do not depend on
 ``num_workers``. Episodes are recorded up to and including the first successful frame; ``actions[t]`` is the
-command issued at frame ``t`` (the last one is the expert's command at the final frame).
+command issued at frame ``t`` (the last one is the expert's command at the final frame; with ``dart_noise``, the
+expert's clean command, while the env executed it plus noise).
 
     python -m envs.metaworld.generate --root data/metaworld --tasks MT10 --episodes 10 --tiers robot,sim,human
 """
@@ -267,6 +268,7 @@ def generate_demo(job: dict[str, Any]) -> Episode | None:
 def _record(env: Any, policy: Any, seed: int, execution_noise: float = 0.0,
             rng: np.random.Generator | None = None) -> tuple[dict[str, list], list, list, bool]:
     """Roll ``policy`` out, recording its commands; ``execution_noise`` perturbs what is executed, not the label."""
+    rng = np.random.default_rng(seed) if rng is None else rng
     obs, _ = env.reset(seed=seed)
     frames: dict[str, list] = {v: [] for v in obs["images"]}
     states: list[np.ndarray] = []

@@ -151,7 +151,8 @@ def test_dart_executes_noisy_actions_but_records_the_experts_clean_correction():
 
     def spy_reset(**kwargs):
         out = env_reset(**kwargs)
-        executed.clear(), visited.clear(), visited.append(env.raw_observation.copy())
+        executed.clear()
+        visited[:] = [env.raw_observation.copy()]
         return out
 
     env.step, env.reset = spy_step, spy_reset
