@@ -246,7 +246,7 @@ def generate_demo(job: dict[str, Any]) -> Episode | None:
         s = demo_seed(job["seed"], task, tier, index, attempt)
         rng = np.random.default_rng(s)
         noise = float(rng.uniform(0.0, job["sim_noise"])) if tier == "sim" else 0.0
-        dart = float(rng.uniform(0.0, job["dart_noise"])) if tier == "robot" else 0.0
+        dart = float(rng.uniform(0.0, job["dart_noise"])) if job["dart_noise"] > 0 else 0.0  # _job: robot tier only
         policy = MetaWorldExpertPolicy(env, noise=noise, seed=s)
         frames, states, actions, success = _record(env, policy, s, execution_noise=dart, rng=rng)
         if not success:
