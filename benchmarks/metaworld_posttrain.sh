@@ -10,7 +10,8 @@
 # `_ws` suffix renders the `workspace` camera instead of `corner` (recipes/metaworld/workspace_camera.yaml; the
 # demo cache is rebuilt whenever the views change); a `_shift` suffix adds DrQ's random-shift image augmentation
 # (recipes/ablations/random_shift.yaml); a `_dart` suffix (50 demos only) records the demonstrations with DART noise
-# injection (recipes/metaworld/dart.yaml: noisy execution, clean expert labels; its own cache).
+# injection (recipes/metaworld/dart.yaml: noisy execution, clean expert labels; its own cache); a `_kp` suffix (with
+# `_conv`) adds a spatial-softmax keypoint token per view (recipes/ablations/keypoints.yaml).
 # DEMOS: 10 (default) or 50 per task. OMP_NUM_THREADS (default 1) sets the threads of the training process.
 # Writes runs/metaworld/ARM_dDEMOS_sSEED/{checkpoints/last.ckpt, checkpoints/step=*.ckpt (every quarter of the run,
 # for a learning curve: evaluate them with the command at the end), logs/, eval/results.json, run.json}.
@@ -40,6 +41,7 @@ case "$arm" in *_pretrained*) configs+=(--config recipes/metaworld/posttrain_pre
 case "$arm" in regression*) configs+=(--config recipes/ablations/regression_head.yaml) ;; esac
 case "$arm" in *_conv*) configs+=(--config recipes/ablations/composed_backbone.yaml
   --config recipes/ablations/conv_vision.yaml) ;; esac
+case "$arm" in *_kp*) configs+=(--config recipes/ablations/keypoints.yaml) ;; esac
 case "$arm" in *_ws*) configs+=(--config recipes/metaworld/workspace_camera.yaml) ;; esac
 case "$arm" in *_shift*) configs+=(--config recipes/ablations/random_shift.yaml) ;; esac
 case "$arm" in *_dart*) [ "$demos" = 50 ] || { echo "the _dart arms need DEMOS=50" >&2; exit 2; }

@@ -40,6 +40,31 @@ class PixelShuffleConnector(nn.Module):
         return self.mlp(pixel_shuffle(patches, self.scale_factor))
 
 
+class SpatialSoftmaxKeypoints(nn.Module):
+    """Feature map ``[N, C, g, g]`` -> one token ``[N, 1, D]`` holding K learned keypoints (Levine et al., 2016).
+
+    Each keypoint is the expected cell centre under a softmax over the map's cells (a 1x1 conv gives its logits, a
+    learned temperature their sharpness): an (x, y) in [-1, 1] with sub-cell precision, which patch tokens of a 16 px
+    cell only carry implicitly. Robomimic and Diffusion Policy use the same readout for behaviour cloning from pixels.
+    """
+
+    def __init__(self, channels: int, num_keypoints: int, out_dim: int) -> None:
+        super().__init__()
+        self.to_logits = nn.Conv2d(channels, num_keypoints, kernel_size=1)
+        self.log_temperature = nn.Parameter(torch.zeros(()))
+        self.mlp = MLP(2 * num_keypoints, [out_dim], out_dim)
+
+    def keypoints(self, feature_map: torch.Tensor) -> torch.Tensor:  # [N, C, g, g] -> [N, K, 2] as (x, y)
+        g = feature_map.shape[-1]
+        attention = (self.to_logits(feature_map).flatten(2) / self.log_temperature.exp()).softmax(-1)  # [N, K, g*g]
+        axis = torch.linspace(-1, 1, g, device=feature_map.device, dtype=feature_map.dtype)
+        cells = torch.stack(torch.meshgrid(axis, axis, indexing="xy"), -1).reshape(g * g, 2)  # row-major (x, y)
+        return attention @ cells
+
+    def forward(self, feature_map: torch.Tensor) -> torch.Tensor:  # [N, C, g, g] -> [N, 1, D]
+        return self.mlp(self.keypoints(feature_map).flatten(1))[:, None]
+
+
 class ComposedBackbone(VisionLanguageBackbone):
     """VL tokens from a vision encoder + pixel-shuffle connector + a truncated causal LM.
 
@@ -58,6 +83,8 @@ class ComposedBackbone(VisionLanguageBackbone):
         image_size: frames are resized to this (a fixed-resolution checkpoint's own size overrides it; SigLIP2
             NaFlex encoders take any multiple of the patch size).
         scale_factor: pixel shuffle factor; tokens per view = (image_size / patch_size / scale_factor) ** 2.
+        keypoints: conv encoders only: K > 0 adds one token per view holding K spatial-softmax keypoints of the
+            feature map (``SpatialSoftmaxKeypoints``), for precise object positions; 0 (default): none.
     """
 
     def __init__(
@@ -82,6 +109,7 @@ class ComposedBackbone(VisionLanguageBackbone):
         lm_hidden_size: int = 128,
         lm_layers: int = 4,
         lm_heads: int = 4,
+        keypoints: int = 0,
     ) -> None:
         super().__init__(project_to, max_text_tokens)
         self.tokenizer = (
@@ -188,6 +216,10 @@ class ComposedBackbone(VisionLanguageBackbone):
         lm_dim = self.language_model.config.hidden_size
 
         self.connector = PixelShuffleConnector(vision_dim, lm_dim, scale_factor)
+        if keypoints < 0 or (keypoints and not self._feature_map):
+            raise ValueError(f"keypoints={keypoints}: spatial-softmax keypoints need a conv vision encoder (a feature "
+                             "map, e.g. vision_model_type: resnet) and a count >= 0; set keypoints: 0 for this encoder")
+        self.keypoint_reader = SpatialSoftmaxKeypoints(vision_dim, keypoints, lm_dim) if keypoints else None
         self.projector = OutputProjector(lm_dim, project_to)
         self._finish_init(
             tokenizer=self.tokenizer,
@@ -195,7 +227,7 @@ class ComposedBackbone(VisionLanguageBackbone):
             image_mean=image_mean,
             image_std=image_std,
             rescale_factor=rescale_factor,
-            tokens_per_image=(self.grid // scale_factor) ** 2,
+            tokens_per_image=(self.grid // scale_factor) ** 2 + (1 if keypoints else 0),
             tune_llm=tune_llm,
             tune_visual=tune_visual,
             tune_projector=tune_projector,
@@ -205,7 +237,8 @@ class ComposedBackbone(VisionLanguageBackbone):
         return {
             "visual": [self.vision_model],
             "llm": [self.language_model],
-            "projector": [self.connector, self.projector],
+            "projector": [self.connector, self.projector]
+            + ([self.keypoint_reader] if self.keypoint_reader is not None else []),
         }
 
     def _prompt(self, instruction: str, num_views: int) -> tuple[list[int], list[bool]]:
@@ -242,7 +275,11 @@ class ComposedBackbone(VisionLanguageBackbone):
         else:
             out = self.vision_model(pixel_values=pixels)
         if self._feature_map:
-            return self.connector(out.last_hidden_state.flatten(2).transpose(1, 2))  # [N, C, g, g] -> [N, g*g, C]
+            feature_map = out.last_hidden_state  # [N, C, g, g]
+            tokens = self.connector(feature_map.flatten(2).transpose(1, 2))  # [N, (g/s)^2, D_lm]
+            if self.keypoint_reader is None:
+                return tokens
+            return torch.cat([tokens, self.keypoint_reader(feature_map)], dim=1)  # [N, (g/s)^2 + 1, D_lm]
         # Encoders with a CLS token (CLIP) or registers put them first; the patch grid is the last g*g tokens.
         return self.connector(out.last_hidden_state[:, -g * g :])  # [N, T, D_lm]
 

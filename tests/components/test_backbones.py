@@ -16,6 +16,7 @@ from transformers import (
 
 from components.backbones import ComposedBackbone, SmolVLMBackbone
 from components.backbones.common import pixel_shuffle
+from components.backbones.composed import SpatialSoftmaxKeypoints
 from components.backbones.tokenizer import SPECIAL_TOKENS, _trained_tokenizer_json, offline_tokenizer
 
 ADAPTERS = [SmolVLMBackbone, ComposedBackbone]
@@ -287,6 +288,63 @@ def test_composed_accepts_other_vision_encoders(vision_model_type):
         flipped, _ = backbone(images.flip(-1), INSTRUCTIONS[:2])
     assert tokens.shape[-1] == backbone.out_dim
     assert (flipped - tokens)[mask].abs().amax() > 1e-2  # patch tokens, not a constant, reach the LM
+
+
+def test_keypoint_token_follows_an_object_and_needs_a_feature_map():
+    backbone = _build(ComposedBackbone, vision_model_type="resnet", keypoints=8).eval()
+    plain = _build(ComposedBackbone, vision_model_type="resnet")
+    assert backbone.tokens_per_image == plain.tokens_per_image + 1
+    images = torch.zeros(2, 1, 3, 64, 64, dtype=torch.uint8)
+    images[0, 0, :, 8:16, 8:16] = 255
+    images[1, 0, :, 44:52, 40:48] = 255
+    with torch.no_grad():
+        kp = backbone.keypoint_reader.keypoints(
+            backbone.vision_model(pixel_values=backbone._pixels(images.flatten(0, 1))).last_hidden_state)
+    assert (kp[0] - kp[1]).abs().amax() > 1e-2  # the keypoints depend on where the square is
+    with pytest.raises(ValueError, match="keypoints=8: spatial-softmax keypoints need a conv vision encoder"):
+        ComposedBackbone(keypoints=8)  # the default ViT has patch tokens, no feature map
+
+
+def test_spatial_softmax_keypoint_lands_on_a_peak_between_cells():
+    """A Gaussian bump centred between cells: the expected position is the bump's centre, not the nearest cell."""
+    reader = SpatialSoftmaxKeypoints(channels=1, num_keypoints=1, out_dim=4)
+    with torch.no_grad():
+        reader.to_logits.weight.fill_(1.0)
+        reader.to_logits.bias.zero_()
+    axis = torch.linspace(-1, 1, 8)
+    yy, xx = torch.meshgrid(axis, axis, indexing="ij")
+    for cx, cy in [(0.13, -0.41), (-0.66, 0.52)]:
+        bump = -((xx - cx).square() + (yy - cy).square()) / (2 * 0.15**2)  # log of a Gaussian: softmax = the bump
+        kp = reader.keypoints(bump[None, None])[0, 0]
+        assert torch.allclose(kp, torch.tensor([cx, cy]), atol=0.02), kp  # cells are 0.29 apart
+
+
+def test_spatial_softmax_keypoints_learn_to_locate_a_square(seed=0):
+    """From random weights, the reader alone (1x1 conv + temperature + MLP) on raw 16x16 maps learns the square's
+    position: held-out R^2 > 0.85 after 600 steps (seeds 0-2 give 0.93, 0.99, 0.99; chance is 0)."""
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+
+    def batch(n):
+        maps = torch.rand(n, 3, 16, 16, generator=g) * 0.5
+        pos = torch.randint(0, 14, (n, 2), generator=g)
+        for i, (r, c) in enumerate(pos.tolist()):
+            maps[i, 0, r : r + 3, c : c + 3] = 2.0  # a red-ish square on noise
+        return maps, (pos.float() + 1) / 15 * 2 - 1  # centre, in [-1, 1] as (row, col)
+
+    reader = SpatialSoftmaxKeypoints(channels=3, num_keypoints=4, out_dim=2)
+    optimizer = torch.optim.Adam(reader.parameters(), lr=1e-2)
+    for _ in range(600):
+        maps, target = batch(32)
+        loss = F.mse_loss(reader(maps)[:, 0], target)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    maps, target = batch(256)
+    with torch.no_grad():
+        pred = reader(maps)[:, 0]
+    r2 = 1 - (pred - target).square().sum() / (target - target.mean(0)).square().sum()
+    assert r2 > 0.85, r2
 
 
 # --- learning --------------------------------------------------------------------------------------------------
