@@ -16,7 +16,7 @@ from transformers import (
 
 from components.backbones import ComposedBackbone, SmolVLMBackbone
 from components.backbones.common import pixel_shuffle
-from components.backbones.composed import SpatialSoftmaxKeypoints
+from components.keypoints import SpatialSoftmaxKeypoints
 from components.backbones.tokenizer import SPECIAL_TOKENS, _trained_tokenizer_json, offline_tokenizer
 
 ADAPTERS = [SmolVLMBackbone, ComposedBackbone]
