@@ -16,20 +16,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .keypoints import SpatialSoftmaxKeypoints
-
 
 class FramePairEncoder(nn.Module):
-    """A small ViT over frames t and t+H of V views: uint8 frames -> conditioning tokens ``[B, S, width]``.
+    """A small ViT over frames t and t+H of V views: uint8 frames -> conditioning tokens ``[B, 2 V P, width]``.
 
     Patches are embedded by a strided convolution (after a stride-2 3x3 convolution when ``stem_channels`` > 0,
     "early convolutions", Xiao et al. 2021); tokens get ``frame + view + position`` embeddings and go through
     pre-norm transformer layers together, so a token of frame t+H can attend to frame t. With ``early_fusion`` the
     two frames of a view are stacked as 6 channels before patching instead: one token per place sees the motion
-    directly (half the tokens; the frame embedding then has a single entry in use). With ``keypoints`` = K > 0, each
-    frame of each view also gets one token of K spatial-softmax keypoints read from a stride-2 conv map of that frame
-    alone (``components.keypoints``): the motion between t and t+H is then the difference of two explicit position
-    sets, precise to a fraction of a patch, instead of something the patch tokens have to learn to encode.
+    directly (half the tokens; the frame embedding then has a single entry in use).
     """
 
     def __init__(
@@ -44,7 +39,6 @@ class FramePairEncoder(nn.Module):
         dropout: float = 0.0,
         stem_channels: int = 0,
         early_fusion: bool = False,
-        keypoints: int = 0,
     ) -> None:
         super().__init__()
         if image_size % patch_size:
@@ -70,18 +64,9 @@ class FramePairEncoder(nn.Module):
         )
         self.transformer = nn.TransformerEncoder(layer, num_layers, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(width)
-        if keypoints < 0:
-            raise ValueError(f"keypoints must be >= 0 (0: no keypoint tokens), got {keypoints}")
-        self.keypoint_reader = None
-        if keypoints:
-            channels = stem_channels or 32
-            self.keypoint_stem = nn.Sequential(  # [N, 3, h, w] -> [N, C, h/2, w/2]: one frame at a time
-                nn.Conv2d(3, channels, 3, stride=2, padding=1), nn.GELU(), nn.Conv2d(channels, channels, 3, padding=1)
-            )
-            self.keypoint_reader = SpatialSoftmaxKeypoints(channels, keypoints, width)
 
     def forward(self, x_t: torch.Tensor, x_tH: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # x_t, x_tH uint8 [B, V, 3, h, w] -> tokens [B, S, D], mask [B, S] (all True); S = F V P (+ 2 V keypoint tokens)
+        # x_t, x_tH uint8 [B, V, 3, h, w] -> tokens [B, 2 V P, D], mask [B, 2 V P] (all True)
         frames = torch.stack([x_t, x_tH], dim=1)  # [B, 2, V, 3, h, w]
         B, _, V, C, h, w = frames.shape
         if V != self.num_views or C != 3 or (h, w) != (self.image_size, self.image_size):
@@ -96,13 +81,7 @@ class FramePairEncoder(nn.Module):
         pixels = frames.flatten(0, 2).to(self.position_embedding.dtype) / 127.5 - 1.0  # [B 2 V, 3, h, w]
         patches = self.patch_embedding(pixels).flatten(2).transpose(1, 2)  # [B 2 V, P, D]
         tokens = patches.unflatten(0, (B, F_, V)) + self.position_embedding + self.view_embedding + self.frame_embedding[:F_]
-        tokens = tokens.flatten(1, 3)  # [B, F V P, D]
-        if self.keypoint_reader is not None:
-            single = torch.stack([x_t, x_tH], dim=1).flatten(0, 2).to(tokens.dtype) / 127.5 - 1.0  # [B 2 V, 3, h, w]
-            kp = self.keypoint_reader(self.keypoint_stem(single)).view(B, 2, V, -1)  # one token per frame and view
-            kp = kp + self.view_embedding[:, 0] + self.frame_embedding[:, 0]  # [B, 2, V, D]
-            tokens = torch.cat([tokens, kp.flatten(1, 2)], dim=1)  # [B, F V P + 2 V, D]
-        tokens = self.norm(self.transformer(tokens))
+        tokens = self.norm(self.transformer(tokens.flatten(1, 3)))  # [B, 2 V P, D]
         return tokens, torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
 
 
