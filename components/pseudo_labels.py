@@ -301,6 +301,8 @@ class IDMLabeler(_Labeler):
         view_indices: the batch views passed to the IDM (default: all, in the batch's order, which must then be the
             order the IDM was trained with).
         num_steps: Euler steps of the IDM's flow head (default: the head's).
+        num_samples: flow samples averaged into each label (their mean estimates E[a | frames], the least-squared-
+            error label); 1 = a single draw.
         seed: the fixed noise seed: a frame pair always gets the same label.
         normalizer: the IDM embodiment's normaliser as a dict (default: from the checkpoint); ``label_steps``
             un-normalises with it. Targets for the policy stay in the IDM's normalised units.
@@ -319,6 +321,7 @@ class IDMLabeler(_Labeler):
         idm_embodiment_id: int | None = None,
         view_indices: Sequence[int] | None = None,
         num_steps: int | None = None,
+        num_samples: int = 1,
         seed: int = 0,
         normalizer: dict | None = None,
         label_embodiment: str | None = None,
@@ -354,7 +357,9 @@ class IDMLabeler(_Labeler):
         modality = (data_state.get("modalities") or {}).get(embodiment) or {}
         self.action_names = list(modality.get("action_names") or [f"action_{i}" for i in range(self.action_dim)])
         self.view_indices = list(view_indices) if view_indices is not None else None
-        self.num_steps, self.seed = num_steps, seed
+        if num_samples < 1:
+            raise ValueError(f"IDMLabeler: num_samples must be >= 1 (1: one flow sample per label), got {num_samples}")
+        self.num_steps, self.num_samples, self.seed = num_steps, num_samples, seed
         self.label_embodiment = label_embodiment or f"idm_{embodiment}"
         _freeze(model)
 
@@ -369,7 +374,8 @@ class IDMLabeler(_Labeler):
         x_tH = self._views(x_tH, self.view_indices, "IDMLabeler")
         generator = torch.Generator(device=x_t.device).manual_seed(self.seed)
         slot = torch.full((x_t.shape[0],), self.idm_embodiment_id, dtype=torch.long, device=x_t.device)
-        chunk = self.model.predict(x_t, x_tH, slot, num_steps=self.num_steps, generator=generator)
+        chunk = self.model.predict(x_t, x_tH, slot, num_steps=self.num_steps, generator=generator,
+                                   num_samples=self.num_samples)
         return chunk[..., : self.action_dim]
 
     def targets(self, batch: dict, select: torch.Tensor) -> PseudoTargets | None:

@@ -30,6 +30,7 @@ class InverseDynamicsModule(LightningModule):
         warmup_ratio: float = 0.05,
         lr_schedule: str = "cosine",
         num_inference_steps: int | None = None,
+        num_inference_samples: int = 1,
     ) -> None:
         """
         Args:
@@ -38,6 +39,8 @@ class InverseDynamicsModule(LightningModule):
             warmup_ratio: linear warm-up as a fraction of the run's steps.
             lr_schedule: ``cosine``, ``linear`` or ``constant`` after warm-up.
             num_inference_steps: Euler steps of validation sampling (default: the head's).
+            num_inference_samples: flow samples averaged per validation prediction (``InverseDynamicsModel.predict``'s
+                ``num_samples``): set it to the labeller's value so that ``val/action_r2`` measures its labels.
         """
         super().__init__()
         check_schedule(lr_schedule, warmup_ratio)
@@ -72,7 +75,7 @@ class InverseDynamicsModule(LightningModule):
         # A fixed noise draw per batch: the validation R^2 of one checkpoint does not vary between runs.
         generator = torch.Generator(device=x_t.device).manual_seed(batch_idx)
         pred = self.model.predict(x_t, x_tH, embodiment, num_steps=self.hparams.num_inference_steps,
-                                  generator=generator)
+                                  generator=generator, num_samples=self.hparams.num_inference_samples)
         steps = mask.any(-1)  # [N, H]: real (not past-episode-end) steps
         # Padded dims are zero in both: no variance, so no weight in the variance-weighted R^2.
         self.val_r2.update(torch.where(mask, pred, 0.0)[steps], torch.where(mask, actions, 0.0)[steps])

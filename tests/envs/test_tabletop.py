@@ -204,8 +204,31 @@ def test_bad_names_get_clear_errors():
         make_world(0, "point_gripper", families=("stack",))
     with pytest.raises(ValueError, match=r"unknown tiers \['humans'\]"):
         TabletopPyramid(episodes={"humans": 3})
+    with pytest.raises(ValueError, match=r"TabletopPyramid\(heldout=...\): 'robot' needs a count >= 0, got -1"):
+        TabletopPyramid(heldout={"robot": -1})
     with pytest.raises(ValueError, match="action must be 3 finite numbers"):
         make_world(0, "point_gripper").step(np.array([0.0, np.nan, 0.0]))
+
+
+def test_heldout_split_holds_new_scenes_of_the_same_tier(tmp_path):
+    """A held-out split is the same tier (same embodiment, task families, views) from other worlds: no world seed of
+    the training tier reappears in it, and it is rebuilt alone when only its count changes."""
+    only_robot = {"robot": 4, "robot_b": 0, "sim": 0, "human": 0, "neural": 0}
+    make = lambda n: TabletopPyramid(str(tmp_path), seed=0, image_size=32, horizon=4, num_workers=1,  # noqa: E731
+                                     episodes=only_robot, heldout={"robot": n})
+    pyramid = make(3)
+    pyramid.prepare()
+    assert pyramid.heldout_sources == {"robot": str(tmp_path / "heldout" / "robot")}
+    train = list(read_episodes(pyramid.sources["robot"]))
+    heldout = list(read_episodes(pyramid.heldout_sources["robot"]))
+    assert (len(train), len(heldout)) == (4, 3)
+    assert {e.embodiment for e in heldout} == {"point_gripper"} and all(e.actions is not None for e in heldout)
+    seeds = lambda episodes: {e.metadata["seed"] for e in episodes}  # noqa: E731
+    assert len(seeds(heldout)) == 3 and not seeds(train) & seeds(heldout)
+    marker = (tmp_path / "robot" / "READY.json").stat().st_mtime_ns
+    make(2).prepare()
+    assert (tmp_path / "robot" / "READY.json").stat().st_mtime_ns == marker
+    assert len(list(read_episodes(pyramid.heldout_sources["robot"]))) == 2
 
 
 @pytest.mark.slow  # 10-35 s here, depending on load: mostly two spawned workers importing webdataset and torch

@@ -168,3 +168,17 @@ def test_each_ablation_layers_on_the_pretraining_recipe(overlay: Path) -> None:
     config = _flatten(_print_config(PRETRAIN, *base, str(overlay)))
     for key, value in _flatten(yaml.safe_load(overlay.read_text())).items():
         assert config[key] == value, key
+
+
+def test_idm_recipe_validates_on_held_out_worlds_at_one_horizon() -> None:
+    """recipes/idm.yaml: `val/action_r2` must come from the pyramid's held-out split, never from training shards,
+    and the pyramid, the data and the IDM head must share one horizon (else frame t+H is not what the head assumes)."""
+    config = _print_config(str(REPO_ROOT / "recipes" / "idm.yaml"))
+    data = config["data"]["init_args"]
+    prepare = data["prepare"]["init_args"]
+    root = prepare["root"]
+    assert [s["shards"] for s in data["sources"]] == [f"{root}/robot"]
+    assert [s["shards"] for s in data["val_sources"]] == [f"{root}/heldout/robot"]
+    assert prepare["heldout"]["robot"] > 0
+    head = config["model"]["init_args"]["model"]["init_args"]["action_head"]["init_args"]
+    assert data["horizon"] == prepare["horizon"] == head["horizon"]
