@@ -16,10 +16,11 @@ from envs.tabletop import generate_episodes
 from lit_modules.inverse_dynamics import InverseDynamicsModule
 
 H, A_MAX, WIDTH = 2, 4, 64
-# Measured held-out R^2 (variance-weighted, normalised units): 0.71 after 800 steps (seed 0, exp. run); the 0.9 of
-# the issue was not reached on CPU within the test budget (the IDM overfits 40 episodes: train R^2 0.92). The
-# threshold below is set well under the single-seed measurement; see the IDM report for calibration status.
-STEPS, R2_THRESHOLD = 500, 0.4
+# Held-out R^2 (variance-weighted, normalised units) at 200 episodes and 2,000 steps: 0.829 / 0.821 / 0.824 (seeds
+# 0 / 1 / 2; train R^2 0.91; 88 s of training each on one thread).
+# The issue's 0.9 needs 400 episodes and 12,000 steps (0.92 / 0.94 / 0.90 with this protocol, ~9 min each):
+# `python benchmarks/idm_heldout.py --episodes 400 --steps 12000 --seeds 0 1 2`, too long for the suite.
+EPISODES, STEPS, R2_THRESHOLD = 200, 2000, 0.75
 
 
 def make_idm(width: int = WIDTH, horizon: int = H, views: list[int] | None = None) -> InverseDynamicsModel:
@@ -48,11 +49,11 @@ def frame_pairs(episodes, normalizer: Normalizer):
     return tuple(torch.from_numpy(np.stack(x)) for x in (x_t, x_tH, actions, mask))
 
 
-def heldout_r2(model: InverseDynamicsModel, data) -> float:
+def heldout_r2(model: InverseDynamicsModel, data, num_samples: int = 1) -> float:
     x_t, x_tH, actions, mask = data
     model.eval()
     generator = torch.Generator().manual_seed(0)
-    pred = torch.cat([model.predict(x_t[i:i + 256], x_tH[i:i + 256], generator=generator)
+    pred = torch.cat([model.predict(x_t[i:i + 256], x_tH[i:i + 256], generator=generator, num_samples=num_samples)
                       for i in range(0, len(x_t), 256)])
     r2 = R2Score(multioutput="variance_weighted")  # as InverseDynamicsModule's val/action_r2
     steps = mask.any(-1)
@@ -69,20 +70,13 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-@pytest.mark.slow
-def test_idm_learns_actions_of_heldout_robot_episodes(one_thread) -> None:
-    torch.manual_seed(0)
-    train = list(generate_episodes("robot", 40, seed=100))
-    heldout = list(generate_episodes("robot", 10, seed=200))
-    normalizer = Normalizer({"actions": compute_stats(np.concatenate([e.actions for e in train]))})
-    train_data, heldout_data = frame_pairs(train, normalizer), frame_pairs(heldout, normalizer)
-    model = make_idm()
-    before = heldout_r2(model, heldout_data)
-    model.train()
-    steps = STEPS
+def train_idm(train_data, steps: int, seed: int = 0) -> InverseDynamicsModel:
+    """The protocol of the slow test (and of benchmarks/idm_heldout.py): AdamW 1e-3, one-cycle, batch 32."""
+    torch.manual_seed(seed)
+    model = make_idm().train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.95, 0.999), weight_decay=1e-5)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, 1e-3, total_steps=steps, pct_start=0.05)
-    generator = torch.Generator().manual_seed(0)
+    generator = torch.Generator().manual_seed(seed)
     for _ in range(steps):
         idx = torch.randint(len(train_data[0]), (32,), generator=generator)
         loss = model.loss(*(x[idx] for x in train_data))["loss"]
@@ -91,6 +85,23 @@ def test_idm_learns_actions_of_heldout_robot_episodes(one_thread) -> None:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         schedule.step()
+    return model
+
+
+def robot_splits(train_episodes: int):
+    """Training episodes (seed 100) and 10 held-out ones (seed 200) of the robot tier, as normalised frame pairs."""
+    train = list(generate_episodes("robot", train_episodes, seed=100))
+    heldout = list(generate_episodes("robot", 10, seed=200))
+    normalizer = Normalizer({"actions": compute_stats(np.concatenate([e.actions for e in train]))})
+    return frame_pairs(train, normalizer), frame_pairs(heldout, normalizer), heldout, normalizer
+
+
+@pytest.mark.slow
+def test_idm_learns_actions_of_heldout_robot_episodes(one_thread) -> None:
+    train_data, heldout_data, heldout, normalizer = robot_splits(EPISODES)
+    torch.manual_seed(0)
+    before = heldout_r2(make_idm(), heldout_data)
+    model = train_idm(train_data, STEPS)
     after = heldout_r2(model, heldout_data)
     assert before < 0.0
     assert after >= R2_THRESHOLD, f"held-out action R^2 {after:.3f} (before training {before:.3f})"

@@ -238,6 +238,14 @@ def test_idm_labeler_loads_from_an_idm_checkpoint(tmp_path) -> None:
     assert out.action_mask[..., :3].all() and not out.action_mask[..., 3].any()
     again = labeler.targets({schema.IMAGES: images, schema.ACTIONS: torch.zeros(2, H, A)}, torch.tensor([True, True]))
     assert torch.equal(out.actions, again.actions), "labels must not depend on the call (fixed noise seed)"
+    averaged = IDMLabeler(checkpoint=str(tmp_path / "idm.ckpt"), embodiment="point_gripper", embodiment_id=3,
+                          num_steps=2, num_samples=4)
+    mean = averaged.targets({schema.IMAGES: images, schema.ACTIONS: torch.zeros(2, H, A)}, torch.tensor([True, True]))
+    expected = idm.predict(images[:, 0], images[:, 1], num_steps=2, generator=torch.Generator().manual_seed(0),
+                           num_samples=4)  # the labels are the mean of 4 flow draws
+    assert torch.allclose(mean.actions[..., :3], expected[..., :3]) and not torch.allclose(mean.actions, out.actions)
+    with pytest.raises(ValueError, match="IDMLabeler: num_samples must be >= 1"):
+        IDMLabeler(checkpoint=str(tmp_path / "idm.ckpt"), embodiment="point_gripper", num_samples=0)
 
 
 # ---------------------------------------------------------------------------------------------- errors
