@@ -142,8 +142,8 @@ class TabletopPyramid:
         todo += [(tier, True) for tier in self.heldout if not self.is_ready(tier, heldout=True)]
         if not todo:
             return
-        todo.sort(key=lambda job: -self.config(*job)["episodes"])  # biggest first balances the workers
         jobs = [(str(self._root(heldout)), tier, self.config(tier, heldout)) for tier, heldout in todo]
+        jobs.sort(key=lambda job: -job[2]["episodes"])  # biggest first balances the workers
         workers = min(self.num_workers, len(jobs))
         if workers <= 1:
             for job in jobs:
