@@ -8,8 +8,9 @@ its latent means anything:
 - ``shuffle_ratio`` = MSE with latents rolled across the batch / recon MSE (> 1 means the decoder uses the latent);
 - ``commitment`` = MSE(z, z_q), computed here because the library returns 0 aux loss in eval mode;
 - ``perplexity``, ``usage``, ``dead_codes`` of the codebook;
-- ``probe_r2`` / ``probe_r2_chunk``: closed-form ridge probe R^2 of the true actions (the chunk summed over its
-  steps = net motion, and the whole chunk) from the pre-quantisation latent, on samples that have actions.
+- ``probe_r2`` / ``probe_r2_chunk``: held-out ridge probe R^2 of the true actions from the pre-quantisation latent,
+  on samples that have actions: ``probe_r2`` of the net motion (the chunk summed over its steps, in the action dims
+  ``probe_dims``: for delta-action robots the end-effector displacement), ``probe_r2_chunk`` of the whole chunk.
 
 The quantiser can be given either inside the ``LatentActionModel`` or, preferably, as a factory to this module,
 which builds it in ``configure_model``: vector-quantize-pytorch decides codebook synchronisation across DDP ranks
@@ -50,6 +51,7 @@ class LatentActionModule(LightningModule):
         warmup_steps: int = 100,
         aux_loss_weight: float = 1.0,
         probe_l2: float = 1e-3,
+        probe_dims: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()  # `model` and `quantizer` included: the checkpoint must rebuild them
@@ -65,13 +67,21 @@ class LatentActionModule(LightningModule):
         self.model = model
         self.quantizer_factory = quantizer
         self.view_indices = list(view_indices)
+        if probe_dims is not None and (not probe_dims or not all(0 <= i < max_action_dim for i in probe_dims)):
+            raise ValueError(
+                f"LatentActionModule: probe_dims {list(probe_dims)} must be a non-empty list of action dims in "
+                f"[0, max_action_dim={max_action_dim}), e.g. [0, 1] for a gripper's (dx, dy)"
+            )
+        # The net-motion probe's targets: the displacement dims only. A gripper open/close dim summed over the chunk
+        # is a count of closed steps, which the scene camera barely shows and which outweighed dx, dy in variance.
+        self.probe_dims = list(probe_dims) if probe_dims is not None else list(range(max_action_dim))
         n, d = model.num_latent_tokens, model.latent_dim
         self.target_moments = LatentMoments((n, d))
         self.val_means = nn.ModuleDict({k: MeanMetric() for k in ("recon_mse", "copy_mse", "shuffled_mse", "commitment")})
         self.probes = nn.ModuleDict({
             f"{stage}_{kind}": RidgeProbeR2(n * d, dims, l2=probe_l2)
             for stage in ("train", "val")
-            for kind, dims in (("net", max_action_dim), ("chunk", horizon * max_action_dim))
+            for kind, dims in (("net", len(self.probe_dims)), ("chunk", horizon * max_action_dim))
         })
         self.codebook_metrics: nn.ModuleDict | None = None
         if model.quantizer is not None:
@@ -124,7 +134,7 @@ class LatentActionModule(LightningModule):
         chunk = actions * mask
         has_action = batch[schema.HAS_ACTION]
         features = z.flatten(1)
-        self.probes[f"{stage}_net"].update(features, chunk.sum(1), has_action)
+        self.probes[f"{stage}_net"].update(features, chunk.sum(1)[:, self.probe_dims], has_action)
         self.probes[f"{stage}_chunk"].update(features, chunk.flatten(1), has_action)
 
     def _shared_step(self, batch: dict, stage: str, diagnostics: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -124,6 +124,28 @@ def test_quantiser_in_two_places_and_view_mismatch_are_refused():
         LatentActionModule(model, view_indices=[0, 1])
 
 
+def test_net_motion_probe_scores_only_the_displacement_dims():
+    """A latent that carries (dx, dy) but not the gripper's open/close scores ~1 on ``probe_dims=[0, 1]``; over all
+    dims the gripper's unexplained variance pulls the probe down, which is why the recipe names the dims."""
+    gen = torch.Generator().manual_seed(0)
+    n, horizon = 512, 2
+    actions = torch.randn(n, horizon, 3, generator=gen)
+    net = actions.sum(1)
+    z = torch.cat([net[:, :2], torch.randn(n, 6, generator=gen)], 1).view(n, 4, 2)  # [n, N=4, D=2]
+    batch = {schema.ACTIONS: actions, schema.ACTION_MASK: torch.ones_like(actions, dtype=torch.bool),
+             schema.HAS_ACTION: torch.ones(n, dtype=torch.bool)}
+    scores = {}
+    for dims in ([0, 1], None):
+        model = LatentActionModel(image_size=32, patch_size=8, width=32, depth=1, heads=2, num_latent_tokens=4,
+                                  latent_dim=2)
+        module = LatentActionModule(model, horizon=horizon, max_action_dim=3, probe_dims=dims)
+        module._probe_update("val", z, batch)
+        scores[str(dims)] = float(module.probes["val_net"].compute())
+    assert scores["[0, 1]"] > 0.95 and scores["None"] < 0.75, scores
+    with pytest.raises(ValueError, match=r"probe_dims \[0, 3\] must be .* \[0, max_action_dim=3\)"):
+        LatentActionModule(model, horizon=horizon, max_action_dim=3, probe_dims=[0, 3])
+
+
 class SaveCodebook(Callback):
     def __init__(self, out_dir: str) -> None:
         self.out_dir = out_dir
