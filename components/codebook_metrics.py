@@ -114,6 +114,11 @@ class RidgeProbeR2(Metric):
     ``X^T Y``, ``sum y^2`` (float64), so memory does not grow with the number of samples and DDP ranks merge by
     summing. Feature standardisation and ``l2`` follow :func:`ridge_probe_r2` (fit-fold statistics). Rows with
     ``weight == 0`` (e.g. samples without actions) are ignored.
+
+    Pass ``groups`` (e.g. episode ids) whenever samples of one group are alike: rows then fall into the fold of their
+    group's parity, so no group is on both sides. Alternating single samples put neighbouring windows of one
+    episode in both folds, and the probe is then scored on near-copies of what it was fitted on: on the embedded
+    world's robot tier (50 episodes) a latent-action model scored 0.54 that way against 0.04 split by episode.
     """
 
     full_state_update = False
@@ -127,12 +132,19 @@ class RidgeProbeR2(Metric):
             self.add_state(name, torch.zeros(shape, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("seen", torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
 
-    def update(self, features: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor | None = None) -> None:
+    def update(self, features: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor | None = None,
+               groups: torch.Tensor | None = None) -> None:
         x, y = features.detach().flatten(1).double(), targets.detach().flatten(1).double()
+        if groups is not None:
+            groups = groups.reshape(-1).to(device=x.device, dtype=torch.long)
         if weight is not None:
             keep = weight.reshape(-1).bool()
             x, y = x[keep], y[keep]
-        fold = (torch.arange(x.shape[0], device=x.device) + int(self.seen)) % 2  # alternate across batches too
+            groups = groups[keep] if groups is not None else None
+        if groups is not None:
+            fold = groups % 2
+        else:
+            fold = (torch.arange(x.shape[0], device=x.device) + int(self.seen)) % 2  # alternate across batches too
         self.seen += x.shape[0]
         for k in range(2):
             xk, yk = x[fold == k], y[fold == k]

@@ -8,9 +8,10 @@ its latent means anything:
 - ``shuffle_ratio`` = MSE with latents rolled across the batch / recon MSE (> 1 means the decoder uses the latent);
 - ``commitment`` = MSE(z, z_q), computed here because the library returns 0 aux loss in eval mode;
 - ``perplexity``, ``usage``, ``dead_codes`` of the codebook;
-- ``probe_r2`` / ``probe_r2_chunk``: held-out ridge probe R^2 of the true actions from the pre-quantisation latent,
-  on samples that have actions: ``probe_r2`` of the net motion (the chunk summed over its steps, in the action dims
-  ``probe_dims``: for delta-action robots the end-effector displacement), ``probe_r2_chunk`` of the whole chunk.
+- ``probe_r2`` / ``probe_r2_chunk``: held-out ridge probe R^2 of the true actions from the pre-quantisation latent
+  (two folds split by episode), on samples that have actions: ``probe_r2`` of the net motion (the chunk summed over
+  its steps, in the action dims ``probe_dims``: for delta-action robots the end-effector displacement),
+  ``probe_r2_chunk`` of the whole chunk.
 
 The quantiser can be given either inside the ``LatentActionModel`` or, preferably, as a factory to this module,
 which builds it in ``configure_model``: vector-quantize-pytorch decides codebook synchronisation across DDP ranks
@@ -134,8 +135,10 @@ class LatentActionModule(LightningModule):
         chunk = actions * mask
         has_action = batch[schema.HAS_ACTION]
         features = z.flatten(1)
-        self.probes[f"{stage}_net"].update(features, chunk.sum(1)[:, self.probe_dims], has_action)
-        self.probes[f"{stage}_chunk"].update(features, chunk.flatten(1), has_action)
+        # Folds by episode: neighbouring windows of one episode are near-copies (see RidgeProbeR2).
+        episodes = batch.get(schema.EPISODE)
+        self.probes[f"{stage}_net"].update(features, chunk.sum(1)[:, self.probe_dims], has_action, episodes)
+        self.probes[f"{stage}_chunk"].update(features, chunk.flatten(1), has_action, episodes)
 
     def _shared_step(self, batch: dict, stage: str, diagnostics: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         x_t, x_tH = self._frames(batch)

@@ -102,6 +102,25 @@ def test_ridge_probe_r2_separates_signal_from_noise_and_batches_add_up():
     assert math.isnan(float(RidgeProbeR2(12, 2).compute()))
 
 
+def test_ridge_probe_folds_by_group_so_near_copies_cannot_leak():
+    """Episodes of near-identical windows: each episode has its own random target, and features that identify the
+    episode (plus jitter) but say nothing that carries over to new episodes. Alternating samples put each episode
+    in both folds and the probe memorises it; folds by episode score it as what it is, no signal."""
+    g = torch.Generator().manual_seed(0)
+    episodes = torch.arange(40).repeat_interleave(25)  # 40 episodes x 25 windows
+    codes, targets = torch.randn(40, 64, generator=g), torch.randn(40, 2, generator=g)
+    x = codes[episodes] + 0.05 * torch.randn(1000, 64, generator=g)
+    y = targets[episodes] + 0.05 * torch.randn(1000, 2, generator=g)
+    by_sample, by_episode = RidgeProbeR2(64, 2), RidgeProbeR2(64, 2)
+    keep = torch.arange(1000) % 7 > 0  # weights and groups are filtered together
+    for i in range(0, 1000, 100):
+        by_sample.update(x[i : i + 100], y[i : i + 100], keep[i : i + 100])
+        by_episode.update(x[i : i + 100], y[i : i + 100], keep[i : i + 100], groups=episodes[i : i + 100])
+    assert float(by_sample.compute()) > 0.9
+    assert float(by_episode.compute()) < 0.1
+    assert by_episode.n.tolist() == [float((keep & (episodes % 2 == k)).sum()) for k in range(2)]
+
+
 def test_latent_moments_match_torch():
     z = torch.randn(300, 4, 8) * torch.linspace(0.5, 3, 8) + 2
     moments = LatentMoments((4, 8))
