@@ -135,14 +135,10 @@ class RidgeProbeR2(Metric):
     def update(self, features: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor | None = None,
                groups: torch.Tensor | None = None) -> None:
         x, y = features.detach().flatten(1).double(), targets.detach().flatten(1).double()
+        keep = weight.reshape(-1).bool() if weight is not None else slice(None)
+        x, y = x[keep], y[keep]
         if groups is not None:
-            groups = groups.reshape(-1).to(device=x.device, dtype=torch.long)
-        if weight is not None:
-            keep = weight.reshape(-1).bool()
-            x, y = x[keep], y[keep]
-            groups = groups[keep] if groups is not None else None
-        if groups is not None:
-            fold = groups % 2
+            fold = groups.reshape(-1).to(device=x.device, dtype=torch.long)[keep] % 2
         else:
             fold = (torch.arange(x.shape[0], device=x.device) + int(self.seen)) % 2  # alternate across batches too
         self.seen += x.shape[0]

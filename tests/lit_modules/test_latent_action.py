@@ -132,8 +132,9 @@ def test_net_motion_probe_scores_only_the_displacement_dims():
     actions = torch.randn(n, horizon, 3, generator=gen)
     net = actions.sum(1)
     z = torch.cat([net[:, :2], torch.randn(n, 6, generator=gen)], 1).view(n, 4, 2)  # [n, N=4, D=2]
+    episodes = torch.arange(n) * 3 // n  # 3 episodes: folds by episode hold 341 / 171 rows, alternating ones 256 / 256
     batch = {schema.ACTIONS: actions, schema.ACTION_MASK: torch.ones_like(actions, dtype=torch.bool),
-             schema.HAS_ACTION: torch.ones(n, dtype=torch.bool)}
+             schema.HAS_ACTION: torch.ones(n, dtype=torch.bool), schema.EPISODE: episodes}
     scores = {}
     for dims in ([0, 1], None):
         model = LatentActionModel(image_size=32, patch_size=8, width=32, depth=1, heads=2, num_latent_tokens=4,
@@ -141,6 +142,8 @@ def test_net_motion_probe_scores_only_the_displacement_dims():
         module = LatentActionModule(model, horizon=horizon, max_action_dim=3, probe_dims=dims)
         module._probe_update("val", z, batch)
         scores[str(dims)] = float(module.probes["val_net"].compute())
+        # The module hands the batch's episode ids to the probes: each fold holds whole episodes.
+        assert module.probes["val_net"].n.tolist() == [float((episodes % 2 == k).sum()) for k in range(2)]
     assert scores["[0, 1]"] > 0.95 and scores["None"] < 0.75, scores
     with pytest.raises(ValueError, match=r"probe_dims \[0, 3\] must be .* \[0, max_action_dim=3\)"):
         LatentActionModule(model, horizon=horizon, max_action_dim=3, probe_dims=[0, 3])
