@@ -1,6 +1,6 @@
 """Held-out action R^2 of the inverse dynamics model against training episodes and steps.
 
-The slow test's protocol (``tests/components/test_inverse_dynamics.py``: the same model, optimiser, data seeds and
+The slow test's protocol (``vla_zoo/idm_protocol.py``, shared with ``tests/components/test_inverse_dynamics.py``: the same model, optimiser, data seeds and
 held-out episodes, H = 2, single flow samples) at sizes a test cannot afford. Prints one JSON line per seed:
 held-out and training R^2 (variance-weighted, normalised units), training time, and with ``--samples n`` the
 held-out R^2 of n-sample means.
@@ -13,16 +13,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
-from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the protocol lives in the test module
 
 import torch  # noqa: E402
 
-from tests.components import test_inverse_dynamics as protocol  # noqa: E402
+from vla_zoo import idm_protocol as protocol  # noqa: E402
 
 
 def main() -> None:

@@ -1,0 +1,86 @@
+"""The inverse dynamics model's held-out protocol on the embedded world, shared by the slow test
+(``tests/components/test_inverse_dynamics.py``) and ``benchmarks/idm_heldout.py``: the model at test size (H = 2),
+robot-tier episodes of seed 100 for training and 10 of seed 200 held out, AdamW with a one-cycle schedule, and the
+variance-weighted action R^2 (normalised units) of single flow samples (or means of n)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torchmetrics.regression import R2Score
+
+from components.action_head import FlowMatchingActionHead
+from components.inverse_dynamics import FramePairEncoder, InverseDynamicsModel
+from datamodules.normalization import Normalizer, compute_stats
+from envs.tabletop import generate_episodes
+
+H, A_MAX, WIDTH = 2, 4, 64
+# Held-out R^2 (variance-weighted, normalised units) at 200 episodes and 2,000 steps: 0.829 / 0.821 / 0.824 (seeds
+# 0 / 1 / 2; train R^2 0.91; 88 s of training each on one thread).
+# The issue's 0.9 needs 400 episodes and 12,000 steps (0.92 / 0.94 / 0.90 with this protocol, ~9 min each):
+# `python benchmarks/idm_heldout.py --episodes 400 --steps 12000 --seeds 0 1 2`, too long for the suite.
+EPISODES, STEPS, R2_THRESHOLD = 200, 2000, 0.75
+
+
+def make_idm(width: int = WIDTH, horizon: int = H, views: list[int] | None = None) -> InverseDynamicsModel:
+    encoder = FramePairEncoder(image_size=64, patch_size=16, num_views=len(views or [0, 1]), width=width,
+                               num_layers=2, num_heads=4, stem_channels=32, early_fusion=True)
+    head = FlowMatchingActionHead(num_embodiments=1, max_state_dim=4, max_action_dim=A_MAX, horizon=horizon,
+                                  hidden_dim=width, num_layers=2, num_heads=4, cross_attention_dim=width,
+                                  embodiment_hidden_dim=width, dropout=0.0)
+    return InverseDynamicsModel(encoder, head, views=views)
+
+
+def frame_pairs(episodes, normalizer: Normalizer):
+    """Every anchor step of every episode as (x_t, x_tH, actions, mask), paired like the shard writer does."""
+    x_t, x_tH, actions, mask = [], [], [], []
+    for ep in episodes:
+        frames = np.stack([ep.frames["scene"], ep.frames["wrist"]], 1).transpose(0, 1, 4, 2, 3)  # [T, V, 3, h, w]
+        T, A = ep.actions.shape
+        padded = np.concatenate([normalizer.normalize(ep.actions), np.zeros((H, A), np.float32)])
+        for t in range(T):
+            x_t.append(frames[t])
+            x_tH.append(frames[min(t + H, T - 1)])
+            chunk, m = np.zeros((H, A_MAX), np.float32), np.zeros((H, A_MAX), bool)
+            chunk[:, :A], m[:, :A] = padded[t:t + H], (np.arange(t, t + H) < T)[:, None]
+            actions.append(chunk)
+            mask.append(m)
+    return tuple(torch.from_numpy(np.stack(x)) for x in (x_t, x_tH, actions, mask))
+
+
+def heldout_r2(model: InverseDynamicsModel, data, num_samples: int = 1) -> float:
+    x_t, x_tH, actions, mask = data
+    model.eval()
+    generator = torch.Generator().manual_seed(0)
+    pred = torch.cat([model.predict(x_t[i:i + 256], x_tH[i:i + 256], generator=generator, num_samples=num_samples)
+                      for i in range(0, len(x_t), 256)])
+    r2 = R2Score(multioutput="variance_weighted")  # as InverseDynamicsModule's val/action_r2
+    steps = mask.any(-1)
+    r2.update(torch.where(mask, pred, 0.0)[steps], torch.where(mask, actions, 0.0)[steps])
+    return r2.compute().item()
+
+
+def train_idm(train_data, steps: int, seed: int = 0) -> InverseDynamicsModel:
+    """The protocol of the slow test (and of benchmarks/idm_heldout.py): AdamW 1e-3, one-cycle, batch 32."""
+    torch.manual_seed(seed)
+    model = make_idm().train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.95, 0.999), weight_decay=1e-5)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, 1e-3, total_steps=steps, pct_start=0.05)
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        idx = torch.randint(len(train_data[0]), (32,), generator=generator)
+        loss = model.loss(*(x[idx] for x in train_data))["loss"]
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+    return model
+
+
+def robot_splits(train_episodes: int):
+    """Training episodes (seed 100) and 10 held-out ones (seed 200) of the robot tier, as normalised frame pairs."""
+    train = list(generate_episodes("robot", train_episodes, seed=100))
+    heldout = list(generate_episodes("robot", 10, seed=200))
+    normalizer = Normalizer({"actions": compute_stats(np.concatenate([e.actions for e in train]))})
+    return frame_pairs(train, normalizer), frame_pairs(heldout, normalizer), heldout, normalizer
