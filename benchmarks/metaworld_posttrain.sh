@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Meta-World MT10 results (benchmarks/RESULTS.md): flow-matching policy vs regression baseline.
-#   [PYTHON=.venv/bin/python] bash benchmarks/metaworld_posttrain.sh ARM SEED STEPS [DEMOS]
+#   [PYTHON=.venv/bin/python] [TAG=name] bash benchmarks/metaworld_posttrain.sh ARM SEED STEPS [DEMOS [FIT_ARGS...]]
 # ARM: flow | regression (from random weights, recipes/metaworld/posttrain_scratch.yaml), flow_pretrained |
 # regression_pretrained (from runs/pretrain/checkpoints/last.ckpt: run `lightning fit --config
 # recipes/pretrain.yaml` first; the regression arm reuses only its backbone); a `_cotrain` suffix adds the human
@@ -13,11 +13,14 @@
 # injection (recipes/metaworld/dart.yaml: noisy execution, clean expert labels; its own cache); a `_kp` suffix (with
 # `_conv`) adds a spatial-softmax keypoint token per view (recipes/ablations/keypoints.yaml).
 # DEMOS: 10 (default) or 50 per task. OMP_NUM_THREADS (default 1) sets the threads of the training process.
+# FIT_ARGS (after DEMOS) go to `lightning fit` as further overrides, e.g. `--model.init_args.optimizer.init_args.lr=1e-3`;
+# give such a run a TAG, which is added to its directory name (runs/metaworld/ARM_TAG_dDEMOS_sSEED).
 # Writes runs/metaworld/ARM_dDEMOS_sSEED/{checkpoints/last.ckpt, checkpoints/step=*.ckpt (every quarter of the run,
 # for a learning curve: evaluate them with the command at the end), logs/, eval/results.json, run.json}.
 set -euo pipefail
 arm=$1; seed=$2; steps=$3; demos=${4:-10}
-out=runs/metaworld/${arm}_d${demos}_s${seed}
+shift $(( $# < 4 ? $# : 4 )); fit_args=("$@")
+out=runs/metaworld/${arm}${TAG:+_$TAG}_d${demos}_s${seed}
 mkdir -p "$out"
 # Validation loss once at the end; closed-loop success comes from the separate 10-episode evaluation below.
 source "$(dirname "$0")/run_overlay.sh"
@@ -54,10 +57,11 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 "$PYTHON" -m vla_zoo fit "${configs[@]}" --config "$out/overlay.yaml" --trainer.max_steps=0 \
   --trainer.logger=false > "$out/prepare.log" 2>&1
 start=$(date +%s)
-"$PYTHON" -m vla_zoo fit "${configs[@]}" --config "$out/overlay.yaml" --seed_everything="$seed" > "$out/train.log" 2>&1
+"$PYTHON" -m vla_zoo fit "${configs[@]}" --config "$out/overlay.yaml" --seed_everything="$seed" \
+  ${fit_args[@]+"${fit_args[@]}"} > "$out/train.log" 2>&1
 train_s=$(( $(date +%s) - start ))
 "$PYTHON" -m vla_zoo.evaluation --env metaworld --checkpoint "$out/checkpoints/last.ckpt" --tasks MT10 \
   --episodes 10 --execute-steps 8 --seed 1000 --videos 1 --out "$out/eval" > "$out/eval.log"
-echo "{\"arm\": \"$arm\", \"demos\": $demos, \"seed\": $seed, \"steps\": $steps, \"train_seconds\": $train_s}" \
+echo "{\"arm\": \"$arm\", \"tag\": \"${TAG:-}\", \"fit_args\": \"${fit_args[*]+${fit_args[*]}}\", \"demos\": $demos, \"seed\": $seed, \"steps\": $steps, \"train_seconds\": $train_s}" \
   > "$out/run.json"
 cat "$out/run.json"
