@@ -21,6 +21,9 @@ set -euo pipefail
 arm=$1; seed=$2; steps=$3; demos=${4:-10}
 shift $(( $# < 4 ? $# : 4 )); fit_args=("$@")
 out=runs/metaworld/${arm}${TAG:+_$TAG}_d${demos}_s${seed}
+if [ -e "$out/config.yaml" ]; then  # Lightning would refuse to overwrite it, after the demos were rendered
+  echo "$out already holds a run: move it away, or set TAG=name to give this run its own directory" >&2; exit 2
+fi
 mkdir -p "$out"
 # Validation loss once at the end; closed-loop success comes from the separate 10-episode evaluation below.
 source "$(dirname "$0")/run_overlay.sh"
