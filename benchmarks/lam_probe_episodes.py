@@ -1,0 +1,101 @@
+"""Is the latent-action probe short of data? Probe a trained latent-action model with many fresh robot episodes.
+
+The module's own probe (``val/probe_r2`` of ``recipes/lam.yaml``) fits on half of the validation stream's 50 robot
+episodes. This script renders ``--episodes`` new robot-tier episodes (a seed the pyramid never used), holds the last
+100 out, and fits the same closed-form ridge probe (``components.codebook_metrics.ridge_probe_r2``) of the true
+end-effector displacement (dx, dy summed over the H-step window) from the pre-quantisation latent on a growing
+number of the others, for the trained model and for the same architecture with fresh random weights. If the trained
+latent's R^2 rose with probe data while the untrained one stayed flat, the module's probe would be data-starved.
+Prints one JSON object.
+
+    python benchmarks/lam_probe_episodes.py --checkpoint runs/lam/checkpoints/last.ckpt
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import time
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from components.codebook_metrics import ridge_probe_r2  # noqa: E402
+from envs.tabletop import generate_episodes  # noqa: E402
+from lit_modules.latent_action import LatentActionModule  # noqa: E402
+
+HELD_OUT = 100
+
+
+def windows(episodes, horizon: int, view: str):
+    """Every (x_t, x_{t+H}) pair of every episode as float frames in [0, 1], with the net (dx, dy) between them."""
+    x_t, x_tH, displacement, episode = [], [], [], []
+    for i, ep in enumerate(episodes):
+        frames = ep.frames[view]  # [T, h, w, 3] uint8, one frame per action
+        for t in range(len(frames) - horizon):
+            x_t.append(frames[t])
+            x_tH.append(frames[t + horizon])
+            displacement.append(ep.actions[t:t + horizon, :2].sum(0))
+            episode.append(i)
+    as_images = lambda xs: torch.from_numpy(np.stack(xs)).permute(0, 3, 1, 2).float() / 255  # noqa: E731
+    return as_images(x_t), as_images(x_tH), torch.from_numpy(np.stack(displacement)).float(), torch.tensor(episode)
+
+
+@torch.no_grad()
+def fresh_weights(model: torch.nn.Module) -> torch.nn.Module:
+    """The same architecture re-drawn at random, as the model's constructor initialises it."""
+    torch.manual_seed(0)
+    for module in model.modules():
+        reset = getattr(module, "reset_parameters", None) or getattr(module, "_reset_parameters", None)
+        if reset is not None:  # Linear, LayerNorm, BatchNorm (running statistics too), MultiheadAttention
+            reset()
+        else:  # free embeddings (latent queries, patch and frame positions) are drawn as N(0, 0.02^2)
+            for p in module.parameters(recurse=False):
+                torch.nn.init.normal_(p, std=0.02)
+    return model.eval()
+
+
+@torch.no_grad()
+def latents(model, x_t: torch.Tensor, x_tH: torch.Tensor) -> torch.Tensor:  # -> [M, N * D]
+    return torch.cat([model.encode(x_t[i:i + 512], x_tH[i:i + 512]).flatten(1) for i in range(0, len(x_t), 512)])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", default="runs/lam/checkpoints/last.ckpt")
+    parser.add_argument("--episodes", type=int, default=500, help="robot episodes rendered (the last 100 held out)")
+    parser.add_argument("--fit-episodes", type=int, nargs="+", default=[25, 50, 100, 200, 400])
+    parser.add_argument("--l2", type=float, nargs="+", default=[0.1, 1.0, 10.0, 100.0])
+    parser.add_argument("--seed", type=int, default=777, help="episode seed (the pyramid's robot tier uses 0)")
+    parser.add_argument("--horizon", type=int, default=16)
+    parser.add_argument("--view", default="scene")
+    args = parser.parse_args()
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+    if args.episodes <= HELD_OUT or max(args.fit_episodes) > args.episodes - HELD_OUT:
+        parser.error(f"--episodes must exceed {HELD_OUT} (held out) + the largest --fit-episodes")
+
+    trained = LatentActionModule.load_from_checkpoint(args.checkpoint, map_location="cpu").model.eval()
+    untrained = fresh_weights(copy.deepcopy(trained))
+
+    start = time.perf_counter()
+    x_t, x_tH, y, episode = windows(list(generate_episodes("robot", args.episodes, seed=args.seed)), args.horizon,
+                                    args.view)
+    held_out = episode >= args.episodes - HELD_OUT
+    result = {"checkpoint": args.checkpoint, "episodes": args.episodes, "windows": len(y),
+              "held_out_windows": int(held_out.sum()), "render_s": round(time.perf_counter() - start, 1)}
+    for name, model in (("trained", trained), ("untrained", untrained)):
+        z = latents(model, x_t, x_tH)
+        result[name] = {
+            f"fit_{n}_episodes": {str(l2): round(ridge_probe_r2(z[episode < n], y[episode < n], z[held_out],
+                                                               y[held_out], l2), 3) for l2 in args.l2}
+            for n in args.fit_episodes
+        }
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
