@@ -32,7 +32,8 @@ HELD_OUT = 100
 
 
 def windows(episodes, horizon: int, view: str):
-    """Every (x_t, x_{t+H}) pair of every episode as float frames in [0, 1], with the net (dx, dy) between them."""
+    """Every (x_t, x_{t+H}) pair of every episode as uint8 ``[M, 3, h, w]`` frames, with the net (dx, dy) between
+    them (kept as uint8: float copies of ~6,000 pairs would take 4x the memory for nothing)."""
     x_t, x_tH, displacement, episode = [], [], [], []
     for i, ep in enumerate(episodes):
         frames = ep.frames[view]  # [T, h, w, 3] uint8, one frame per action
@@ -41,7 +42,7 @@ def windows(episodes, horizon: int, view: str):
             x_tH.append(frames[t + horizon])
             displacement.append(ep.actions[t:t + horizon, :2].sum(0))
             episode.append(i)
-    as_images = lambda xs: torch.from_numpy(np.stack(xs)).permute(0, 3, 1, 2).float() / 255  # noqa: E731
+    as_images = lambda xs: torch.from_numpy(np.stack(xs)).permute(0, 3, 1, 2)  # noqa: E731
     return as_images(x_t), as_images(x_tH), torch.from_numpy(np.stack(displacement)).float(), torch.tensor(episode)
 
 
@@ -60,8 +61,10 @@ def fresh_weights(model: torch.nn.Module) -> torch.nn.Module:
 
 
 @torch.no_grad()
-def latents(model, x_t: torch.Tensor, x_tH: torch.Tensor) -> torch.Tensor:  # -> [M, N * D]
-    return torch.cat([model.encode(x_t[i:i + 512], x_tH[i:i + 512]).flatten(1) for i in range(0, len(x_t), 512)])
+def latents(model, x_t: torch.Tensor, x_tH: torch.Tensor) -> torch.Tensor:  # uint8 frames -> [M, N * D]
+    as_float = lambda x: x.float() / 255  # noqa: E731  (the model takes frames in [0, 1])
+    return torch.cat([model.encode(as_float(x_t[i:i + 512]), as_float(x_tH[i:i + 512])).flatten(1)
+                      for i in range(0, len(x_t), 512)])
 
 
 def main() -> None:
