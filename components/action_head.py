@@ -166,8 +166,12 @@ class FlowMatchingActionHead(nn.Module):
         noise_s: float = 0.999,
         num_timestep_buckets: int = 1000,
         gradient_checkpointing: bool = False,
+        use_state: bool = True,
     ) -> None:
         super().__init__()
+        # False: no state token; the head acts on what it sees and is told only (the "no proprioception" ablation:
+        # with few demonstrations the state alone can identify a demonstration and be copied, not the scene).
+        self.use_state = use_state
         self.max_state_dim, self.max_action_dim, self.horizon = max_state_dim, max_action_dim, horizon
         self.cross_attention_dim = cross_attention_dim
         self.num_inference_steps = num_inference_steps
@@ -222,6 +226,12 @@ class FlowMatchingActionHead(nn.Module):
                 f"got {tuple(state.shape)}"
             )
 
+    def _state_token(self, state: torch.Tensor | None, groups: EmbodimentGroups) -> torch.Tensor | None:
+        # state [B, S_max] | None -> [B, 1, D] | None
+        if state is None or not self.use_state:
+            return None
+        return self.state_encoder(state[:, None], groups)
+
     def _velocity(self, noisy_actions: torch.Tensor, time_bucket: torch.Tensor, state_token: torch.Tensor | None,
                   context: VLContext, groups: EmbodimentGroups,
                   scale_shifts: list[torch.Tensor] | None = None) -> torch.Tensor:
@@ -261,7 +271,7 @@ class FlowMatchingActionHead(nn.Module):
                 f"got {tuple(noisy_actions.shape)}"
             )
         groups = EmbodimentGroups.from_ids(embodiment_id)
-        state_token = self.state_encoder(state[:, None], groups) if state is not None else None
+        state_token = self._state_token(state, groups)
         return self._velocity(noisy_actions, self.time_bucket(t), state_token, VLContext.build(vl_tokens, vl_mask), groups)
 
     def loss(self, vl_tokens: torch.Tensor, vl_mask: torch.Tensor, state: torch.Tensor | None, actions: torch.Tensor,
@@ -296,7 +306,7 @@ class FlowMatchingActionHead(nn.Module):
         context = VLContext.build(vl_tokens, vl_mask)
         if use_kv_cache:
             context.kv = [blk.keys_values(vl_tokens) if blk.is_cross else None for blk in self.blocks]
-        state_token = self.state_encoder(state[:, None], groups) if state is not None else None
+        state_token = self._state_token(state, groups)
         x = torch.randn(B, self.horizon, self.max_action_dim, generator=generator, device=vl_tokens.device,
                         dtype=vl_tokens.dtype)  # A^0 ~ N(0, I)
         t = (torch.arange(K, device=x.device, dtype=torch.float32) / K)[:, None].expand(K, B)  # [K, B]: 0, 1/K, ...

@@ -125,6 +125,22 @@ def test_padded_vl_tokens_do_not_change_the_output():
     assert (head(noisy, t, changed, mask, state, ids) - out).abs().amax(dim=(1, 2))[mask.any(1)].min() > 1e-3
 
 
+def test_head_without_state_ignores_the_state():
+    """``use_state=False`` (the no-proprioception ablation): velocity and samples do not move with the state."""
+    vl, mask, state, ids = random_inputs(tiny_head())
+    noisy, t = torch.randn(6, 4, 4), torch.rand(6)
+    other = torch.randn_like(state) * 10
+    for use_state in (False, True):
+        torch.manual_seed(SEED)
+        head = tiny_head(use_state=use_state).eval()
+        moved = (head(noisy, t, vl, mask, other, ids) - head(noisy, t, vl, mask, state, ids)).abs().amax()
+        sampled = [head.sample(vl, mask, s, ids, generator=torch.Generator().manual_seed(1)) for s in (state, other)]
+        if use_state:  # the same head with its state token does move, so the check below can fail
+            assert moved > 1e-2 and (sampled[0] - sampled[1]).abs().amax() > 1e-2
+        else:
+            assert moved == 0 and torch.equal(sampled[0], sampled[1])
+
+
 @pytest.mark.parametrize("interleave", [True, False])
 def test_kv_cache_gives_the_same_actions(interleave):
     torch.manual_seed(SEED)
