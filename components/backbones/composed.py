@@ -61,6 +61,8 @@ class ComposedBackbone(VisionLanguageBackbone):
         scale_factor: pixel shuffle factor; tokens per view = (image_size / patch_size / scale_factor) ** 2.
         keypoints: conv encoders only: K > 0 adds one token per view holding K spatial-softmax keypoints of the
             feature map (``SpatialSoftmaxKeypoints``), for precise object positions; 0 (default): none.
+        coord_channels: random conv towers only: append two channels holding each pixel's (x, y) in [-1, 1] to the
+            image (CoordConv, Liu et al. 2018), so a filter can read where a feature is, not only that it is there.
     """
 
     def __init__(
@@ -86,6 +88,7 @@ class ComposedBackbone(VisionLanguageBackbone):
         lm_layers: int = 4,
         lm_heads: int = 4,
         keypoints: int = 0,
+        coord_channels: bool = False,
     ) -> None:
         super().__init__(project_to, max_text_tokens)
         self.tokenizer = (
@@ -96,6 +99,10 @@ class ComposedBackbone(VisionLanguageBackbone):
 
         # NaFlex encoders (SigLIP2) take patch sequences and resize their position grid to any image size.
         naflex = "siglip2_vision_model"
+        if coord_channels and (vision_pretrained_path is not None or vision_model_type != "resnet"):
+            raise ValueError("coord_channels=True needs the random conv tower (vision_model_type: resnet, no "
+                             "vision_pretrained_path): a pretrained or ViT encoder takes 3-channel images")
+        self.coord_channels = coord_channels
         if vision_pretrained_path is None and vision_model_type == "resnet":
             # A conv tower: stem (stride 4) + `vision_layers` basic-block stages of `vision_hidden_size` channels,
             # every stage after the first halving the grid; its feature map becomes the patch tokens.
@@ -105,6 +112,7 @@ class ComposedBackbone(VisionLanguageBackbone):
                 hidden_sizes=[vision_hidden_size] * vision_layers,
                 depths=[1] * vision_layers,
                 layer_type="basic",
+                num_channels=5 if coord_channels else 3,
             )
             image_mean, image_std, rescale_factor = _SIGLIP_MEAN, _SIGLIP_STD, 1 / 255
         elif vision_pretrained_path is None:
@@ -152,7 +160,7 @@ class ComposedBackbone(VisionLanguageBackbone):
         if self._feature_map:
             vision_dim = vision_config.hidden_sizes[-1]
             with torch.no_grad():  # the grid follows from the strides; one probe is simpler than summing them
-                probe = self.vision_model(pixel_values=torch.zeros(1, 3, image_size, image_size))
+                probe = self.vision_model(pixel_values=self._with_coords(torch.zeros(1, 3, image_size, image_size)))
             self.grid = probe.last_hidden_state.shape[-1]
             self.patch_size = image_size // self.grid
             if self.grid % scale_factor:
@@ -249,7 +257,7 @@ class ComposedBackbone(VisionLanguageBackbone):
                 spatial_shapes=torch.tensor([[g, g]] * n, device=pixels.device),
             )
         else:
-            out = self.vision_model(pixel_values=pixels)
+            out = self.vision_model(pixel_values=self._with_coords(pixels))
         if self._feature_map:
             feature_map = out.last_hidden_state  # [N, C, g, g]
             tokens = self.connector(feature_map.flatten(2).transpose(1, 2))  # [N, (g/s)^2, D_lm]
@@ -258,6 +266,16 @@ class ComposedBackbone(VisionLanguageBackbone):
             return torch.cat([tokens, self.keypoint_reader(feature_map)], dim=1)  # [N, (g/s)^2 + 1, D_lm]
         # Encoders with a CLS token (CLIP) or registers put them first; the patch grid is the last g*g tokens.
         return self.connector(out.last_hidden_state[:, -g * g :])  # [N, T, D_lm]
+
+    def _with_coords(self, pixels: torch.Tensor) -> torch.Tensor:
+        """``[N, 3, h, w]`` -> ``[N, 5, h, w]`` with x and y in [-1, 1] when ``coord_channels``, else unchanged."""
+        if not self.coord_channels:
+            return pixels
+        n, _, h, w = pixels.shape
+        ys = torch.linspace(-1.0, 1.0, h, device=pixels.device, dtype=pixels.dtype)
+        xs = torch.linspace(-1.0, 1.0, w, device=pixels.device, dtype=pixels.dtype)
+        grid = torch.stack(torch.meshgrid(xs, ys, indexing="xy"))  # [2, h, w]: channel 0 is x, channel 1 is y
+        return torch.cat([pixels, grid.expand(n, 2, h, w)], dim=1)
 
     def _embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
         return self.language_model.get_input_embeddings()(ids)

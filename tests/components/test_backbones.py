@@ -305,6 +305,22 @@ def test_keypoint_token_follows_an_object_and_needs_a_feature_map():
         ComposedBackbone(keypoints=8)  # the default ViT has patch tokens, no feature map
 
 
+def test_coord_channels_break_the_conv_towers_translation_equivariance():
+    """CoordConv's point: a feature can say *where* it is. On a uniform image, the plain tower's cells far from the
+    zero-padded border are all equal (it is translation-equivariant there); with the (x, y) channels they differ."""
+    image = torch.full((1, 3, 256, 256), 128, dtype=torch.uint8)  # a 32 x 32 feature map: plenty of interior cells
+    spread = {}
+    for coords in (False, True):
+        backbone = _build(ComposedBackbone, vision_model_type="resnet", image_size=256, coord_channels=coords).eval()
+        with torch.no_grad():
+            fmap = backbone.vision_model(pixel_values=backbone._with_coords(backbone._pixels(image))).last_hidden_state
+        interior = fmap[0, :, 12:20, 12:20].flatten(1)  # [C, 64 cells]
+        spread[coords] = (interior - interior[:, :1]).abs().amax().item()
+    assert spread[False] < 1e-5 and spread[True] > 1e-2, spread
+    with pytest.raises(ValueError, match="coord_channels=True needs the random conv tower"):
+        ComposedBackbone(coord_channels=True)  # a ViT takes 3-channel images
+
+
 def test_spatial_softmax_keypoint_lands_on_a_peak_between_cells():
     """A Gaussian bump centred between cells: the expected position is the bump's centre, not the nearest cell."""
     reader = SpatialSoftmaxKeypoints(channels=1, num_keypoints=1, out_dim=4)

@@ -163,7 +163,8 @@ ABLATIONS = sorted((REPO_ROOT / "recipes" / "ablations").glob("*.yaml"))
 def test_each_ablation_layers_on_the_pretraining_recipe(overlay: Path) -> None:
     """Every value an ablation sets survives layering and validation (a renamed argument fails here, not in a run)."""
     # Overlays of the conv tower layer on the composed backbone (and the keypoints on the conv tower).
-    needs = {"conv_vision": ["composed_backbone"], "keypoints": ["composed_backbone", "conv_vision"]}
+    needs = {"conv_vision": ["composed_backbone"], "keypoints": ["composed_backbone", "conv_vision"],
+             "coord_conv": ["composed_backbone", "conv_vision"]}
     base = [str(REPO_ROOT / "recipes" / "ablations" / f"{name}.yaml") for name in needs.get(overlay.stem, [])]
     config = _flatten(_print_config(PRETRAIN, *base, str(overlay)))
     for key, value in _flatten(yaml.safe_load(overlay.read_text())).items():
