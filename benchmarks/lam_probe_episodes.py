@@ -14,7 +14,6 @@ Prints one JSON object.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import time
@@ -46,18 +45,14 @@ def windows(episodes, horizon: int, view: str):
     return as_images(x_t), as_images(x_tH), torch.from_numpy(np.stack(displacement)).float(), torch.tensor(episode)
 
 
-@torch.no_grad()
-def fresh_weights(model: torch.nn.Module) -> torch.nn.Module:
-    """The same architecture re-drawn at random, as the model's constructor initialises it."""
+def untrained_model(checkpoint: str) -> torch.nn.Module:
+    """The checkpoint's architecture with fresh weights, built by its constructor from the saved hyperparameters."""
+    from lightning.pytorch.cli import instantiate_module
+
+    hparams = torch.load(checkpoint, map_location="cpu", weights_only=False)["hyper_parameters"]
     torch.manual_seed(0)
-    for module in model.modules():
-        reset = getattr(module, "reset_parameters", None) or getattr(module, "_reset_parameters", None)
-        if reset is not None:  # Linear, LayerNorm, BatchNorm (running statistics too), MultiheadAttention
-            reset()
-        else:  # free embeddings (latent queries, patch and frame positions) are drawn as N(0, 0.02^2)
-            for p in module.parameters(recurse=False):
-                torch.nn.init.normal_(p, std=0.02)
-    return model.eval()
+    module = instantiate_module(LatentActionModule, {k: v for k, v in hparams.items() if k != "_instantiator"})
+    return module.model.eval()
 
 
 @torch.no_grad()
@@ -82,7 +77,7 @@ def main() -> None:
         parser.error(f"--episodes must exceed {HELD_OUT} (held out) + the largest --fit-episodes")
 
     trained = LatentActionModule.load_from_checkpoint(args.checkpoint, map_location="cpu").model.eval()
-    untrained = fresh_weights(copy.deepcopy(trained))
+    untrained = untrained_model(args.checkpoint)
 
     start = time.perf_counter()
     x_t, x_tH, y, episode = windows(list(generate_episodes("robot", args.episodes, seed=args.seed)), args.horizon,
