@@ -11,8 +11,12 @@
 # demo cache is rebuilt whenever the views change); a `_shift` suffix adds DrQ's random-shift image augmentation
 # (recipes/ablations/random_shift.yaml); a `_dart` suffix (50 demos only) records the demonstrations with DART noise
 # injection (recipes/metaworld/dart.yaml: noisy execution, clean expert labels; its own cache); a `_kp` suffix (with
-# `_conv`) adds a spatial-softmax keypoint token per view (recipes/ablations/keypoints.yaml).
-# DEMOS: 10 (default) or 50 per task. OMP_NUM_THREADS (default 1) sets the threads of the training process.
+# `_conv`) adds a spatial-softmax keypoint token per view (recipes/ablations/keypoints.yaml); a `_coord` suffix (with
+# `_conv`) gives the conv tower CoordConv's (x, y) input channels (recipes/ablations/coord_conv.yaml); a `_nostate`
+# suffix gives the flow head no proprioceptive state (recipes/ablations/no_state.yaml).
+# DEMOS: 10 (default), 50 or 100 per MT10 task, or goal50: 50 per task of reach, push and pick-place only
+# (recipes/metaworld/goal_tasks50.yaml; evaluated on those three). EPISODES (default 10): evaluation episodes per
+# task. OMP_NUM_THREADS (default 1) sets the threads of the training process.
 # FIT_ARGS (after DEMOS) go to `lightning fit` as further overrides, e.g. `--model.init_args.optimizer.init_args.lr=1e-3`;
 # give such a run a TAG, which is added to its directory name (runs/metaworld/ARM_TAG_dDEMOS_sSEED).
 # Writes runs/metaworld/ARM_dDEMOS_sSEED/{checkpoints/last.ckpt, checkpoints/step=*.ckpt (every quarter of the run,
@@ -38,16 +42,21 @@ case "$arm" in *_ema*) cat >> "$out/overlay.yaml" <<YAML
 YAML
 ;; esac
 configs=(--config recipes/pretrain.yaml --config recipes/metaworld/posttrain_scratch.yaml)
+eval_tasks=MT10
 case "$demos" in
   10) ;;
   50) configs+=(--config recipes/metaworld/demos50.yaml) ;;
-  *) echo "DEMOS must be 10 or 50, got $demos" >&2; exit 2 ;;
+  100) configs+=(--config recipes/metaworld/demos100.yaml) ;;
+  goal50) configs+=(--config recipes/metaworld/goal_tasks50.yaml); eval_tasks=reach-v3,push-v3,pick-place-v3 ;;
+  *) echo "DEMOS must be 10, 50, 100 or goal50, got $demos" >&2; exit 2 ;;
 esac
 case "$arm" in *_pretrained*) configs+=(--config recipes/metaworld/posttrain_pretrained.yaml) ;; esac
 case "$arm" in regression*) configs+=(--config recipes/ablations/regression_head.yaml) ;; esac
 case "$arm" in *_conv*) configs+=(--config recipes/ablations/composed_backbone.yaml
   --config recipes/ablations/conv_vision.yaml) ;; esac
 case "$arm" in *_kp*) configs+=(--config recipes/ablations/keypoints.yaml) ;; esac
+case "$arm" in *_coord*) configs+=(--config recipes/ablations/coord_conv.yaml) ;; esac
+case "$arm" in *_nostate*) configs+=(--config recipes/ablations/no_state.yaml) ;; esac
 case "$arm" in *_ws*) configs+=(--config recipes/metaworld/workspace_camera.yaml) ;; esac
 case "$arm" in *_shift*) configs+=(--config recipes/ablations/random_shift.yaml) ;; esac
 case "$arm" in *_dart*) [ "$demos" = 50 ] || { echo "the _dart arms need DEMOS=50" >&2; exit 2; }
@@ -63,8 +72,8 @@ start=$(date +%s)
 "$PYTHON" -m vla_zoo fit "${configs[@]}" --config "$out/overlay.yaml" --seed_everything="$seed" \
   ${fit_args[@]+"${fit_args[@]}"} > "$out/train.log" 2>&1
 train_s=$(( $(date +%s) - start ))
-"$PYTHON" -m vla_zoo.evaluation --env metaworld --checkpoint "$out/checkpoints/last.ckpt" --tasks MT10 \
-  --episodes 10 --execute-steps 8 --seed 1000 --videos 1 --out "$out/eval" > "$out/eval.log"
-echo "{\"arm\": \"$arm\", \"tag\": \"${TAG:-}\", \"fit_args\": \"${fit_args[*]+${fit_args[*]}}\", \"demos\": $demos, \"seed\": $seed, \"steps\": $steps, \"train_seconds\": $train_s}" \
+"$PYTHON" -m vla_zoo.evaluation --env metaworld --checkpoint "$out/checkpoints/last.ckpt" --tasks "$eval_tasks" \
+  --episodes "${EPISODES:-10}" --execute-steps 8 --seed 1000 --videos 1 --out "$out/eval" > "$out/eval.log"
+echo "{\"arm\": \"$arm\", \"tag\": \"${TAG:-}\", \"fit_args\": \"${fit_args[*]+${fit_args[*]}}\", \"demos\": \"$demos\", \"seed\": $seed, \"steps\": $steps, \"train_seconds\": $train_s}" \
   > "$out/run.json"
 cat "$out/run.json"

@@ -44,6 +44,7 @@ def _mismatched_sources(cli: VLAZooCLI) -> list[str]:
     (["metaworld/posttrain_pretrained.yaml"], "FlowMatchingActionHead", "runs/pretrain/checkpoints/last.ckpt",
      {"robot"}, 10),
     (["metaworld/demos50.yaml"], "FlowMatchingActionHead", None, {"robot"}, 50),
+    (["metaworld/demos100.yaml"], "FlowMatchingActionHead", None, {"robot"}, 100),
     (["metaworld/cotrain_human.yaml"], "FlowMatchingActionHead", None, {"robot", "human"}, 10),
     (["metaworld/demos50.yaml", "metaworld/cotrain_human.yaml", "metaworld/cotrain_human_demos50.yaml"],
      "FlowMatchingActionHead", None, {"robot", "human"}, 50),
@@ -65,6 +66,13 @@ def test_recipe_instantiates_consistently(overlays, head, init_from, tiers, epis
     assert model.hparams.init_from == init_from
     evals = [c for c in cli.trainer.callbacks if isinstance(c, ClosedLoopEvalCallback)]
     assert len(evals) == 1 and len(evals[0].tasks) == 10
+
+
+def test_goal_task_probe_trains_on_its_three_tasks_only(tmp_path, monkeypatch) -> None:
+    cli = _instantiate(["metaworld/goal_tasks50.yaml"], tmp_path, monkeypatch)
+    assert cli.datamodule.prepare.tasks == ["reach-v3", "push-v3", "pick-place-v3"]
+    assert cli.datamodule.prepare.episodes == {"robot": 50}
+    assert not _mismatched_sources(cli)
 
 
 def test_camera_and_augmentation_overlays_reach_the_preparer_and_the_policy(tmp_path, monkeypatch) -> None:
