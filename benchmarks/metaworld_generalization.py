@@ -18,6 +18,7 @@ action's own units, per task: over all steps and over the first chunk).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 
@@ -39,7 +40,7 @@ def action_errors(policy, episodes, execute_every: int, metadata, instruction: s
     every, first = [], []
     for episode in episodes:
         if instruction is not None:
-            episode.instruction = instruction
+            episode = dataclasses.replace(episode, instruction=instruction)
         predicted = predict_episode(policy, episode, execute_every, metadata)  # [T, A]
         squared = (predicted - episode.actions) ** 2
         every.append(squared.mean())

@@ -170,7 +170,7 @@ class FlowMatchingActionHead(nn.Module):
     ) -> None:
         super().__init__()
         # False: no state token; the head acts on what it sees and is told only (the "no proprioception" ablation:
-        # with few demonstrations the state alone can identify a demonstration and be copied, not the scene).
+        # with few demonstrations the hand's path can tell which demonstration to copy, so the scene gets ignored).
         self.use_state = use_state
         self.max_state_dim, self.max_action_dim, self.horizon = max_state_dim, max_action_dim, horizon
         self.cross_attention_dim = cross_attention_dim

@@ -162,7 +162,7 @@ ABLATIONS = sorted((REPO_ROOT / "recipes" / "ablations").glob("*.yaml"))
 @pytest.mark.parametrize("overlay", ABLATIONS, ids=lambda p: p.stem)
 def test_each_ablation_layers_on_the_pretraining_recipe(overlay: Path) -> None:
     """Every value an ablation sets survives layering and validation (a renamed argument fails here, not in a run)."""
-    # Overlays of the conv tower layer on the composed backbone (and the keypoints on the conv tower).
+    # Overlays of the conv tower layer on the composed backbone (and keypoints and CoordConv on the conv tower).
     needs = {"conv_vision": ["composed_backbone"], "keypoints": ["composed_backbone", "conv_vision"],
              "coord_conv": ["composed_backbone", "conv_vision"]}
     base = [str(REPO_ROOT / "recipes" / "ablations" / f"{name}.yaml") for name in needs.get(overlay.stem, [])]
