@@ -29,7 +29,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from datamodules.shards import read_episodes  # noqa: E402
-from envs.metaworld.generate import close_envs, generate_demo  # noqa: E402
+from envs.metaworld.generate import MetaWorldDemos  # noqa: E402
 from envs.metaworld.tasks import instruction_for, resolve_tasks  # noqa: E402
 from vla_zoo.open_loop import predict_episode  # noqa: E402
 from vla_zoo.policy import Policy  # noqa: E402
@@ -80,15 +80,14 @@ def main() -> None:
     result = {"checkpoint": args.checkpoint, "episodes": args.episodes, "unseen_seed": args.seed,
               "execute_every": args.execute_every, "instruction_of": args.instruction_of, "tasks": {}}
     for task in tasks:
-        unseen = [generate_demo({"tier": "robot", "task": task, "index": i, "seed": args.seed, "image_size": size,
-                                 "views": views, "max_steps": 300, "max_attempts": 5, "sim_noise": 0.0,
-                                 "dart_noise": 0.0}) for i in range(args.episodes)]
+        # The demonstration generator's own jobs, under another seed (rendered here, not cached).
+        unseen = MetaWorldDemos(tasks=[task], episodes_per_task=args.episodes, seed=args.seed, image_size=size,
+                                views=views, max_attempts=5, num_workers=1).iter_episodes("robot")
         result["tasks"][task] = {
             "seen": action_errors(policy, seen[task], args.execute_every, metadata, swapped),
             "unseen": action_errors(policy, [e for e in unseen if e is not None], args.execute_every, metadata,
                                     swapped),
         }
-    close_envs()
     print(json.dumps(result))
 
 
