@@ -241,3 +241,34 @@ def test_source_config_dataclass_is_accepted(pool):
     cfg = [SourceConfig(name="a", shards=str(pool / "a"), embodiment="arm", weight=1.0)]
     dm = datamodule(pool, sources=cfg, batches_per_epoch=1)
     assert next(iter(dm.train_dataloader()))["source_id"].eq(0).all()
+
+
+def _stream(dm, num_workers=0):
+    """(source, episode, step, image checksum) of every sample, and the error counts, of one epoch."""
+    keys, errors = [], Counter()
+    for batch in DataLoader(dm.make_dataset(), batch_size=None, num_workers=num_workers):
+        errors.update(batch.pop("_errors"))
+        sums = batch[schema.IMAGES].flatten(1).long().sum(1)
+        keys += list(zip(*(batch[k].tolist() for k in ("source_id", "episode", "step")), sums.tolist()))
+    return keys, errors
+
+
+@pytest.mark.parametrize("fault", ["undecodable_image", "truncated_tar"])
+def test_cached_source_gives_the_stream_and_error_counts_of_the_tars(pool, tmp_path, fault):
+    """``cache: true`` decodes a source into memory once; what the stream yields, and the corrupt samples it
+    counts, must not change (the recipe's speed-up may not be a change of data)."""
+    make_source(tmp_path / "bad", "bad", 4, seed=5, embodiment="arm", samples_per_shard=40)
+    corrupt_shard(tmp_path / "bad" / "shard-000000.tar", fault)
+
+    def dm(cache: bool):
+        cfg = sources(pool, ["a", "c", "d"], **{n: {"cache": cache} for n in "acd"})
+        cfg += [dict(name="bad", shards=str(tmp_path / "bad"), embodiment="arm", weight=1.0, cache=cache)]
+        return datamodule(pool, sources=cfg, batch_size=20, batches_per_epoch=30, seed=7)
+
+    streamed, cached = dm(False), dm(True)
+    assert streamed.resolved[0].decoded is None and cached.resolved[0].decoded is not None
+    keys, errors = _stream(streamed)
+    assert errors[f"bad/{fault}"] >= 1
+    assert _stream(cached) == (keys, errors)
+    # Worker processes read the parent's decoded samples (fork): the same batches, split over two workers.
+    assert sorted(_stream(cached, num_workers=2)[0]) == sorted(_stream(streamed, num_workers=2)[0])
