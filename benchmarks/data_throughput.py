@@ -3,6 +3,8 @@
 The limit reads the same tar members and decodes the same JPEGs and arrays (``decode_sample``) in a tight,
 single-process loop over every shard of every source. The loader is ``MixtureDataModule``'s train loader with 0, 1
 and 2 workers (resampling, shuffling, mixing, normalising, padding, collating). Target: loader >= 70% of the limit.
+The same loader with every source decoded into memory once (``cache: true``; 0 workers) is measured beside it,
+with the time that decoding took.
 
     python benchmarks/data_throughput.py                         # the default tabletop pyramid
     python benchmarks/data_throughput.py --shards DIR [DIR ...]  # any source directories
@@ -94,12 +96,21 @@ def main() -> None:
     embodiments = {e: i for i, e in enumerate(sorted({m["embodiment"] for m in metas.values()}))}
     sources = [{"name": m["name"], "shards": d, "embodiment": m["embodiment"], "has_action": m["has_action"]}
                for d, m in metas.items()]
-    dm = MixtureDataModule(sources, embodiments, horizon=min(m["horizon"] for m in metas.values()),
-                           batch_size=args.batch_size, batches_per_epoch=args.samples // args.batch_size + 1)
+    def datamodule(cache: bool) -> MixtureDataModule:
+        return MixtureDataModule([{**s, "cache": cache} for s in sources], embodiments,
+                                 horizon=min(m["horizon"] for m in metas.values()), batch_size=args.batch_size,
+                                 batches_per_epoch=args.samples // args.batch_size + 1)
+
+    dm = datamodule(cache=False)
     dm.setup()
 
     limit = measure_limit(dirs, args.limit_seconds)
     loader = {str(w): measure_loader(dm, w) for w in args.workers}
+    cached = datamodule(cache=True)
+    start = time.perf_counter()
+    cached.setup()
+    fill_s = time.perf_counter() - start
+    cached_loader = measure_loader(cached, 0)
     print(json.dumps({
         "data": data,
         "sources": {m["name"]: m["samples"] for m in metas.values()},
@@ -110,6 +121,9 @@ def main() -> None:
         "loader_samples_per_s": {w: round(v, 1) for w, v in loader.items()},
         "loader_over_limit": {w: round(v / limit, 3) for w, v in loader.items()},
         "target_over_limit": 0.7,
+        "cached_fill_s": round(fill_s, 1),
+        "cached_loader_samples_per_s_0_workers": round(cached_loader, 1),
+        "cached_over_streamed_0_workers": round(cached_loader / loader["0"], 1) if "0" in loader else None,
     }, indent=1))
 
 

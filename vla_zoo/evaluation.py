@@ -358,7 +358,7 @@ def _load_policy(args: argparse.Namespace) -> PolicyOrFactory:
         raise SystemExit("pass --checkpoint CKPT (or --policy expert)")
     from vla_zoo.policy import Policy  # the trained-model policy; imported here so the experts need no model code
 
-    return Policy.from_checkpoint(args.checkpoint)
+    return Policy.from_checkpoint(args.checkpoint, num_steps=args.inference_steps)
 
 
 def _env_kwargs(args: argparse.Namespace, metadata: dict[str, Any] | None) -> dict[str, Any]:
@@ -400,6 +400,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--tasks", default=None, help="comma-separated tasks (Meta-World: names or MT10)")
     parser.add_argument("--episodes", type=int, default=10, help="episodes per task")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--inference-steps", type=int, default=None,
+                        help="Euler steps of the flow-matching head per chunk (default: the head's own, 4)")
     parser.add_argument("--execute-steps", type=int, default=None, help="actions per chunk before re-planning")
     parser.add_argument("--max-steps", type=int, default=None, help="episode length limit")
     parser.add_argument("--image-size", type=int, default=None)

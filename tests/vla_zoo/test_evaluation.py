@@ -273,3 +273,20 @@ def test_callback_rolls_out_the_averaged_weights_and_refuses_an_order_that_would
     assert seen == [pytest.approx(0.625)]
     with pytest.raises(ValueError, match="list ClosedLoopEvalCallback before EMAWeightAveraging"):
         fit([EMAWeightAveraging(decay=0.5), evaluate])
+
+
+def test_inference_steps_flag_reaches_the_checkpoint_policy(monkeypatch):
+    """``--inference-steps K`` must set the Euler steps of the loaded policy (None keeps the head's own)."""
+    from vla_zoo import evaluation
+    from vla_zoo.policy import Policy
+
+    seen = []
+    monkeypatch.setattr(Policy, "from_checkpoint", classmethod(lambda cls, path, **kw: seen.append((path, kw))))
+    for argv, steps in ((["--inference-steps", "16"], 16), ([], None)):
+        parser_args = ["--checkpoint", "x.ckpt", "--out", "o", *argv]
+        monkeypatch.setattr(evaluation, "evaluate_closed_loop", lambda *a, **k: {"success": {}, "average": 0.0})
+        monkeypatch.setattr(evaluation, "_env_kwargs", lambda *a: {})
+        monkeypatch.setattr(evaluation, "resolve_make_env", lambda *a, **k: None)
+        monkeypatch.setattr(evaluation, "resolve_tasks", lambda *a: [])
+        evaluation.main(parser_args)
+        assert seen[-1] == ("x.ckpt", {"num_steps": steps})

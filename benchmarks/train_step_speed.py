@@ -1,0 +1,100 @@
+"""What the Meta-World recipe's training step costs, and what each of its speed-ups buys, measured in one process.
+
+The model is the 50-demo MT10 recipe's (``recipes/metaworld/*`` + the conv-tower ablation): a ComposedBackbone with
+the random ResNet tower and a 2-layer Llama, and the flow-matching DiT head, at batch 32 x 2 views of 64 px.
+Every comparison is a ratio of two arms timed alternately (best of ``--repeats``), because this machine is shared:
+
+- ``conv_tower``: the tower's forward + backward with NCHW weights and input against channels-last (NHWC), which
+  ``ComposedBackbone`` now uses for conv towers;
+- ``optimizer``: one full training step (backbone + head forward, backward, AdamW step) with AdamW's default
+  per-parameter loop on CPU against ``foreach=True`` and ``fused=True`` (``recipes/pretrain.yaml`` sets fused).
+
+The data side (decoded-in-memory sources against streaming the tars) is in ``benchmarks/data_throughput.py``.
+Run: ``PYTHONPATH=. python benchmarks/train_step_speed.py`` (prints JSON).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+
+import torch
+
+from components.action_head import FlowMatchingActionHead
+from components.backbones import ComposedBackbone
+
+INSTRUCTIONS = ["push the puck to the goal", "open the drawer", "reach the goal", "close the window"]
+
+
+def alternate(arms: dict, repeats: int) -> dict[str, float]:
+    """Best wall-clock seconds of each arm over ``repeats`` rounds, the arms run in turn within every round."""
+    for fn in arms.values():  # warm-up: allocator, oneDNN kernels, prompt cache
+        fn()
+    best = {name: float("inf") for name in arms}
+    for _ in range(repeats):
+        for name, fn in arms.items():
+            start = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - start)
+    return best
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=10)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    B, V = args.batch, 2
+
+    backbone = ComposedBackbone(vision_model_type="resnet", lm_model_type="llama", select_layer=2, project_to=128,
+                                image_size=64, scale_factor=2, vision_hidden_size=64, vision_layers=2,
+                                lm_hidden_size=128, lm_layers=4, tune_llm=True).train()
+    head = FlowMatchingActionHead(num_embodiments=4, max_state_dim=8, max_action_dim=8, horizon=16, hidden_dim=128,
+                                  num_layers=4, num_heads=4, cross_attention_dim=128, embodiment_hidden_dim=128,
+                                  dropout=0.1).train()
+    images = torch.randint(0, 256, (B, V, 3, 64, 64), dtype=torch.uint8)
+    instructions = [INSTRUCTIONS[i % len(INSTRUCTIONS)] for i in range(B)]
+    state, actions = torch.randn(B, 8), torch.randn(B, 16, 8)
+    action_mask = torch.zeros(B, 16, 8, dtype=torch.bool)
+    action_mask[..., :4] = True
+    embodiment = torch.zeros(B, dtype=torch.long)
+
+    # The conv tower alone: our channels-last module against an NCHW copy of the same weights.
+    nhwc = backbone.vision_model
+    nchw = copy.deepcopy(nhwc).to(memory_format=torch.contiguous_format)
+    pixels = torch.randn(B * V, 3, 64, 64)
+    pixels_nhwc = pixels.contiguous(memory_format=torch.channels_last)
+    tower = alternate({
+        "nchw": lambda: nchw(pixel_values=pixels).last_hidden_state.sum().backward(),
+        "channels_last": lambda: nhwc(pixel_values=pixels_nhwc).last_hidden_state.sum().backward(),
+    }, args.repeats)
+
+    # A full training step under each AdamW implementation (same model; the state is per optimiser).
+    params = list(backbone.parameters()) + list(head.parameters())
+    optimizers = {name: torch.optim.AdamW(params, lr=1e-5, betas=(0.95, 0.999), weight_decay=1e-5, **kw)
+                  for name, kw in (("for_loop", {"foreach": False}), ("foreach", {"foreach": True}),
+                                   ("fused", {"fused": True}))}
+
+    def step(opt: torch.optim.Optimizer) -> None:
+        tokens, mask = backbone(images, instructions)
+        loss = head.loss(tokens, mask, state, actions, action_mask, embodiment)["loss"]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    steps = alternate({name: (lambda o=o: step(o)) for name, o in optimizers.items()}, args.repeats)
+    print(json.dumps({
+        "batch": B, "views": V, "image_size": 64, "threads": torch.get_num_threads(),
+        "params": sum(p.numel() for p in params), "param_tensors": len(params),
+        "conv_tower_fwd_bwd_ms": {k: round(v * 1e3, 1) for k, v in tower.items()},
+        "conv_tower_speedup_channels_last": round(tower["nchw"] / tower["channels_last"], 2),
+        "train_step_ms": {k: round(v * 1e3, 1) for k, v in steps.items()},
+        "train_step_speedup_over_for_loop": {k: round(steps["for_loop"] / v, 2) for k, v in steps.items()},
+    }, indent=1))
+
+
+if __name__ == "__main__":
+    main()
