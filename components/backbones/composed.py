@@ -158,7 +158,7 @@ class ComposedBackbone(VisionLanguageBackbone):
             else load_pretrained(vision_pretrained_path, vision_config)
         )
         if self._feature_map:
-            # oneDNN's convolutions run 1.5-1.8x faster forward + backward in channels-last (NHWC) layout on this
+            # oneDNN's convolutions run ~1.5x faster forward + backward in channels-last (NHWC) layout on this
             # CPU (benchmarks/train_step_speed.py), as cuDNN's do on tensor cores; parameters keep their layout
             # through .to(device), load_state_dict and EMA copies, and _embed_images feeds NHWC pixels.
             self.vision_model.to(memory_format=torch.channels_last)
