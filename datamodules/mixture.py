@@ -71,7 +71,7 @@ class SourceConfig:
     sources with actions, nothing for actionless ones (which then only feed labelers that train themselves).
     ``cache``: decode the whole source into memory once, in ``setup()``, and stream from there instead of
     re-reading and re-decoding its tars every pass. For a source that fits in RAM (Meta-World's 50 demos per MT10
-    task: ~1.9 GB of decoded frames, ~1 min to fill); the workers share it copy-on-write, which needs the ``fork``
+    task: ~1.9 GB of decoded frames, ~20 s to fill); the workers share it copy-on-write, which needs the ``fork``
     start method (Linux's default), and every DDP rank holds its own copy. The stream keeps its shard order,
     shuffle buffer and error counts.
     """

@@ -261,7 +261,8 @@ class ComposedBackbone(VisionLanguageBackbone):
                 spatial_shapes=torch.tensor([[g, g]] * n, device=pixels.device),
             )
         elif self._feature_map:
-            out = self.vision_model(pixel_values=self._with_coords(pixels).contiguous(memory_format=torch.channels_last))
+            nhwc = self._with_coords(pixels).contiguous(memory_format=torch.channels_last)
+            out = self.vision_model(pixel_values=nhwc)
         else:
             out = self.vision_model(pixel_values=self._with_coords(pixels))
         if self._feature_map:

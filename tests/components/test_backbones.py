@@ -424,3 +424,27 @@ def test_tuned_parts_and_a_probe_learn_a_label_from_pooled_tokens(cls, task, lr,
         out = logits(images, instructions)
     assert F.cross_entropy(out, labels).item() < 0.2
     assert (out.argmax(1) == labels).float().mean().item() > 0.9
+
+
+def test_conv_tower_runs_channels_last_and_computes_what_nchw_computes():
+    """The conv tower is kept channels-last for speed (benchmarks/train_step_speed.py); that must change neither the
+    features nor survive only until the next state-dict load."""
+    import copy
+
+    backbone = _build(ComposedBackbone, vision_model_type="resnet")
+    convs = [p for p in backbone.vision_model.parameters() if p.dim() == 4]
+    assert convs and all(p.is_contiguous(memory_format=torch.channels_last) for p in convs)
+    nchw = copy.deepcopy(backbone.vision_model).to(memory_format=torch.contiguous_format)
+    assert not all(p.is_contiguous(memory_format=torch.channels_last) for p in nchw.parameters() if p.dim() == 4)
+    pixels = torch.randn(4, 3, 64, 64)
+    with torch.no_grad():
+        ours = backbone.vision_model(pixel_values=pixels.contiguous(memory_format=torch.channels_last))
+        theirs = nchw(pixel_values=pixels)
+    torch.testing.assert_close(ours.last_hidden_state, theirs.last_hidden_state, atol=1e-4, rtol=1e-4)
+
+    reloaded = _build(ComposedBackbone, seed=1, vision_model_type="resnet")
+    reloaded.load_state_dict(backbone.state_dict())
+    assert all(p.is_contiguous(memory_format=torch.channels_last)
+               for p in reloaded.vision_model.parameters() if p.dim() == 4)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(_images(2), INSTRUCTIONS[:2])[0], backbone(_images(2), INSTRUCTIONS[:2])[0])
