@@ -73,6 +73,8 @@ def test_goal_task_probe_trains_on_its_three_tasks_only(tmp_path, monkeypatch) -
     assert cli.datamodule.prepare.tasks == ["reach-v3", "push-v3", "pick-place-v3"]
     assert cli.datamodule.prepare.episodes == {"robot": 50}
     assert not _mismatched_sources(cli)
+    evals = [c for c in cli.trainer.callbacks if isinstance(c, ClosedLoopEvalCallback)]
+    assert len(evals) == 1 and evals[0].tasks == ["reach-v3", "push-v3", "pick-place-v3"]
 
 
 def test_camera_and_augmentation_overlays_reach_the_preparer_and_the_policy(tmp_path, monkeypatch) -> None:
