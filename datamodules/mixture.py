@@ -69,11 +69,11 @@ class SourceConfig:
     ``targets``: what this source trains the action head on: ``action`` (its real actions) and/or the kinds of
     pseudo-labels (``latent``, ``idm``, ...) that the model's pseudo-labelers produce. Default: ``[action]`` for
     sources with actions, nothing for actionless ones (which then only feed labelers that train themselves).
-    ``cache``: decode the whole source into memory once, in ``setup()``, and stream from there instead of
-    re-reading and re-decoding its tars every pass. For a source that fits in RAM (Meta-World's 50 demos per MT10
-    task: ~1.9 GB of decoded frames, ~20 s to fill); the workers share it copy-on-write, which needs the ``fork``
-    start method (Linux's default), and every DDP rank holds its own copy. The stream keeps its shard order,
-    shuffle buffer and error counts.
+    ``cache``: decode the whole source into memory once, when its first loader is made, and stream from there
+    instead of re-reading and re-decoding its tars every pass. For a source that fits in RAM (Meta-World's 50 demos
+    per MT10 task: ~1.9 GB of decoded frames, ~20 s to fill). The workers share it copy-on-write, which needs the
+    ``fork`` start method (Linux's default), and every DDP rank holds its own copy. The stream keeps its shard
+    order, shuffle buffer and error counts.
     """
 
     name: str
@@ -148,14 +148,12 @@ def shard_items(url: str, expected: int) -> Iterator[dict | SampleError]:
         yield SampleError("truncated_tar", "shard yielded no samples", url=url)
 
 
-def decode_item(item: dict | SampleError, meta: dict[str, Any]) -> dict | SampleError:
+def decode_item(raw: dict, meta: dict[str, Any]) -> dict | SampleError:
     """A raw sample -> its decoded sample, or the ``SampleError`` that says why it cannot be decoded."""
-    if isinstance(item, SampleError):
-        return item
     try:
-        return decode_sample(item, meta)
+        return decode_sample(raw, meta)
     except SampleError as err:
-        err.url = item.get("__url__")
+        err.url = raw.get("__url__")
         return err
 
 
@@ -505,13 +503,6 @@ class MixtureDataModule(LightningDataModule):
         self.resolved = [self._resolve(cfg, i) for i, cfg in enumerate(self.sources)]
         self.resolved_val = [self._resolve(cfg, i) for i, cfg in enumerate(self.val_sources)]
         self._check_images(self.resolved + self.resolved_val)
-        for r in self.resolved + self.resolved_val:
-            if r.config.cache:
-                r.decoded = decode_source(r)
-                bad = sum(isinstance(x, Undecodable) for shard in r.decoded for x in shard)
-                log.info("source %r: %d samples decoded into memory (%d could not be decoded; they count as errors "
-                         "when the stream reaches them)", r.config.name,
-                         sum(isinstance(x, dict) for shard in r.decoded for x in shard), bad)
         restored = self.normalizers  # a checkpoint loaded before setup keeps its statistics
         self._build_normalizers()
         self.normalizers.update(restored)
@@ -544,6 +535,13 @@ class MixtureDataModule(LightningDataModule):
         if rank is None:
             rank, world_size = self._rank()
         resolved = self.resolved_val if val else self.resolved
+        for r in resolved:
+            if r.config.cache and r.decoded is None:  # once, in this process: forked workers share it
+                r.decoded = decode_source(r)
+                bad = sum(isinstance(x, Undecodable) for shard in r.decoded for x in shard)
+                log.info("source %r: %d samples decoded into memory (%d could not be decoded; they count as errors "
+                         "when the stream reaches them)", r.config.name,
+                         sum(isinstance(x, dict) for shard in r.decoded for x in shard), bad)
         weights = [r.config.weight for r in resolved] if val else self.mixture_weights()
         return MixtureStream(
             resolved, weights, self.normalizers, self.embodiments, horizon=self.horizon,

@@ -266,9 +266,9 @@ def test_cached_source_gives_the_stream_and_error_counts_of_the_tars(pool, tmp_p
         return datamodule(pool, sources=cfg, batch_size=20, batches_per_epoch=30, seed=7)
 
     streamed, cached = dm(False), dm(True)
-    assert streamed.resolved[0].decoded is None and cached.resolved[0].decoded is not None
     keys, errors = _stream(streamed)
     assert errors[f"bad/{fault}"] >= 1
     assert _stream(cached) == (keys, errors)
+    assert streamed.resolved[0].decoded is None and cached.resolved[0].decoded is not None
     # Worker processes read the parent's decoded samples (fork): the same batches, split over two workers.
     assert sorted(_stream(cached, num_workers=2)[0]) == sorted(_stream(streamed, num_workers=2)[0])
