@@ -282,11 +282,10 @@ def test_inference_steps_flag_reaches_the_checkpoint_policy(monkeypatch):
 
     seen = []
     monkeypatch.setattr(Policy, "from_checkpoint", classmethod(lambda cls, path, **kw: seen.append((path, kw))))
+    monkeypatch.setattr(evaluation, "evaluate_closed_loop", lambda *a, **k: {"success": {}, "average": 0.0})
+    monkeypatch.setattr(evaluation, "_env_kwargs", lambda *a: {})
+    monkeypatch.setattr(evaluation, "resolve_make_env", lambda *a, **k: None)
+    monkeypatch.setattr(evaluation, "resolve_tasks", lambda *a: [])
     for argv, steps in ((["--inference-steps", "16"], 16), ([], None)):
-        parser_args = ["--checkpoint", "x.ckpt", "--out", "o", *argv]
-        monkeypatch.setattr(evaluation, "evaluate_closed_loop", lambda *a, **k: {"success": {}, "average": 0.0})
-        monkeypatch.setattr(evaluation, "_env_kwargs", lambda *a: {})
-        monkeypatch.setattr(evaluation, "resolve_make_env", lambda *a, **k: None)
-        monkeypatch.setattr(evaluation, "resolve_tasks", lambda *a: [])
-        evaluation.main(parser_args)
+        evaluation.main(["--checkpoint", "x.ckpt", "--out", "o", *argv])
         assert seen[-1] == ("x.ckpt", {"num_steps": steps})
