@@ -5,8 +5,9 @@
 # regression_pretrained (from runs/pretrain/checkpoints/last.ckpt: run `lightning fit --config
 # recipes/pretrain.yaml` first; the regression arm reuses only its backbone); a `_cotrain` suffix adds the human
 # tier labelled by the co-trained latent-action model; a `_conv` suffix swaps the ViT for the conv vision tower
-# (recipes/ablations/composed_backbone.yaml + conv_vision.yaml); an `_ema` suffix trains with Lightning's
-# EMAWeightAveraging (decay 0.999), whose averaged weights are what the checkpoints hold and what is evaluated; a
+# (recipes/ablations/composed_backbone.yaml + conv_vision.yaml); an `_ema` suffix trains with an EMA of the weights
+# (decay 0.999; vla_zoo.callbacks.ForeachEMAWeightAveraging; runs before 2026-11-25 used Lightning's own
+# EMAWeightAveraging: the same average, a slower update), whose averaged weights the checkpoints hold and evaluate; a
 # `_ws` suffix renders the `workspace` camera instead of `corner` (recipes/metaworld/workspace_camera.yaml; the
 # demo cache is rebuilt whenever the views change); a `_shift` suffix adds DrQ's random-shift image augmentation
 # (recipes/ablations/random_shift.yaml); a `_dart` suffix (50 demos only) records the demonstrations with DART noise
@@ -37,7 +38,7 @@ cat >> "$out/overlay.yaml" <<YAML
       init_args: {dirpath: $out/checkpoints, filename: "{step}", every_n_train_steps: $(( steps >= 4 ? steps / 4 : 1 )), save_top_k: -1}
 YAML
 case "$arm" in *_ema*) cat >> "$out/overlay.yaml" <<YAML
-    - class_path: lightning.pytorch.callbacks.EMAWeightAveraging
+    - class_path: vla_zoo.callbacks.ForeachEMAWeightAveraging
       init_args: {decay: 0.999}
 YAML
 ;; esac

@@ -8,7 +8,10 @@ Every comparison is a ratio of two arms timed alternately (best of ``--repeats``
   ``ComposedBackbone`` now uses for conv towers;
 - ``optimizer``: one full training step (backbone + head forward, backward, AdamW step) with AdamW's default
   per-parameter loop on CPU against ``foreach=True`` and ``fused=True`` (``recipes/pretrain.yaml`` sets fused; at
-  these 163 tensors the three measure level on this CPU, so it is kept for GPUs, where fused is the fast path).
+  these 163 tensors the three measure level on this CPU, so it is kept for GPUs, where fused is the fast path);
+- ``ema_update``: the weight average's per-step update as Lightning's ``EMAWeightAveraging`` does it (three ops
+  per tensor in a Python loop) against ``vla_zoo.callbacks.ForeachEMAWeightAveraging``'s ``_foreach_lerp_``, with
+  the largest difference between the two averages after the timed updates.
 
 The data side (decoded-in-memory sources against streaming the tars) is in ``benchmarks/data_throughput.py``.
 Run: ``PYTHONPATH=. python benchmarks/train_step_speed.py`` (prints JSON).
@@ -22,6 +25,7 @@ import json
 import time
 
 import torch
+from torch.optim.swa_utils import AveragedModel, get_ema_avg_fn, get_ema_multi_avg_fn
 
 from components.action_head import FlowMatchingActionHead
 from components.backbones import ComposedBackbone
@@ -87,6 +91,19 @@ def main() -> None:
         opt.step()
 
     steps = alternate({name: (lambda o=o: step(o)) for name, o in optimizers.items()}, args.repeats)
+
+    # The EMA callback's update after every step, on the same weights (buffers included, as the callback does).
+    model = torch.nn.ModuleList([backbone, head])
+    averages = {"per_tensor": AveragedModel(model, avg_fn=get_ema_avg_fn(0.999), use_buffers=True),
+                "foreach": AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.999), use_buffers=True)}
+
+    def ema_update(average: AveragedModel) -> None:
+        for _ in range(10):
+            average.update_parameters(model)
+
+    ema = alternate({name: (lambda a=a: ema_update(a)) for name, a in averages.items()}, args.repeats)
+    ema_gap = max(float((a - b).abs().max()) for a, b in zip(averages["per_tensor"].parameters(),
+                                                              averages["foreach"].parameters()))
     print(json.dumps({
         "batch": B, "views": V, "image_size": 64, "threads": torch.get_num_threads(),
         "params": sum(p.numel() for p in params), "param_tensors": len(params),
@@ -94,6 +111,10 @@ def main() -> None:
         "conv_tower_speedup_channels_last": round(tower["nchw"] / tower["channels_last"], 2),
         "train_step_ms": {k: round(v * 1e3, 1) for k, v in steps.items()},
         "train_step_speedup_over_for_loop": {k: round(steps["for_loop"] / v, 2) for k, v in steps.items()},
+        "ema_update_ms": {k: round(v * 1e3 / 10, 2) for k, v in ema.items()},
+        "ema_update_speedup_foreach": round(ema["per_tensor"] / ema["foreach"], 2),
+        "ema_update_share_of_foreach_step": round(ema["per_tensor"] / 10 / steps["foreach"], 3),
+        "ema_max_abs_difference": ema_gap,
     }, indent=1))
 
 

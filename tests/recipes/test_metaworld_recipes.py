@@ -98,3 +98,24 @@ def test_cotrain_at_50_demos_needs_its_paths_overlay(tmp_path, monkeypatch) -> N
     """Without cotrain_human_demos50.yaml the sources point at the 10-demo cache the preparer does not write."""
     cli = _instantiate(["metaworld/demos50.yaml", "metaworld/cotrain_human.yaml"], tmp_path, monkeypatch)
     assert sorted(_mismatched_sources(cli)) == ["human", "robot"]
+
+
+def test_best_mt10_recipe_is_the_benchmarked_one(tmp_path, monkeypatch) -> None:
+    """mt10_conv_ema.yaml must train what benchmarks/metaworld_posttrain.sh's `flow_conv_ema 0 30000 50` trained."""
+    from lightning.pytorch.callbacks import EMAWeightAveraging, ModelCheckpoint
+
+    cli = _instantiate(["metaworld/demos50.yaml", "ablations/composed_backbone.yaml", "ablations/conv_vision.yaml",
+                        "metaworld/mt10_conv_ema.yaml"], tmp_path, monkeypatch)
+    assert cli.datamodule.prepare.episodes == {"robot": 50} and not _mismatched_sources(cli)
+    assert cli.config.model.init_args.backbone.init_args.vision_model_type == "resnet"
+    assert cli.trainer.max_steps == 30000
+    first = lambda kind: next(i for i, c in enumerate(cli.trainer.callbacks) if isinstance(c, kind))  # noqa: E731
+    # The rollouts score the averaged weights only if the evaluation callback comes before the averaging one.
+    assert first(ClosedLoopEvalCallback) < first(EMAWeightAveraging)
+    (ema_config,) = [c for c in cli.config.trainer.callbacks if c.class_path.endswith("EMAWeightAveraging")]
+    assert ema_config.init_args.decay == 0.999
+    (evaluation,) = [c for c in cli.trainer.callbacks if isinstance(c, ClosedLoopEvalCallback)]
+    assert len(evaluation.tasks) == 10 and evaluation.episodes_per_task == 10 and evaluation.seed == 1000
+    # One rollout, after the last of the four validations (every 7,500 of 30,000 steps).
+    assert cli.trainer.max_steps // cli.trainer.val_check_interval == evaluation.every_n_val_epochs
+    assert any(isinstance(c, ModelCheckpoint) and c.save_last for c in cli.trainer.callbacks)
