@@ -6,7 +6,12 @@ episodes. This script renders ``--episodes`` new robot-tier episodes (a seed the
 end-effector displacement (dx, dy summed over the H-step window) from the pre-quantisation latent on a growing
 number of the others, for the trained model and for the same architecture with fresh random weights. If the trained
 latent's R^2 rose with probe data while the untrained one stayed flat, the module's probe would be data-starved.
-Prints one JSON object.
+
+It also probes, from the same latents, where the end effector is at t + H (``end_position``) and at t
+(``start_position``), and the displacement from the latent together with the start position
+(``displacement_given_start``). A decoder that repaints x_{t+H} from x_t needs to know where the robot ends up, not
+how far it moved: if the latent held the end position linearly and the displacement only with the start position
+added, the latent would be absolute, not an action. Prints one JSON object.
 
     python benchmarks/lam_probe_episodes.py --checkpoint runs/lam/checkpoints/last.ckpt
 """
@@ -31,18 +36,24 @@ HELD_OUT = 100
 
 
 def windows(episodes, horizon: int, view: str):
-    """Every (x_t, x_{t+H}) pair of every episode as uint8 ``[M, 3, h, w]`` frames, with the net (dx, dy) between
-    them (kept as uint8: float copies of ~6,000 pairs would take 4x the memory for nothing)."""
-    x_t, x_tH, displacement, episode = [], [], [], []
+    """Every (x_t, x_{t+H}) pair of every episode as uint8 ``[M, 3, h, w]`` frames (kept as uint8: float copies of
+    ~6,000 pairs would take 4x the memory for nothing), with the net (dx, dy) between them and the end effector's
+    (x, y) at t and t + H (the point gripper's state is its EE position)."""
+    x_t, x_tH, displacement, start, end, episode = [], [], [], [], [], []
     for i, ep in enumerate(episodes):
         frames = ep.frames[view]  # [T, h, w, 3] uint8, one frame per action
         for t in range(len(frames) - horizon):
             x_t.append(frames[t])
             x_tH.append(frames[t + horizon])
             displacement.append(ep.actions[t:t + horizon, :2].sum(0))
+            start.append(ep.state[t, :2])
+            end.append(ep.state[t + horizon, :2])
             episode.append(i)
     as_images = lambda xs: torch.from_numpy(np.stack(xs)).permute(0, 3, 1, 2)  # noqa: E731
-    return as_images(x_t), as_images(x_tH), torch.from_numpy(np.stack(displacement)).float(), torch.tensor(episode)
+    as_float = lambda xs: torch.from_numpy(np.stack(xs)).float()  # noqa: E731
+    targets = {"displacement": as_float(displacement), "end_position": as_float(end),
+               "start_position": as_float(start)}
+    return as_images(x_t), as_images(x_tH), targets, torch.tensor(episode)
 
 
 def untrained_model(checkpoint: str) -> torch.nn.Module:
@@ -80,18 +91,24 @@ def main() -> None:
     untrained = untrained_model(args.checkpoint)
 
     start = time.perf_counter()
-    x_t, x_tH, y, episode = windows(list(generate_episodes("robot", args.episodes, seed=args.seed)), args.horizon,
-                                    args.view)
+    x_t, x_tH, targets, episode = windows(list(generate_episodes("robot", args.episodes, seed=args.seed)),
+                                          args.horizon, args.view)
     held_out = episode >= args.episodes - HELD_OUT
-    result = {"checkpoint": args.checkpoint, "episodes": args.episodes, "windows": len(y),
+    result = {"checkpoint": args.checkpoint, "episodes": args.episodes, "windows": len(episode),
               "held_out_windows": int(held_out.sum()), "render_s": round(time.perf_counter() - start, 1)}
+
+    def probe(x: torch.Tensor, y: torch.Tensor) -> dict[str, dict[str, float]]:
+        return {f"fit_{n}_episodes": {str(l2): round(ridge_probe_r2(x[episode < n], y[episode < n], x[held_out],
+                                                                     y[held_out], l2), 3) for l2 in args.l2}
+                for n in args.fit_episodes}
+
     for name, model in (("trained", trained), ("untrained", untrained)):
         z = latents(model, x_t, x_tH)
-        result[name] = {
-            f"fit_{n}_episodes": {str(l2): round(ridge_probe_r2(z[episode < n], y[episode < n], z[held_out],
-                                                               y[held_out], l2), 3) for l2 in args.l2}
-            for n in args.fit_episodes
-        }
+        result[name] = {target: probe(z, y) for target, y in targets.items()}
+        result[name]["displacement_given_start"] = probe(torch.cat([z, targets["start_position"]], 1),
+                                                         targets["displacement"])
+    # What the start position alone says about the coming displacement (the expert heads for the objects).
+    result["start_position_only"] = {"displacement": probe(targets["start_position"], targets["displacement"])}
     print(json.dumps(result))
 
 

@@ -45,6 +45,112 @@ class PatchEmbed(nn.Module):
         return x.flatten(1, 2)
 
 
+def shift_matrices(kernels: torch.Tensor, size: int) -> torch.Tensor:
+    """1-D displacement distributions ``[..., 2r + 1]`` -> banded ``[..., size, size]`` matrices ``T`` with
+    ``T[i, j] = kernel[j - i + r]`` (zero beyond the band): ``T @ x`` moves the content of ``x`` by ``-(tap - r)``
+    cells along that axis, and what leaves the map is lost."""
+    r = kernels.shape[-1] // 2
+    offset = torch.arange(size, device=kernels.device)[None, :] - torch.arange(size, device=kernels.device)[:, None]
+    inside = offset.abs() <= r  # [size, size]
+    taps = kernels[..., (offset.clamp(-r, r) + r)]  # [..., size, size]
+    return taps * inside
+
+
+def move_by_kernels(feat: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """Move each sample's maps ``feat [B, C, g, g]`` by each of its K separable kernels, given as 1-D
+    distributions over row and column offsets ``rows, cols [B, K, 2r + 1]`` -> ``[B, K, C, g, g]``, zeros entering
+    at the edges. Mass 1 at tap ``r + d`` moves content by ``-d`` cells; a spread kernel mixes such moves.
+
+    Separable because a rigid move is (one peak is an outer product), and it makes the move two small matmuls per
+    kernel, ``T_rows @ feat @ T_cols^T``: the 2-D depthwise convolution with 17 x 17 kernels it replaces took ~60%
+    of the decoder's step on this CPU (its backward alone ~0.3 s at batch 32)."""
+    g = feat.shape[-1]
+    t_rows, t_cols = shift_matrices(rows, g), shift_matrices(cols, g)  # [B, K, g, g]
+    return torch.einsum("bkyi,bcij,bkxj->bkcyx", t_rows, feat, t_cols)
+
+
+class MotionDecoder(nn.Module):
+    """Reconstruct ``x_{t+H}`` by *moving* features of ``x_t`` with displacement kernels the latent predicts.
+
+    CDNA (Finn, Goodfellow & Levine, 2016) in feature space. The latent is turned into ``K`` kernels per view, each
+    a pair of softmax distributions over ``2 reach + 1`` row and column offsets on a ``stride``-pixel grid, i.e. a
+    distribution over moves of up to ``reach * stride`` pixels. Each kernel moves the whole feature map of ``x_t``;
+    per-cell masks, computed by convolutions from the static and moved features, pick which candidate holds at
+    each cell; a small up-sampling head turns the composite into the change ``x_{t+H} - x_t``.
+
+    Why: the transformer decoder draws the robot where it ends up (its tokens carry learned absolute positions), so
+    its latent can say *where* rather than *how far*, and on the embedded world a linear probe reads almost none of
+    the end effector's displacement from it (benchmarks/RESULTS.md). Here the latent reaches the image only through
+    displacement distributions, and everything downstream is convolutional, so the latent cannot name a place. The
+    kernels start uniform rather than peaked: a softmax tap's gradient is proportional to its weight, and a peaked
+    start (like a bilinear warp) would never hear about moves of more than a cell or two.
+    """
+
+    def __init__(
+        self,
+        image_size: int,
+        num_views: int,
+        num_latent_tokens: int,
+        latent_dim: int,
+        channels: int = 32,
+        num_kernels: int = 2,
+        stride: int = 4,
+        reach: int = 8,
+        hidden: int = 256,
+    ) -> None:
+        super().__init__()
+        if image_size % stride or stride not in (2, 4, 8):
+            raise ValueError(
+                f"MotionDecoder: stride must be 2, 4 or 8 and divide image_size {image_size}, got {stride}"
+            )
+        self.num_views, self.num_kernels, self.reach = num_views, num_kernels, reach
+        downs = stride.bit_length() - 1  # stride-2 convolutions from pixels to the motion grid
+        # No convolution runs at full resolution (they were half of the step): the first one strides, and the last
+        # one emits 2 x 2 pixels per cell of the half-resolution map (pixel shuffle).
+        self.features = nn.Sequential(
+            nn.Conv2d(3, channels, 4, stride=2, padding=1), nn.GELU(),
+            *[m for _ in range(downs - 1) for m in (nn.Conv2d(channels, channels, 4, stride=2, padding=1), nn.GELU())],
+            nn.Conv2d(channels, channels, 3, padding=1),
+        )
+        self.to_kernels = nn.Sequential(
+            nn.Linear(num_latent_tokens * latent_dim, hidden), nn.GELU(),
+            nn.Linear(hidden, num_views * num_kernels * 2 * (2 * reach + 1)),
+        )
+        # Near-uniform kernels at the start (see the class docstring), but not exactly: with a zero weight the latent
+        # would get no gradient until the weight had grown, and on the embedded world it then stayed unused.
+        nn.init.zeros_(self.to_kernels[-1].bias)
+        self.to_masks = nn.Sequential(
+            nn.Conv2d((num_kernels + 1) * channels, channels, 3, padding=1), nn.GELU(),
+            nn.Conv2d(channels, num_kernels + 1, 3, padding=1),
+        )
+        up = [m for _ in range(downs - 1) for m in (nn.Upsample(scale_factor=2, mode="nearest"),
+                                                    nn.Conv2d(channels, channels, 3, padding=1), nn.GELU())]
+        self.to_change = nn.Sequential(nn.Conv2d((num_kernels + 2) * channels, channels, 3, padding=1), nn.GELU(), *up,
+                                       nn.Conv2d(channels, 3 * 4, 3, padding=1), nn.PixelShuffle(2))
+        # Start as the copy baseline (zero change), as the transformer decoder does.
+        nn.init.zeros_(self.to_change[-2].weight)
+        nn.init.zeros_(self.to_change[-2].bias)
+
+    def kernels(self, z_q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``z_q [B, N, D]`` -> row and column offset distributions, each ``[B, V, K, 2r + 1]`` summing to 1."""
+        logits = self.to_kernels(z_q.flatten(1)).view(z_q.shape[0], self.num_views, self.num_kernels, 2, -1)
+        probs = logits.softmax(-1)
+        return probs[..., 0, :], probs[..., 1, :]
+
+    def forward(self, x_t: torch.Tensor, z_q: torch.Tensor) -> torch.Tensor:  # [B, V, 3, h, w], [B, N, D] -> change
+        feat = self.features(x_t.flatten(0, 1))  # [BV, C, g, g]
+        rows, cols = self.kernels(z_q)
+        moved = move_by_kernels(feat, rows.flatten(0, 1), cols.flatten(0, 1))  # [BV, K, C, g, g]
+        candidates = torch.cat([feat[:, None], moved], dim=1)  # [BV, K + 1, C, g, g]; 0 = stay where it is
+        masks = self.to_masks(candidates.flatten(1, 2)).softmax(1)  # [BV, K + 1, g, g]
+        composite = (masks[:, :, None] * candidates).sum(1)  # [BV, C, g, g]
+        # The moved candidates go to the head directly too, not only through the masks: otherwise the masks learn
+        # to shut out the first steps' uniform (blurred) moves, and the kernels - the latent's only way in - stop
+        # receiving gradient (on the embedded world the latent was ignored for 2,000 steps: shuffle ratio 1.00).
+        change = self.to_change(torch.cat([composite, feat, moved.flatten(1, 2)], dim=1))  # [BV, 3, h, w]
+        return change.view_as(x_t)
+
+
 class LatentActionModel(nn.Module):
     """VQ-VAE over ``(x_t, x_{t+H})``: frames in ``[0, 1]``, shaped ``[B, V, 3, h, w]`` (or ``[B, 3, h, w]`` if V = 1).
 
@@ -55,7 +161,8 @@ class LatentActionModel(nn.Module):
     Decoder: its own patch embedding of ``x_t`` plus the quantised latent tokens, a transformer, a per-patch
     pixel head predicting ``x_{t+H} - x_t``. Predicting the change makes copying the starting point, so training
     spends its capacity on motion; and because the decoder embeds ``x_t`` itself, no gradient reaches the encoder
-    through ``x_t`` (LAPA's stop-gradient on the first frame).
+    through ``x_t`` (LAPA's stop-gradient on the first frame). ``decoder="motion"`` swaps that decoder for a
+    ``MotionDecoder``, through which the latent can only say how things move (``motion_*`` set its size).
     """
 
     def __init__(
@@ -74,8 +181,14 @@ class LatentActionModel(nn.Module):
         quantizer: nn.Module | None = None,
         latent_norm: bool = True,
         target_std_floor: float = 1e-4,
+        decoder: str = "transformer",
+        motion_kernels: int = 2,
+        motion_stride: int = 4,
+        motion_reach: int = 8,
     ) -> None:
         super().__init__()
+        if decoder not in ("transformer", "motion"):
+            raise ValueError(f"LatentActionModel: decoder must be 'transformer' or 'motion', got {decoder!r}")
         if image_size % patch_size:
             raise ValueError(f"LatentActionModel: image_size {image_size} is not a multiple of patch_size {patch_size}")
         if width % heads:
@@ -95,14 +208,19 @@ class LatentActionModel(nn.Module):
         # `trainer.sync_batchnorm: true` pools the statistics over ranks.
         self.latent_norm = nn.BatchNorm1d(latent_dim, affine=False) if latent_norm else None
 
-        self.dec_embed = PatchEmbed(image_size, patch_size, num_views, width)
-        self.from_latent = nn.Linear(latent_dim, width)
-        self.latent_pos = nn.Parameter(torch.randn(1, num_latent_tokens, width) * 0.02)
-        self.decoder = _transformer(width, decoder_depth or depth, heads, mlp_ratio, dropout)
-        self.to_pixels = nn.Linear(width, 3 * patch_size**2)
-        # Start as the copy baseline (zero change), so the first steps do not have to unlearn random images.
-        nn.init.zeros_(self.to_pixels.weight)
-        nn.init.zeros_(self.to_pixels.bias)
+        if decoder == "motion":
+            self.motion = MotionDecoder(image_size, num_views, num_latent_tokens, latent_dim,
+                                        num_kernels=motion_kernels, stride=motion_stride, reach=motion_reach)
+        else:
+            self.motion = None
+            self.dec_embed = PatchEmbed(image_size, patch_size, num_views, width)
+            self.from_latent = nn.Linear(latent_dim, width)
+            self.latent_pos = nn.Parameter(torch.randn(1, num_latent_tokens, width) * 0.02)
+            self.decoder = _transformer(width, decoder_depth or depth, heads, mlp_ratio, dropout)
+            self.to_pixels = nn.Linear(width, 3 * patch_size**2)
+            # Start as the copy baseline (zero change), so the first steps do not have to unlearn random images.
+            nn.init.zeros_(self.to_pixels.weight)
+            nn.init.zeros_(self.to_pixels.bias)
 
         self.quantizer = quantizer
         # Normalisation of the flow-matching target, fitted after training (`fit_target_stats`); in the state dict.
@@ -166,6 +284,9 @@ class LatentActionModel(nn.Module):
         squeeze = x_t.dim() == 4
         x_t = self._frames(x_t, "x_t")
         b, v = x_t.shape[:2]
+        if self.motion is not None:
+            recon = x_t + self.motion(x_t, z_q)
+            return recon.squeeze(1) if squeeze else recon
         latent = self.from_latent(z_q) + self.latent_pos  # [B, N, W]
         h = self.decoder(torch.cat([latent, self.dec_embed(x_t)], dim=1))[:, self.num_latent_tokens :]
         g, p = self.image_size // self.patch_size, self.patch_size

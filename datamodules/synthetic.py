@@ -1,7 +1,9 @@
-"""A synthetic, schema-conformant datamodule: seconds to build, no files, for smoke runs and benchmarks.
+"""Synthetic data: seconds to build, no files, for smoke runs, tests and benchmarks.
 
-Each sample's action chunk is a fixed random linear map of its state (plus a per-step offset), so a model that
-learns anything drives the loss down: useful to check that a recipe trains before pointing it at real data.
+``SyntheticChunkDataModule`` is schema-conformant: each sample's action chunk is a fixed random linear map of its
+state (plus a per-step offset), so a model that learns anything drives the loss down, which checks that a recipe
+trains before pointing it at real data. ``moving_square_pairs`` makes frame pairs with a known move, for the
+latent-action model's tests and ``benchmarks/lam_moving_squares.py``.
 """
 
 from __future__ import annotations
@@ -114,3 +116,24 @@ class SyntheticChunkDataModule(LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.val_set, batch_size=self.hparams.batch_size, num_workers=self.hparams.num_workers)
+
+
+def moving_square_pairs(n: int, image_size: int = 32, square: int = 6, max_shift: int = 6, seed: int = 0):
+    """Frame pairs of one coloured square moved by a known integer shift on a plain random-colour background.
+
+    Returns ``x_t, x_tH`` float ``[n, 3, s, s]`` in [0, 1] and the shift ``[n, 2]`` (rows, columns).
+    """
+    g = torch.Generator().manual_seed(seed)
+    background = torch.rand(n, 3, 1, 1, generator=g) * 0.6
+    colour = 0.4 + torch.rand(n, 3, 1, 1, generator=g) * 0.6
+    corner = torch.randint(max_shift, image_size - square - max_shift + 1, (n, 2), generator=g)
+    shift = torch.randint(-max_shift, max_shift + 1, (n, 2), generator=g)
+    rows = torch.arange(image_size).view(1, -1, 1)
+    cols = torch.arange(image_size).view(1, 1, -1)
+
+    def draw(at: torch.Tensor) -> torch.Tensor:
+        r, c = at[:, 0, None, None], at[:, 1, None, None]
+        inside = ((rows >= r) & (rows < r + square) & (cols >= c) & (cols < c + square)).unsqueeze(1).float()
+        return background * (1 - inside) + colour * inside
+
+    return draw(corner), draw(corner + shift), shift.float()

@@ -14,8 +14,8 @@ from vector_quantize_pytorch import FSQ, VectorQuantize
 from components.codebook_metrics import ridge_probe_r2
 from components.latent_action import LatentActionModel
 from datamodules import schema
+from datamodules.synthetic import moving_square_pairs
 from lit_modules.latent_action import LatentActionModule
-from tests.components.test_latent_action import moving_square_pairs
 
 
 class PairDataset(Dataset):
