@@ -36,4 +36,3 @@ class ForeachEMAWeightAveraging(EMAWeightAveraging):
         # The parent hands these kwargs to torch's AveragedModel in setup(), which takes one of avg_fn (the loop)
         # and multi_avg_fn (lists of tensors at once). tests/vla_zoo/test_callbacks.py pins that this stays true.
         self._kwargs = {**self._kwargs, "avg_fn": None, "multi_avg_fn": get_ema_multi_avg_fn(decay)}
-        self.decay = decay
