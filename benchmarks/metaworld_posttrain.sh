@@ -26,7 +26,7 @@ set -euo pipefail
 arm=$1; seed=$2; steps=$3; demos=${4:-10}
 shift $(( $# < 4 ? $# : 4 )); fit_args=("$@")
 out=runs/metaworld/${arm}${TAG:+_$TAG}_d${demos}_s${seed}
-if [ -e "$out/config.yaml" ]; then  # Lightning would refuse to overwrite it, after the demos were rendered
+if [ -e "$out/overlay.yaml" ]; then  # Lightning would refuse to overwrite its config, after the demos were rendered
   echo "$out already holds a run: move it away, or set TAG=name to give this run its own directory" >&2; exit 2
 fi
 mkdir -p "$out"
@@ -66,9 +66,10 @@ case "$arm" in *_cotrain*) configs+=(--config recipes/metaworld/cotrain_human.ya
   [ "$demos" = 50 ] && configs+=(--config recipes/metaworld/cotrain_human_demos50.yaml) ;; esac
 PYTHON=${PYTHON:-python}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-# Render the demonstrations before the clock starts: generation is data preparation, not training time.
+# Render the demonstrations before the clock starts: generation is data preparation, not training time. This pass
+# writes its config (without FIT_ARGS) under $out/prepare; the run's own is $out/logs/version_0/config.yaml.
 "$PYTHON" -m vla_zoo fit "${configs[@]}" --config "$out/overlay.yaml" --trainer.max_steps=0 \
-  --trainer.logger=false > "$out/prepare.log" 2>&1
+  --trainer.default_root_dir="$out/prepare" --trainer.logger=false > "$out/prepare.log" 2>&1
 start=$(date +%s)
 "$PYTHON" -m vla_zoo fit "${configs[@]}" --config "$out/overlay.yaml" --seed_everything="$seed" \
   ${fit_args[@]+"${fit_args[@]}"} > "$out/train.log" 2>&1

@@ -9,6 +9,9 @@ Every comparison is a ratio of two arms timed alternately (best of ``--repeats``
 - ``optimizer``: one full training step (backbone + head forward, backward, AdamW step) with AdamW's default
   per-parameter loop on CPU against ``foreach=True`` and ``fused=True`` (``recipes/pretrain.yaml`` sets fused; at
   these 163 tensors the three measure level on this CPU, so it is kept for GPUs, where fused is the fast path);
+- ``head_dropout``: one full training step (foreach AdamW) with the DiT head's dropout at the recipe's former 0.1
+  against 0.0 (the same weights; dropout draws a Bernoulli mask for every FFN and residual activation, forward and
+  backward, and on this CPU that is a large share of a small model's step);
 - ``ema_update``: the weight average's per-step update as Lightning's ``EMAWeightAveraging`` does it (three ops
   per tensor in a Python loop) against ``vla_zoo.callbacks.ForeachEMAWeightAveraging``'s ``_foreach_lerp_``, with
   the largest difference between the two averages after the timed updates.
@@ -92,6 +95,16 @@ def main() -> None:
 
     steps = alternate({name: (lambda o=o: step(o)) for name, o in optimizers.items()}, args.repeats)
 
+    # The head's dropout: the same model and optimiser, dropout probability set on every nn.Dropout in turn.
+    def step_with_dropout(p: float) -> None:
+        for m in head.modules():
+            if isinstance(m, torch.nn.Dropout):
+                m.p = p
+        step(optimizers["foreach"])
+
+    dropout = alternate({"p0.1": lambda: step_with_dropout(0.1), "p0.0": lambda: step_with_dropout(0.0)},
+                        args.repeats)
+
     # The EMA callback's update after every step, on the same weights (buffers included, as the callback does).
     model = torch.nn.ModuleList([backbone, head])
     averages = {"per_tensor": AveragedModel(model, avg_fn=get_ema_avg_fn(0.999), use_buffers=True),
@@ -111,6 +124,8 @@ def main() -> None:
         "conv_tower_speedup_channels_last": round(tower["nchw"] / tower["channels_last"], 2),
         "train_step_ms": {k: round(v * 1e3, 1) for k, v in steps.items()},
         "train_step_speedup_over_for_loop": {k: round(steps["for_loop"] / v, 2) for k, v in steps.items()},
+        "train_step_ms_head_dropout": {k: round(v * 1e3, 1) for k, v in dropout.items()},
+        "train_step_speedup_without_head_dropout": round(dropout["p0.1"] / dropout["p0.0"], 2),
         "ema_update_ms": {k: round(v * 1e3 / 10, 2) for k, v in ema.items()},
         "ema_update_speedup_foreach": round(ema["per_tensor"] / ema["foreach"], 2),
         "ema_update_share_of_foreach_step": round(ema["per_tensor"] / 10 / steps["foreach"], 3),
