@@ -9,7 +9,7 @@ Every comparison is a ratio of two arms timed alternately (best of ``--repeats``
 - ``optimizer``: one full training step (backbone + head forward, backward, AdamW step) with AdamW's default
   per-parameter loop on CPU against ``foreach=True`` and ``fused=True`` (``recipes/pretrain.yaml`` sets fused; at
   these 163 tensors the three measure level on this CPU, so it is kept for GPUs, where fused is the fast path);
-- ``head_dropout``: one full training step (foreach AdamW) with the DiT head's dropout at the recipe's former 0.1
+- ``head_dropout``: one full training step (foreach AdamW) with the DiT head's dropout at the recipes' 0.1
   against 0.0 (the same weights; dropout draws a Bernoulli mask for every FFN and residual activation, forward and
   backward, and on this CPU that is a large share of a small model's step);
 - ``ema_update``: the weight average's per-step update as Lightning's ``EMAWeightAveraging`` does it (three ops
