@@ -33,6 +33,7 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, 
 
 from components.action_head import FlowMatchingActionHead
 from components.embodiment import ActionDecoder, ActionEncoder, EmbodimentGroups, EmbodimentLinear, StateEncoder
+from vla_zoo.machine import describe
 
 N1 = dict(num_embodiments=32, max_state_dim=64, max_action_dim=32, horizon=16, hidden_dim=1536, num_layers=16,
           num_heads=32, cross_attention_dim=1536, embodiment_hidden_dim=1024)
@@ -302,7 +303,7 @@ def main() -> None:
     cfg = SMALL if args.small else N1
 
     peak_flops = matmul_peak_flops(device)
-    report = dict(device=str(device), torch=torch.__version__, threads=torch.get_num_threads(),
+    report = dict(device=str(device), machine=describe(), threads=torch.get_num_threads(),
                   load_average_start=os.getloadavg()[0],
                   sizes="small" if args.small else "N1", config=cfg, matmul_peak_flops_per_s=peak_flops)
     report["train_step"] = bench_train_step(cfg, device, 8, 8, args.vl_tokens, args.train_repeats, peak_flops)

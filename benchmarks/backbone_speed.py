@@ -14,6 +14,7 @@ import time
 import torch
 
 from components.backbones import ComposedBackbone, SmolVLMBackbone
+from vla_zoo.machine import describe
 
 INSTRUCTIONS = [
     "pick up the red block and place it in the green bowl",
@@ -72,7 +73,7 @@ def main(batch: int = 32, views: int = 2, size: int = 64, repeats: int = 8) -> N
                 }
             torch.set_num_threads(threads)
             runs.append(row)
-    print(json.dumps({"batch": batch, "views": views, "image_size": size, "threads": threads, "runs": runs}, indent=1))
+    print(json.dumps({"machine": describe(), "batch": batch, "views": views, "image_size": size, "threads": threads, "runs": runs}, indent=1))
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ import numpy as np
 
 from datamodules.mixture import MixtureDataModule
 from datamodules.shards import decode_sample, iter_raw_samples, load_sidecars, shard_files, write_source
+from vla_zoo.machine import describe
 
 
 def synthetic_sources(root: Path) -> list[str]:
@@ -113,6 +114,7 @@ def main() -> None:
     fill_s = time.perf_counter() - start
     cached_loader = measure_loader(cached, 0)
     print(json.dumps({
+        "machine": describe(),
         "data": data,
         "sources": {m["name"]: m["samples"] for m in metas.values()},
         "image_size": next(iter(metas.values()))["image_size"],

@@ -76,6 +76,7 @@ start=$(date +%s)
 train_s=$(( $(date +%s) - start ))
 "$PYTHON" -m vla_zoo.evaluation --env metaworld --checkpoint "$out/checkpoints/last.ckpt" --tasks "$eval_tasks" \
   --episodes "${EPISODES:-10}" --execute-steps 8 --seed 1000 --videos 1 --out "$out/eval" > "$out/eval.log"
-echo "{\"arm\": \"$arm\", \"tag\": \"${TAG:-}\", \"fit_args\": \"${fit_args[*]+${fit_args[*]}}\", \"demos\": \"$demos\", \"seed\": $seed, \"steps\": $steps, \"train_seconds\": $train_s}" \
+cpu=$("$PYTHON" -c "from vla_zoo.machine import cpu_model; print(cpu_model())")  # train_seconds depend on it
+echo "{\"arm\": \"$arm\", \"tag\": \"${TAG:-}\", \"fit_args\": \"${fit_args[*]+${fit_args[*]}}\", \"demos\": \"$demos\", \"seed\": $seed, \"steps\": $steps, \"train_seconds\": $train_s, \"cpu\": \"$cpu\"}" \
   > "$out/run.json"
 cat "$out/run.json"

@@ -21,6 +21,7 @@ import yaml
 
 from lit_modules.vla_policy import VLAPolicy
 from vla_zoo.policy import Policy
+from vla_zoo.machine import describe
 
 
 def build(spec: dict) -> torch.nn.Module:
@@ -78,7 +79,7 @@ def main() -> None:
     }
     results["full_over_system1"] = results["full_call"]["median_ms"] / results["system1_call"]["median_ms"]
     results["kv_cache_speedup"] = results["head_sample_no_cache"]["median_ms"] / results["head_sample_kv_cache"]["median_ms"]
-    print(json.dumps(results, indent=1))
+    print(json.dumps({"machine": describe(), **results}, indent=1))
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 from vla_zoo.deploy.client import RemotePolicy  # noqa: E402
 from vla_zoo.deploy.codec import packb, unpackb  # noqa: E402
+from vla_zoo.machine import describe  # noqa: E402
 
 HORIZON, STATE_DIM, ACTION_DIM, VIEWS = 16, 8, 7, ("front", "wrist")
 
@@ -114,7 +115,7 @@ def main() -> None:
     args = parser.parse_args()
     results = [bench(size, args.calls) for size in args.sizes]
     print(json.dumps({
-        "benchmark": "serving_round_trip", "python": platform.python_version(), "cpus": os.cpu_count(),
+        "benchmark": "serving_round_trip", "python": platform.python_version(), "machine": describe(),
         "views": len(VIEWS), "horizon": HORIZON, "action_dim": ACTION_DIM, "results": results,
     }, indent=2))
 

@@ -44,5 +44,6 @@ start=$(date +%s)
 train_s=$(( $(date +%s) - start ))
 "$PYTHON" -m vla_zoo.evaluation --env tabletop --embodiment point_gripper --checkpoint "$out/checkpoints/last.ckpt" \
   --episodes 25 --execute-steps 8 --seed 1000 --videos 1 --out "$out/eval" > "$out/eval.log"
-echo "{\"arm\": \"$arm\", \"seed\": $seed, \"steps\": $steps, \"demos\": $demos, \"train_seconds\": $train_s}" > "$out/run.json"
+cpu=$("$PYTHON" -c "from vla_zoo.machine import cpu_model; print(cpu_model())")  # train_seconds depend on it
+echo "{\"arm\": \"$arm\", \"seed\": $seed, \"steps\": $steps, \"demos\": $demos, \"train_seconds\": $train_s, \"cpu\": \"$cpu\"}" > "$out/run.json"
 cat "$out/run.json"

@@ -22,6 +22,7 @@ import numpy as np
 
 from envs.tabletop import DEFAULT_EPISODES, Renderer, ScriptedExpert, TabletopEnv, TabletopPyramid, generate_episodes
 from envs.tabletop.world import make_world
+from vla_zoo.machine import describe
 
 
 def _per_call(fn, repeats: int) -> tuple[float, float]:
@@ -117,7 +118,7 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--skip-pyramid", action="store_true")
     args = parser.parse_args()
-    result = {"image_size": args.image_size, "render": bench_render(args.image_size), "env": bench_env(args.image_size)}
+    result = {"machine": describe(), "image_size": args.image_size, "render": bench_render(args.image_size), "env": bench_env(args.image_size)}
     if not args.skip_pyramid:
         result["pyramid"] = bench_pyramid(args.image_size)
     print(json.dumps(result, indent=1))

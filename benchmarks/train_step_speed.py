@@ -32,6 +32,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_avg_fn, get_ema_multi_a
 
 from components.action_head import FlowMatchingActionHead
 from components.backbones import ComposedBackbone
+from vla_zoo.machine import describe
 
 INSTRUCTIONS = ["push the puck to the goal", "open the drawer", "reach the goal", "close the window"]
 
@@ -118,7 +119,7 @@ def main() -> None:
     ema_gap = max(float((a - b).abs().max()) for a, b in zip(averages["per_tensor"].parameters(),
                                                               averages["foreach"].parameters()))
     print(json.dumps({
-        "batch": B, "views": V, "image_size": 64, "threads": torch.get_num_threads(),
+        "machine": describe(), "batch": B, "views": V, "image_size": 64, "threads": torch.get_num_threads(),
         "params": sum(p.numel() for p in params), "param_tensors": len(params),
         "conv_tower_fwd_bwd_ms": {k: round(v * 1e3, 1) for k, v in tower.items()},
         "conv_tower_speedup_channels_last": round(tower["nchw"] / tower["channels_last"], 2),
