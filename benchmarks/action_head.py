@@ -2,7 +2,7 @@
 
 Measured in one process, each against a baseline written here:
 - training step (forward + backward of ``loss``), batch 8 with 8 embodiments mixed: samples/s, peak memory, and
-  achieved FLOP/s as a fraction of this machine's fp32 matmul peak (2048^3 matmuls, measured in the same run;
+  achieved FLOP/s as a fraction of this machine's matmul peak in the run's precision (2048^3 matmuls, measured in the same run;
   target >= 0.5). Baseline: the same head whose adapters are the released code's (a dense ``[E, in, out]`` weight gathered per
   sample).
 - inference latency of one H-action chunk, K = 4, batch 1, with vs without the cross-attention K/V cache
@@ -15,11 +15,15 @@ through a dispatch mode), plus the parameters that already existed; on CUDA it i
 
     python benchmarks/action_head.py            # N1 sizes (an N1 step takes seconds on a 2-core CPU)
     python benchmarks/action_head.py --small    # tiny sizes, a few seconds
+    python benchmarks/action_head.py --device cuda --precision bf16-mixed --train-repeats 10 --inference-repeats 20
+                                                # on a GPU, as recipes/n1.yaml trains (Lightning's bf16-mixed:
+                                                # fp32 weights, bf16 autocast); the peak is then bf16 matmul's
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -154,8 +158,16 @@ def timed(fn, device: torch.device, repeats: int) -> list[float]:
     return times
 
 
-def matmul_peak_flops(device: torch.device, n: int = 2048, repeats: int = 5) -> float:
-    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+def autocast(device: torch.device, precision: str):
+    """Lightning's ``bf16-mixed``: fp32 weights, matmuls in bf16 under autocast; ``32-true``: nothing."""
+    if precision == "bf16-mixed":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def matmul_peak_flops(device: torch.device, n: int = 2048, repeats: int = 5,
+                      dtype: torch.dtype = torch.float32) -> float:
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     a @ b  # warm-up
     return 2 * n**3 / min(timed(lambda: a @ b, device, repeats))
 
@@ -180,7 +192,7 @@ def head_inputs(cfg: dict, batch: int, num_present: int, vl_tokens: int, device:
 
 
 # ----------------------------------------------------------------------------------------------- benchmarks
-def bench_train_step(cfg, device, batch, num_present, vl_tokens, repeats, peak_flops):
+def bench_train_step(cfg, device, batch, num_present, vl_tokens, repeats, peak_flops, precision="32-true"):
     vl, vl_mask, state, actions, action_mask, ids = head_inputs(cfg, batch, num_present, vl_tokens, device)
     torch.manual_seed(0)
     # one head for both variants (an N1 head plus gradients is ~7 GB); the baseline only swaps the adapters' forward
@@ -190,7 +202,9 @@ def bench_train_step(cfg, device, batch, num_present, vl_tokens, repeats, peak_f
 
     def step():
         head.zero_grad(set_to_none=True)
-        head.loss(vl, vl_mask, state, actions, action_mask, ids)["loss"].backward()
+        with autocast(device, precision):
+            loss = head.loss(vl, vl_mask, state, actions, action_mask, ids)["loss"]
+        loss.backward()
 
     results, times = {}, {name: [] for name in variants}
     for name, gather in variants.items():
@@ -213,16 +227,17 @@ def bench_train_step(cfg, device, batch, num_present, vl_tokens, repeats, peak_f
                 target_fraction_of_matmul_peak=0.5, meets_target=g["fraction_of_matmul_peak"] >= 0.5)
 
 
-def bench_inference(cfg, device, vl_tokens, repeats):
+def bench_inference(cfg, device, vl_tokens, repeats, precision="32-true"):
     torch.manual_seed(0)
     head = FlowMatchingActionHead(**cfg).to(device).eval()
     vl, vl_mask, state, _, _, ids = head_inputs(cfg, 1, 1, vl_tokens, device)
     vl_mask[:] = True
-    runs = {
-        cache: (lambda cache=cache: head.sample(vl, vl_mask, state, ids, num_steps=4,
-                                                generator=torch.Generator(device).manual_seed(0), use_kv_cache=cache))
-        for cache in (True, False)
-    }
+    def sample(cache: bool) -> torch.Tensor:
+        with autocast(device, precision):
+            return head.sample(vl, vl_mask, state, ids, num_steps=4, generator=torch.Generator(device).manual_seed(0),
+                               use_kv_cache=cache)
+
+    runs = {cache: (lambda cache=cache: sample(cache)) for cache in (True, False)}
     for run in runs.values():
         run()  # warm-up
     times = {True: [], False: []}
@@ -294,6 +309,10 @@ def main() -> None:
     parser.add_argument("--train-repeats", type=int, default=2)
     parser.add_argument("--inference-repeats", type=int, default=3)
     parser.add_argument("--adapter-batch", type=int, default=128)
+    parser.add_argument("--precision", choices=["32-true", "bf16-mixed"], default="32-true",
+                        help="as Lightning names it; bf16-mixed = fp32 weights + bf16 autocast (recipes/n1.yaml)")
+    parser.add_argument("--parts", nargs="+", choices=["train", "inference", "adapters"],
+                        default=["train", "inference", "adapters"], help="which measurements to run")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads; on a shared, loaded CPU one thread avoids OpenMP spin-waits")
     args = parser.parse_args()
@@ -302,15 +321,21 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     cfg = SMALL if args.small else N1
 
-    peak_flops = matmul_peak_flops(device)
+    # The peak in the dtype the matmuls run in: a bf16 step is compared with bf16 matmul's peak.
+    matmul_dtype = torch.bfloat16 if args.precision == "bf16-mixed" else torch.float32
+    peak_flops = matmul_peak_flops(device, dtype=matmul_dtype)
     report = dict(device=str(device), machine=describe(), threads=torch.get_num_threads(),
-                  load_average_start=os.getloadavg()[0],
+                  load_average_start=os.getloadavg()[0], precision=args.precision,
                   sizes="small" if args.small else "N1", config=cfg, matmul_peak_flops_per_s=peak_flops)
-    report["train_step"] = bench_train_step(cfg, device, 8, 8, args.vl_tokens, args.train_repeats, peak_flops)
-    report["inference"] = bench_inference(cfg, device, args.vl_tokens, args.inference_repeats)
-    report["adapters"] = bench_adapters(cfg, device, args.adapter_batch, 8)
+    if "train" in args.parts:
+        report["train_step"] = bench_train_step(cfg, device, 8, 8, args.vl_tokens, args.train_repeats, peak_flops,
+                                                args.precision)
+    if "inference" in args.parts:
+        report["inference"] = bench_inference(cfg, device, args.vl_tokens, args.inference_repeats, args.precision)
+    if "adapters" in args.parts:
+        report["adapters"] = bench_adapters(cfg, device, args.adapter_batch, 8)
     # the peak again at the end: the shared machine's load may have changed during the run
-    report["matmul_peak_flops_per_s_end"] = matmul_peak_flops(device)
+    report["matmul_peak_flops_per_s_end"] = matmul_peak_flops(device, dtype=matmul_dtype)
     report["load_average_end"] = os.getloadavg()[0]
     print(json.dumps(report, indent=2))
 
