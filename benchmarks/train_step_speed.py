@@ -14,7 +14,12 @@ Every comparison is a ratio of two arms timed alternately (best of ``--repeats``
   backward, and on this CPU that is a large share of a small model's step);
 - ``ema_update``: the weight average's per-step update as Lightning's ``EMAWeightAveraging`` does it (three ops
   per tensor in a Python loop) against ``vla_zoo.callbacks.ForeachEMAWeightAveraging``'s ``_foreach_lerp_``, with
-  the largest difference between the two averages after the timed updates.
+  the largest difference between the two averages after the timed updates;
+- ``tower_width``: one full training step (foreach AdamW, no head dropout) with the recipe's conv tower at 64
+  channels against the same model with a 32-channel tower (``vision_hidden_size: 32``, what
+  ``recipes/metaworld/mt10_conv32.yaml`` trains), with each model's forward + backward FLOPs from
+  ``torch.utils.flop_counter``: the tower is most of the step's compute, and on a slow CPU its width decides
+  whether the MT10 recipe trains in the hour.
 
 The data side (decoded-in-memory sources against streaming the tars) is in ``benchmarks/data_throughput.py``.
 Run: ``PYTHONPATH=. python benchmarks/train_step_speed.py`` (prints JSON).
@@ -28,6 +33,7 @@ import json
 import time
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 from torch.optim.swa_utils import AveragedModel, get_ema_avg_fn, get_ema_multi_avg_fn
 
 from components.action_head import FlowMatchingActionHead
@@ -58,9 +64,12 @@ def main() -> None:
     torch.manual_seed(0)
     B, V = args.batch, 2
 
-    backbone = ComposedBackbone(vision_model_type="resnet", lm_model_type="llama", select_layer=2, project_to=128,
-                                image_size=64, scale_factor=2, vision_hidden_size=64, vision_layers=2,
+    def recipe_backbone(tower_width: int) -> ComposedBackbone:
+        return ComposedBackbone(vision_model_type="resnet", lm_model_type="llama", select_layer=2, project_to=128,
+                                image_size=64, scale_factor=2, vision_hidden_size=tower_width, vision_layers=2,
                                 lm_hidden_size=128, lm_layers=4, tune_llm=True).train()
+
+    backbone = recipe_backbone(64)
     head = FlowMatchingActionHead(num_embodiments=4, max_state_dim=8, max_action_dim=8, horizon=16, hidden_dim=128,
                                   num_layers=4, num_heads=4, cross_attention_dim=128, embodiment_hidden_dim=128,
                                   dropout=0.1).train()
@@ -87,7 +96,7 @@ def main() -> None:
                   for name, kw in (("for_loop", {"foreach": False}), ("foreach", {"foreach": True}),
                                    ("fused", {"fused": True}))}
 
-    def step(opt: torch.optim.Optimizer) -> None:
+    def step(opt: torch.optim.Optimizer, backbone: ComposedBackbone = backbone) -> None:
         tokens, mask = backbone(images, instructions)
         loss = head.loss(tokens, mask, state, actions, action_mask, embodiment)["loss"]
         opt.zero_grad(set_to_none=True)
@@ -105,6 +114,23 @@ def main() -> None:
 
     dropout = alternate({"p0.1": lambda: step_with_dropout(0.1), "p0.0": lambda: step_with_dropout(0.0)},
                         args.repeats)
+
+    # The conv tower's width: the recipe's 64 channels against 32, the rest of the model shared, head dropout off.
+    for m in head.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    narrow = recipe_backbone(32)
+    width_opts = {w: torch.optim.AdamW(list(bb.parameters()) + list(head.parameters()), lr=1e-5,
+                                       betas=(0.95, 0.999), weight_decay=1e-5, foreach=True)
+                  for w, bb in ((64, backbone), (32, narrow))}
+    width_flops = {}
+    for w, bb in ((64, backbone), (32, narrow)):
+        with FlopCounterMode(display=False) as counter:
+            tokens, mask = bb(images, instructions)
+            head.loss(tokens, mask, state, actions, action_mask, embodiment)["loss"].backward()
+        width_flops[w] = counter.get_total_flops()
+    width = alternate({"64": lambda: step(width_opts[64], backbone), "32": lambda: step(width_opts[32], narrow)},
+                      args.repeats)
 
     # The EMA callback's update after every step, on the same weights (buffers included, as the callback does).
     model = torch.nn.ModuleList([backbone, head])
@@ -131,6 +157,9 @@ def main() -> None:
         "ema_update_speedup_foreach": round(ema["per_tensor"] / ema["foreach"], 2),
         "ema_update_share_of_foreach_step": round(ema["per_tensor"] / 10 / steps["foreach"], 3),
         "ema_max_abs_difference": ema_gap,
+        "train_step_ms_tower_width": {k: round(v * 1e3, 1) for k, v in width.items()},
+        "train_step_gflop_tower_width": {str(k): round(v / 1e9, 2) for k, v in width_flops.items()},
+        "train_step_speedup_tower_32_over_64": round(width["64"] / width["32"], 2),
     }, indent=1))
 
 

@@ -119,3 +119,21 @@ def test_best_mt10_recipe_is_the_benchmarked_one(tmp_path, monkeypatch) -> None:
     # One rollout, after the last of the four validations (every 7,500 of 30,000 steps).
     assert cli.trainer.max_steps // cli.trainer.val_check_interval == evaluation.every_n_val_epochs
     assert any(isinstance(c, ModelCheckpoint) and c.save_last for c in cli.trainer.callbacks)
+
+
+def test_hour_recipe_for_slow_cpus_is_the_benchmarked_one(tmp_path, monkeypatch) -> None:
+    """mt10_conv32.yaml must train what `flow_conv_ema 0 27500 50` with TAG=w32_nodrop's overrides trained."""
+    cli = _instantiate(["metaworld/demos50.yaml", "ablations/composed_backbone.yaml", "ablations/conv_vision.yaml",
+                        "metaworld/mt10_conv_ema.yaml", "metaworld/mt10_conv32.yaml"], tmp_path, monkeypatch)
+    assert not _mismatched_sources(cli)
+    assert cli.config.model.init_args.backbone.init_args.vision_hidden_size == 32
+    assert cli.config.model.init_args.action_head.init_args.dropout == 0.0
+    assert cli.trainer.max_steps == 27500
+    (evaluation,) = [c for c in cli.trainer.callbacks if isinstance(c, ClosedLoopEvalCallback)]
+    # The rollouts fire at the last validation, not never (7,500-step validations would stop at three).
+    assert cli.trainer.max_steps // cli.trainer.val_check_interval == evaluation.every_n_val_epochs
+    assert cli.trainer.max_steps % cli.trainer.val_check_interval == 0
+    # Its checkpoints do not overwrite those of mt10_conv_ema.yaml.
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    (checkpoint,) = [c for c in cli.trainer.callbacks if isinstance(c, ModelCheckpoint)]
+    assert "mt10_conv32" in str(checkpoint.dirpath) and checkpoint.save_last
