@@ -106,19 +106,20 @@ def main() -> None:
     steps = alternate({name: (lambda o=o: step(o)) for name, o in optimizers.items()}, args.repeats)
 
     # The head's dropout: the same model and optimiser, dropout probability set on every nn.Dropout in turn.
-    def step_with_dropout(p: float) -> None:
+    def set_head_dropout(p: float) -> None:
         for m in head.modules():
             if isinstance(m, torch.nn.Dropout):
                 m.p = p
+
+    def step_with_dropout(p: float) -> None:
+        set_head_dropout(p)
         step(optimizers["foreach"])
 
     dropout = alternate({"p0.1": lambda: step_with_dropout(0.1), "p0.0": lambda: step_with_dropout(0.0)},
                         args.repeats)
 
     # The conv tower's width: the recipe's 64 channels against 32, the rest of the model shared, head dropout off.
-    for m in head.modules():
-        if isinstance(m, torch.nn.Dropout):
-            m.p = 0.0
+    set_head_dropout(0.0)
     narrow = recipe_backbone(32)
     width_opts = {w: torch.optim.AdamW(list(bb.parameters()) + list(head.parameters()), lr=1e-5,
                                        betas=(0.95, 0.999), weight_decay=1e-5, foreach=True)
