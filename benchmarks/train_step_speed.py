@@ -17,7 +17,8 @@ Every comparison is a ratio of two arms timed alternately (best of ``--repeats``
   the largest difference between the two averages after the timed updates;
 - ``tower_width``: one full training step (foreach AdamW, no head dropout) with the recipe's conv tower at 64
   channels against the same model with a 32-channel tower (``vision_hidden_size: 32``, what
-  ``recipes/metaworld/mt10_conv32.yaml`` trains), with each model's forward + backward FLOPs from
+  ``recipes/metaworld/mt10_conv32.yaml`` trains) and with 32 channels in the first stage only (``[32, 64]``), each
+  model's forward + backward FLOPs from
   ``torch.utils.flop_counter``: the tower is most of the step's compute, and on a slow CPU its width decides
   whether the MT10 recipe trains in the hour.
 
@@ -64,7 +65,7 @@ def main() -> None:
     torch.manual_seed(0)
     B, V = args.batch, 2
 
-    def recipe_backbone(tower_width: int) -> ComposedBackbone:
+    def recipe_backbone(tower_width: int | list[int]) -> ComposedBackbone:
         return ComposedBackbone(vision_model_type="resnet", lm_model_type="llama", select_layer=2, project_to=128,
                                 image_size=64, scale_factor=2, vision_hidden_size=tower_width, vision_layers=2,
                                 lm_hidden_size=128, lm_layers=4, tune_llm=True).train()
@@ -118,20 +119,20 @@ def main() -> None:
     dropout = alternate({"p0.1": lambda: step_with_dropout(0.1), "p0.0": lambda: step_with_dropout(0.0)},
                         args.repeats)
 
-    # The conv tower's width: the recipe's 64 channels against 32, the rest of the model shared, head dropout off.
+    # The conv tower's width: the recipe's 64 channels against 32 and 32-then-64, the rest of the model shared, head
+    # dropout off.
     set_head_dropout(0.0)
-    narrow = recipe_backbone(32)
+    towers = {"64": backbone, "32": recipe_backbone(32), "32-64": recipe_backbone([32, 64])}
     width_opts = {w: torch.optim.AdamW(list(bb.parameters()) + list(head.parameters()), lr=1e-5,
                                        betas=(0.95, 0.999), weight_decay=1e-5, foreach=True)
-                  for w, bb in ((64, backbone), (32, narrow))}
+                  for w, bb in towers.items()}
     width_flops = {}
-    for w, bb in ((64, backbone), (32, narrow)):
+    for w, bb in towers.items():
         with FlopCounterMode(display=False) as counter:
             tokens, mask = bb(images, instructions)
             head.loss(tokens, mask, state, actions, action_mask, embodiment)["loss"].backward()
         width_flops[w] = counter.get_total_flops()
-    width = alternate({"64": lambda: step(width_opts[64], backbone), "32": lambda: step(width_opts[32], narrow)},
-                      args.repeats)
+    width = alternate({w: (lambda w=w: step(width_opts[w], towers[w])) for w in towers}, args.repeats)
 
     # The EMA callback's update after every step, on the same weights (buffers included, as the callback does).
     model = torch.nn.ModuleList([backbone, head])
@@ -159,8 +160,8 @@ def main() -> None:
         "ema_update_share_of_foreach_step": round(ema["per_tensor"] / 10 / steps["foreach"], 3),
         "ema_max_abs_difference": ema_gap,
         "train_step_ms_tower_width": {k: round(v * 1e3, 1) for k, v in width.items()},
-        "train_step_gflop_tower_width": {str(k): round(v / 1e9, 2) for k, v in width_flops.items()},
-        "train_step_speedup_tower_32_over_64": round(width["64"] / width["32"], 2),
+        "train_step_gflop_tower_width": {k: round(v / 1e9, 2) for k, v in width_flops.items()},
+        "train_step_speedup_tower_width_over_64": {k: round(width["64"] / v, 2) for k, v in width.items()},
     }, indent=1))
 
 

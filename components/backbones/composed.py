@@ -49,7 +49,9 @@ class ComposedBackbone(VisionLanguageBackbone):
             checkpoint is fine: its vision half is taken; or a conv encoder such as ResNet / ConvNeXt, whose feature
             map cells become the patch tokens) with its ``preprocessor_config.json``. None: random
             ``vision_model_type`` encoder from the size arguments (a ViT type, or ``"resnet"``: a stride-4 stem and
-            ``vision_layers`` basic-block stages of ``vision_hidden_size`` channels, grid image_size / 2^(1 + layers)).
+            ``vision_layers`` basic-block stages of ``vision_hidden_size`` channels, grid image_size / 2^(1 + layers);
+            for it, ``vision_hidden_size`` may also list each stage's channels, e.g. ``[32, 64]``: the first stage
+            runs at the finest grid and costs most, so narrowing it alone keeps the output width for less compute).
         lm_pretrained_path: local directory of a causal LM (Llama-style: SmolLM2, Qwen2/3, Llama, Mistral, Gemma)
             with its tokenizer. None: random ``lm_model_type`` LM with the offline tokenizer.
         select_layer: keep LM layers ``[0, select_layer)``; negative counts from the top.
@@ -80,7 +82,7 @@ class ComposedBackbone(VisionLanguageBackbone):
         scale_factor: int = 2,
         vision_model_type: str = "siglip_vision_model",
         patch_size: int = 8,
-        vision_hidden_size: int = 64,
+        vision_hidden_size: int | list[int] = 64,
         vision_layers: int = 2,
         vision_heads: int = 4,
         lm_model_type: str = "llama",
@@ -103,13 +105,23 @@ class ComposedBackbone(VisionLanguageBackbone):
             raise ValueError("coord_channels=True needs the random conv tower (vision_model_type: resnet, no "
                              "vision_pretrained_path): a pretrained or ViT encoder takes 3-channel images")
         self.coord_channels = coord_channels
-        if vision_pretrained_path is None and vision_model_type == "resnet":
-            # A conv tower: stem (stride 4) + `vision_layers` basic-block stages of `vision_hidden_size` channels,
+        conv_tower = vision_pretrained_path is None and vision_model_type == "resnet"
+        if isinstance(vision_hidden_size, (list, tuple)):
+            if not conv_tower or len(vision_hidden_size) != vision_layers:
+                raise ValueError(
+                    f"vision_hidden_size={list(vision_hidden_size)}: a list of channels per stage needs the random "
+                    f"conv tower (vision_model_type: resnet, no vision_pretrained_path) and one entry per stage "
+                    f"(vision_layers={vision_layers}); give one int otherwise")
+            stage_widths = list(vision_hidden_size)
+        else:
+            stage_widths = [vision_hidden_size] * vision_layers
+        if conv_tower:
+            # A conv tower: stem (stride 4) + `vision_layers` basic-block stages of `stage_widths` channels,
             # every stage after the first halving the grid; its feature map becomes the patch tokens.
             vision_config = AutoConfig.for_model(
                 "resnet",
-                embedding_size=vision_hidden_size // 2,
-                hidden_sizes=[vision_hidden_size] * vision_layers,
+                embedding_size=stage_widths[0] // 2,
+                hidden_sizes=stage_widths,
                 depths=[1] * vision_layers,
                 layer_type="basic",
                 num_channels=5 if coord_channels else 3,

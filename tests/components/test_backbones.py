@@ -448,3 +448,28 @@ def test_conv_tower_runs_channels_last_and_computes_what_nchw_computes():
                for p in reloaded.vision_model.parameters() if p.dim() == 4)
     with torch.no_grad():
         torch.testing.assert_close(reloaded(_images(2), INSTRUCTIONS[:2])[0], backbone(_images(2), INSTRUCTIONS[:2])[0])
+
+
+def test_conv_tower_stage_widths_narrow_the_costly_first_stage_only():
+    """`vision_hidden_size: [32, 64]` narrows the 16x16 stage, where most of the tower's compute is, and keeps 64
+    features per token for the LM; a list where it cannot apply is refused with the fix."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    def tower_flops(widths):  # -> (backbone, FLOPs of its vision tower per op)
+        backbone = _build(ComposedBackbone, vision_model_type="resnet", vision_hidden_size=widths)
+        with FlopCounterMode(display=False) as counter:
+            backbone(_images(2), INSTRUCTIONS[:2])
+        return backbone, counter.get_flop_counts()["ComposedBackbone.vision_model"]
+
+    mixed, mixed_flops = tower_flops([32, 64])
+    _, wide_flops = tower_flops(64)
+    _, narrow_flops = tower_flops(32)
+    assert sum(mixed_flops.values()) < 0.6 * sum(wide_flops.values())  # most of the saving of the all-32 tower
+    assert sum(narrow_flops.values()) < sum(mixed_flops.values())
+    with torch.no_grad():
+        features = mixed.vision_model(pixel_values=torch.randn(1, 3, 64, 64)).last_hidden_state
+    assert features.shape[1] == 64  # the LM still receives the wide stage's features
+    with pytest.raises(ValueError, match=r"one entry per stage \(vision_layers=2\)"):
+        ComposedBackbone(vision_model_type="resnet", vision_hidden_size=[32, 64, 64])
+    with pytest.raises(ValueError, match="needs the random conv tower"):
+        ComposedBackbone(vision_hidden_size=[32, 64])
