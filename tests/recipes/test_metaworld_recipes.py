@@ -121,19 +121,25 @@ def test_best_mt10_recipe_is_the_benchmarked_one(tmp_path, monkeypatch) -> None:
     assert any(isinstance(c, ModelCheckpoint) and c.save_last for c in cli.trainer.callbacks)
 
 
-def test_hour_recipe_for_slow_cpus_is_the_benchmarked_one(tmp_path, monkeypatch) -> None:
-    """mt10_conv32.yaml must train what `flow_conv_ema 0 27500 50` with TAG=w32_nodrop's overrides trained."""
+@pytest.mark.parametrize(
+    ("recipe", "width", "steps"),
+    [("mt10_conv32", 32, 27500),  # TAG=w32_nodrop ... 27500 50 ... vision_hidden_size=32
+     ("mt10_conv32_64", [32, 64], 26500)],  # TAG=w3264_nodrop ... 26500 50 ... vision_hidden_size=[32,64]
+)
+def test_hour_recipe_for_slow_cpus_is_the_benchmarked_one(recipe, width, steps, tmp_path, monkeypatch) -> None:
+    """Each slow-CPU hour recipe must train what its benchmarked `flow_conv_ema 0 STEPS 50` run's overrides trained."""
     cli = _instantiate(["metaworld/demos50.yaml", "ablations/composed_backbone.yaml", "ablations/conv_vision.yaml",
-                        "metaworld/mt10_conv_ema.yaml", "metaworld/mt10_conv32.yaml"], tmp_path, monkeypatch)
+                        "metaworld/mt10_conv_ema.yaml", f"metaworld/{recipe}.yaml"], tmp_path, monkeypatch)
     assert not _mismatched_sources(cli)
-    assert cli.config.model.init_args.backbone.init_args.vision_hidden_size == 32
+    assert cli.config.model.init_args.backbone.init_args.vision_hidden_size == width
     assert cli.config.model.init_args.action_head.init_args.dropout == 0.0
-    assert cli.trainer.max_steps == 27500
+    assert cli.trainer.max_steps == steps
     (evaluation,) = [c for c in cli.trainer.callbacks if isinstance(c, ClosedLoopEvalCallback)]
     # The rollouts fire at the last validation, not never (7,500-step validations would stop at three).
     assert cli.trainer.max_steps // cli.trainer.val_check_interval == evaluation.every_n_val_epochs
     assert cli.trainer.max_steps % cli.trainer.val_check_interval == 0
-    # Its checkpoints do not overwrite those of mt10_conv_ema.yaml.
+    # Its checkpoints and logs do not overwrite those of mt10_conv_ema.yaml or of the other hour recipe.
     from lightning.pytorch.callbacks import ModelCheckpoint
     (checkpoint,) = [c for c in cli.trainer.callbacks if isinstance(c, ModelCheckpoint)]
-    assert "mt10_conv32" in str(checkpoint.dirpath) and checkpoint.save_last
+    assert Path(checkpoint.dirpath).parent.name == recipe and checkpoint.save_last
+    assert Path(cli.trainer.logger.save_dir).name == recipe
