@@ -334,19 +334,30 @@ class VLAPolicy(LightningModule):
         embodiment: str,
         num_steps: int | None = None,
         generator: torch.Generator | None = None,
+        num_samples: int = 1,
     ) -> torch.Tensor:
         """System 1 from cached VL tokens: raw state ``[B, S]`` -> raw action chunk ``[B, H, A]`` in the
-        embodiment's own units and dimension (K Euler steps, cross-attention K/V computed once)."""
+        embodiment's own units and dimension (K Euler steps, cross-attention K/V computed once).
+
+        ``num_samples`` > 1 draws that many chunks per observation in one batch and returns their mean: an estimate
+        of E[a | o] with 1/sqrt(n) of a single draw's sampling noise (it would blend the modes of a multimodal
+        action distribution, so it is an evaluation option, off by default)."""
+        if num_samples < 1:
+            raise ValueError(f"num_samples must be >= 1, got {num_samples}")
         spec, normalizer = self._normalizer(embodiment)
         state = torch.as_tensor(np.asarray(state, dtype=np.float32)).reshape(vl_tokens.shape[0], -1)
         if state.shape[1] != spec["state_dim"]:
             raise ValueError(f"state has {state.shape[1]} dims; embodiment {embodiment!r} expects {spec['state_dim']}")
         padded = torch.zeros(state.shape[0], self.data_spec["max_state_dim"])
         padded[:, : spec["state_dim"]] = normalizer.normalize(state, "state")
-        embodiment_id = torch.full((state.shape[0],), spec["id"], dtype=torch.long, device=self.device)
-        actions = self.action_head.sample(vl_tokens, vl_mask, padded.to(self.device), embodiment_id,
+        embodiment_id = torch.full((state.shape[0] * num_samples,), spec["id"], dtype=torch.long, device=self.device)
+        # [B, ...] -> [B * n, ...], each observation's n copies adjacent, so the mean is over dim 1 of [B, n, H, A].
+        actions = self.action_head.sample(vl_tokens.repeat_interleave(num_samples, 0),
+                                          vl_mask.repeat_interleave(num_samples, 0),
+                                          padded.to(self.device).repeat_interleave(num_samples, 0), embodiment_id,
                                           num_steps=num_steps, generator=generator)
-        return normalizer.unnormalize(actions[..., : spec["action_dim"]].float().cpu(), "actions")
+        actions = actions.unflatten(0, (state.shape[0], num_samples)).float().mean(1)  # [B, H, A]; the norm is affine
+        return normalizer.unnormalize(actions[..., : spec["action_dim"]].cpu(), "actions")
 
     @torch.no_grad()
     def predict_action(

@@ -358,7 +358,7 @@ def _load_policy(args: argparse.Namespace) -> PolicyOrFactory:
         raise SystemExit("pass --checkpoint CKPT (or --policy expert)")
     from vla_zoo.policy import Policy  # the trained-model policy; imported here so the experts need no model code
 
-    return Policy.from_checkpoint(args.checkpoint, num_steps=args.inference_steps)
+    return Policy.from_checkpoint(args.checkpoint, num_steps=args.inference_steps, num_samples=args.samples)
 
 
 def _env_kwargs(args: argparse.Namespace, metadata: dict[str, Any] | None) -> dict[str, Any]:
@@ -402,6 +402,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--inference-steps", type=int, default=None,
                         help="Euler steps of the flow-matching head per chunk (default: the head's own, 4)")
+    parser.add_argument("--samples", type=int, default=1,
+                        help="flow samples averaged into each chunk (default 1: one draw, as trained)")
     parser.add_argument("--execute-steps", type=int, default=None, help="actions per chunk before re-planning")
     parser.add_argument("--max-steps", type=int, default=None, help="episode length limit")
     parser.add_argument("--image-size", type=int, default=None)

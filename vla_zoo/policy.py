@@ -6,7 +6,8 @@ training run stored beside the weights.
 
 Dual-rate control (paper Sec. 2.1: System 2 at ~10 Hz, System 1 at ~120 Hz): ``system2_period`` is the number of
 ``get_action`` calls that reuse one set of vision-language tokens; 1 recomputes them on every call. A new
-instruction or embodiment always refreshes them.
+instruction or embodiment always refreshes them. ``num_samples`` > 1 returns the mean of that many flow samples
+per chunk (``VLAPolicy.act``).
 """
 
 from __future__ import annotations
@@ -39,9 +40,12 @@ class Policy:
         num_steps: int | None = None,
         seed: int = 0,
         device: str | torch.device = "cpu",
+        num_samples: int = 1,
     ) -> None:
         if system2_period < 1:
             raise ValueError(f"system2_period must be >= 1, got {system2_period}")
+        if num_samples < 1:
+            raise ValueError(f"num_samples must be >= 1, got {num_samples}")
         if getattr(module, "data_spec", None) is None:
             raise ValueError("the model carries no data spec (normalisers, embodiments): train it with a "
                              "datamodule that provides `data_spec()`, e.g. datamodules.mixture.MixtureDataModule")
@@ -49,6 +53,7 @@ class Policy:
         self.spec = module.data_spec
         self.device = torch.device(device)
         self.system2_period, self.num_steps, self.seed = system2_period, num_steps, seed
+        self.num_samples = num_samples
         self.reset()
 
     @classmethod
@@ -88,7 +93,8 @@ class Policy:
             self._cache, self._calls_since_system2 = (key, tokens, mask), 0
         self._calls_since_system2 += 1
         _, tokens, mask = self._cache
-        actions = self.module.act(tokens, mask, observation["state"], embodiment, self.num_steps, self._generator)
+        actions = self.module.act(tokens, mask, observation["state"], embodiment, self.num_steps, self._generator,
+                                  num_samples=self.num_samples)
         return {"actions": actions[0].numpy().astype(np.float32)}
 
 

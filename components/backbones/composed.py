@@ -106,16 +106,14 @@ class ComposedBackbone(VisionLanguageBackbone):
                              "vision_pretrained_path): a pretrained or ViT encoder takes 3-channel images")
         self.coord_channels = coord_channels
         conv_tower = vision_pretrained_path is None and vision_model_type == "resnet"
-        if isinstance(vision_hidden_size, (list, tuple)):
-            if not conv_tower or len(vision_hidden_size) != vision_layers:
-                raise ValueError(
-                    f"vision_hidden_size={list(vision_hidden_size)}: a list of channels per stage needs the random "
-                    f"conv tower (vision_model_type: resnet, no vision_pretrained_path) and one entry per stage "
-                    f"(vision_layers={vision_layers}); give one int otherwise")
-            stage_widths = list(vision_hidden_size)
-        else:
-            stage_widths = [vision_hidden_size] * vision_layers
+        per_stage = isinstance(vision_hidden_size, (list, tuple))
+        if per_stage and (not conv_tower or len(vision_hidden_size) != vision_layers):
+            raise ValueError(
+                f"vision_hidden_size={list(vision_hidden_size)}: a list of channels per stage needs the random "
+                f"conv tower (vision_model_type: resnet, no vision_pretrained_path) and one entry per stage "
+                f"(vision_layers={vision_layers}); give one int otherwise")
         if conv_tower:
+            stage_widths = list(vision_hidden_size) if per_stage else [vision_hidden_size] * vision_layers
             # A conv tower: stem (stride 4) + `vision_layers` basic-block stages of `stage_widths` channels,
             # every stage after the first halving the grid; its feature map becomes the patch tokens.
             vision_config = AutoConfig.for_model(

@@ -125,6 +125,29 @@ def test_sampling_is_deterministic_given_a_seeded_generator(trained) -> None:
     assert not np.allclose(a, c), "different noise seeds should give different samples of the flow"
 
 
+def test_averaging_flow_samples_shrinks_sampling_noise(trained) -> None:
+    """``num_samples=n`` returns the mean of n draws: across noise seeds its chunks spread ~1/sqrt(n) as much as
+    single draws do, around the same centre; n=1 is exactly the single draw."""
+    model, _, _ = trained
+    model.eval()
+    obs = _observation(TabletopEnv("point_gripper", image_size=32), 5)
+    tokens, mask = model.encode_observation(model.observation_images(obs), [obs["instruction"]])
+
+    def chunks(n: int) -> torch.Tensor:  # [seeds, H, A]
+        return torch.cat([model.act(tokens, mask, obs["state"], "point_gripper",
+                                    generator=torch.Generator().manual_seed(s), num_samples=n) for s in range(24)])
+
+    single, averaged = chunks(1), chunks(8)
+    np.testing.assert_array_equal(single[3].numpy(), model.predict_action(obs, generator=torch.Generator().manual_seed(3)))
+    spread_1, spread_8 = single.std(0).mean().item(), averaged.std(0).mean().item()
+    assert spread_1 > 1e-3, "the trained flow should still sample: no spread to shrink"
+    assert spread_8 < 0.6 * spread_1, f"spread {spread_1:.4f} -> {spread_8:.4f}; expected ~1/sqrt(8) = 0.35x"
+    centre_gap = (single.mean(0) - averaged.mean(0)).abs().mean().item()
+    assert centre_gap < 0.5 * spread_1, f"the mean of draws moved by {centre_gap:.4f} (single-draw spread {spread_1:.4f})"
+    with pytest.raises(ValueError, match="num_samples must be >= 1"):
+        Policy(model, num_samples=0)
+
+
 def test_dual_rate_policy_reuses_system2_tokens(trained) -> None:
     model, _, _ = trained
     calls = {"n": 0}

@@ -275,8 +275,9 @@ def test_callback_rolls_out_the_averaged_weights_and_refuses_an_order_that_would
         fit([EMAWeightAveraging(decay=0.5), evaluate])
 
 
-def test_inference_steps_flag_reaches_the_checkpoint_policy(monkeypatch):
-    """``--inference-steps K`` must set the Euler steps of the loaded policy (None keeps the head's own)."""
+def test_policy_flags_reach_the_checkpoint_policy(monkeypatch):
+    """``--inference-steps K`` must set the Euler steps of the loaded policy (None keeps the head's own) and
+    ``--samples n`` the flow samples it averages (1, a single draw, by default)."""
     from vla_zoo import evaluation
     from vla_zoo.policy import Policy
 
@@ -286,6 +287,6 @@ def test_inference_steps_flag_reaches_the_checkpoint_policy(monkeypatch):
     monkeypatch.setattr(evaluation, "_env_kwargs", lambda *a: {})
     monkeypatch.setattr(evaluation, "resolve_make_env", lambda *a, **k: None)
     monkeypatch.setattr(evaluation, "resolve_tasks", lambda *a: [])
-    for argv, steps in ((["--inference-steps", "16"], 16), ([], None)):
+    for argv, steps, samples in ((["--inference-steps", "16"], 16, 1), ([], None, 1), (["--samples", "8"], None, 8)):
         evaluation.main(["--checkpoint", "x.ckpt", "--out", "o", *argv])
-        assert seen[-1] == ("x.ckpt", {"num_steps": steps})
+        assert seen[-1] == ("x.ckpt", {"num_steps": steps, "num_samples": samples})
