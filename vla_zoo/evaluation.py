@@ -165,6 +165,7 @@ def evaluate_closed_loop(
     out_dir: str | os.PathLike | None = None,
     rank: int = 0,
     world_size: int = 1,
+    run_info: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Success rate of ``policy`` per task over ``episodes_per_task`` seeded episodes, and their average.
 
@@ -173,6 +174,7 @@ def evaluate_closed_loop(
     the env's own limit). The first ``record_videos`` episodes of each task become GIFs under ``out_dir``.
     With ``world_size > 1`` this process runs only the episodes ``k`` with ``k % world_size == rank`` (``k``
     numbering all episodes of all tasks); sum ``successes`` / ``episodes`` over processes for the totals.
+    ``run_info`` (e.g. the checkpoint and the policy's sampling options) is stored in the results as given.
     """
     if execute_steps is not None and execute_steps < 1:
         raise ValueError(f"execute_steps must be >= 1 or None, got {execute_steps}")
@@ -199,6 +201,7 @@ def evaluate_closed_loop(
             env.close()
     results = summarize(episodes, tasks)
     results.update(seed=seed, episodes_per_task=episodes_per_task, execute_steps=execute_steps, max_steps=max_steps)
+    results.update(run_info or {})
     if out is not None:
         write_report(results, out)
     return results
@@ -425,6 +428,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         max_steps=args.max_steps,
         record_videos=args.videos,
         out_dir=args.out,
+        run_info={"checkpoint": args.checkpoint, "inference_steps": args.inference_steps, "samples": args.samples}
+        if args.policy == "checkpoint" else {"policy": "expert", "noise": args.noise, "horizon": args.horizon},
     )
     print(json.dumps({"success": results["success"], "average": results["average"], "out": args.out}, indent=2))
     return results

@@ -154,9 +154,11 @@ def test_processes_split_the_episodes_without_overlap():
 
 def test_writes_results_json_bar_chart_and_gifs(tmp_path):
     _, make_env = _envs()
-    r = evaluate_closed_loop(TaggingPolicy(2), make_env, ["reachable", "blocked"], 3, record_videos=2, out_dir=tmp_path)
+    r = evaluate_closed_loop(TaggingPolicy(2), make_env, ["reachable", "blocked"], 3, record_videos=2, out_dir=tmp_path,
+                             run_info={"checkpoint": "a.ckpt", "samples": 4})
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["success"] == r["success"] and saved["average"] == 0.5 and len(saved["episodes"]) == 6
+    assert saved["checkpoint"] == "a.ckpt" and saved["samples"] == 4  # what produced these numbers travels with them
     with Image.open(tmp_path / "success.png") as png:
         assert png.format == "PNG" and png.width > 100
     gifs = sorted(p.name for p in (tmp_path / "videos").iterdir())
