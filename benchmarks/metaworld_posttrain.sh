@@ -14,7 +14,9 @@
 # injection (recipes/metaworld/dart.yaml: noisy execution, clean expert labels; its own cache); a `_kp` suffix (with
 # `_conv`) adds a spatial-softmax keypoint token per view (recipes/ablations/keypoints.yaml); a `_coord` suffix (with
 # `_conv`) gives the conv tower CoordConv's (x, y) input channels (recipes/ablations/coord_conv.yaml); a `_nostate`
-# suffix gives the flow head no proprioceptive state (recipes/ablations/no_state.yaml).
+# suffix gives the flow head no proprioceptive state (recipes/ablations/no_state.yaml); a `_priv` suffix (50 demos
+# only) records the object and goal positions with the demos and trains an auxiliary readout of them from the VL
+# tokens (recipes/metaworld/privileged_aux.yaml; its own cache).
 # DEMOS: 10 (default), 50 or 100 per MT10 task, or goal50: 50 per task of reach, push and pick-place only
 # (recipes/metaworld/goal_tasks50.yaml; evaluated on those three). EPISODES (default 10): evaluation episodes per
 # task. OMP_NUM_THREADS (default 1) sets the threads of the training process.
@@ -62,6 +64,8 @@ case "$arm" in *_ws*) configs+=(--config recipes/metaworld/workspace_camera.yaml
 case "$arm" in *_shift*) configs+=(--config recipes/ablations/random_shift.yaml) ;; esac
 case "$arm" in *_dart*) [ "$demos" = 50 ] || { echo "the _dart arms need DEMOS=50" >&2; exit 2; }
   configs+=(--config recipes/metaworld/dart.yaml) ;; esac
+case "$arm" in *_priv*) [ "$demos" = 50 ] || { echo "the _priv arms need DEMOS=50" >&2; exit 2; }
+  configs+=(--config recipes/metaworld/privileged_aux.yaml) ;; esac
 case "$arm" in *_cotrain*) configs+=(--config recipes/metaworld/cotrain_human.yaml)
   [ "$demos" = 50 ] && configs+=(--config recipes/metaworld/cotrain_human_demos50.yaml) ;; esac
 PYTHON=${PYTHON:-python}

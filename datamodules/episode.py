@@ -59,6 +59,10 @@ class Episode:
     ``frames[view]`` is uint8 ``[T, h, w, 3]`` (RGB) for every camera view; ``state`` is float32 ``[T, S]``;
     ``actions`` is float32 ``[T, A]`` where ``actions[t]`` is the command issued at step t (moving the world from
     frame t to frame t+1). Actionless episodes leave ``state`` and ``actions`` as None.
+
+    ``privileged`` is float32 ``[T, P]``: what a simulator knows and a deployed robot does not (e.g. object and goal
+    positions). It is never a policy input; it can serve as an auxiliary training target
+    (``components.privileged_head``).
     """
 
     frames: dict[str, np.ndarray]
@@ -68,6 +72,7 @@ class Episode:
     state: np.ndarray | None = None
     actions: np.ndarray | None = None
     metadata: dict[str, Any] = field(default_factory=dict)  # e.g. task family, seed, success, noise level
+    privileged: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         lengths = {name: len(f) for name, f in self.frames.items()}
@@ -79,7 +84,7 @@ class Episode:
             if f.dtype != np.uint8 or f.ndim != 4 or f.shape[-1] != 3:
                 raise ValueError(f"Episode view {name!r} must be uint8 [T, h, w, 3], got {f.dtype} {f.shape}")
         t = self.length
-        for key in ("state", "actions"):
+        for key in ("state", "actions", "privileged"):
             arr = getattr(self, key)
             if arr is not None and (arr.ndim != 2 or len(arr) != t):
                 raise ValueError(f"Episode {key} must be [T={t}, D], got {arr.shape}")

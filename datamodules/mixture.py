@@ -230,6 +230,7 @@ class MixtureStream(IterableDataset):
         image_size: Optional[int] = None,
         shuffle_buffer: int = 64,
         max_consecutive_errors: int = 100,
+        max_privileged_dim: int = 0,
     ) -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world size {world_size}")
@@ -238,6 +239,7 @@ class MixtureStream(IterableDataset):
         self.batch_size, self.batches_per_epoch = batch_size, batches_per_epoch
         self.seed, self.rank, self.world_size, self.epoch = seed, rank, world_size, epoch
         self.image_size, self.shuffle_buffer, self.max_consecutive_errors = image_size, shuffle_buffer, max_consecutive_errors
+        self.max_privileged_dim = max_privileged_dim
 
     def __len__(self) -> int:
         return self.batches_per_epoch
@@ -286,7 +288,7 @@ class MixtureStream(IterableDataset):
             actions[:, :A] = norm.normalize(s["actions"][:H], "actions") * real[:, None]
             action_mask[:, :A] = real[:, None]
         meta = s["meta"]
-        return {
+        out = {
             schema.IMAGES: images,
             schema.STATE: state,
             schema.STATE_MASK: state_mask,
@@ -299,13 +301,26 @@ class MixtureStream(IterableDataset):
             schema.EPISODE: np.int64(meta["episode"]),
             schema.STEP: np.int64(meta["t"]),
         }
+        if self.max_privileged_dim:
+            privileged = np.zeros(self.max_privileged_dim, np.float32)
+            privileged_mask = np.zeros(self.max_privileged_dim, bool)
+            if "privileged" in s:
+                # Standardised with the source's own statistics: the auxiliary loss then weighs every dim alike.
+                stats = src.stats["privileged"]
+                P = len(s["privileged"])
+                std = np.maximum(np.asarray(stats["std"], np.float32), 1e-6)
+                privileged[:P] = (s["privileged"] - np.asarray(stats["mean"], np.float32)) / std
+                privileged_mask[:P] = True
+            out[schema.PRIVILEGED], out[schema.PRIVILEGED_MASK] = privileged, privileged_mask
+        return out
 
 
 def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
     """Stack ``to_schema`` samples into a batch. Stacking in numpy rather than with ``torch.stack`` keeps the
     loading process out of torch's intra-op thread pool: with 0 workers on 2 busy cores its spinning threads cut
     the loader from ~360 to ~70 samples/s (benchmarks/data_throughput.py)."""
-    batch: dict[str, Any] = {k: torch.from_numpy(np.stack([s[k] for s in samples])) for k in schema.TENSOR_KEYS}
+    keys = schema.TENSOR_KEYS + tuple(k for k in schema.OPTIONAL_TENSOR_KEYS if k in samples[0])
+    batch: dict[str, Any] = {k: torch.from_numpy(np.stack([s[k] for s in samples])) for k in keys}
     batch[schema.INSTRUCTION] = [s[schema.INSTRUCTION] for s in samples]
     return batch
 
@@ -551,6 +566,8 @@ class MixtureDataModule(LightningDataModule):
             seed=self.seed + 1_000_003 if val else self.seed, rank=rank, world_size=world_size or 1, epoch=epoch,
             image_size=self.image_size, shuffle_buffer=self.shuffle_buffer,
             max_consecutive_errors=self.max_consecutive_errors,
+            # One width for training and validation batches: the widest privileged state of any source.
+            max_privileged_dim=max(r.meta.get("privileged_dim", 0) for r in self.resolved + self.resolved_val),
         )
 
     def _next_epoch(self) -> int:

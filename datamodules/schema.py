@@ -19,6 +19,15 @@ key                per-sample shape / type     meaning
 ``episode``        int64 ``[]``                episode index within its source
 ``step``           int64 ``[]``                anchor step t within the episode
 =================  ==========================  =======================================================================
+
+Optional keys, present only when a source of the mixture has privileged (simulator-only) state:
+
+=====================  ======================  =====================================================================
+``privileged``         float32 ``[P_max]``     e.g. object and goal positions at t, standardised per source, zero-padded:
+                                               an auxiliary training target (``components.privileged_head``), never
+                                               a policy input
+``privileged_mask``    bool ``[P_max]``        True on the dims the sample's source has
+=====================  ======================  =====================================================================
 """
 
 IMAGES = "images"
@@ -35,3 +44,7 @@ STEP = "step"
 
 TENSOR_KEYS = (IMAGES, STATE, STATE_MASK, ACTIONS, ACTION_MASK, HAS_ACTION, EMBODIMENT_ID, SOURCE_ID, EPISODE, STEP)
 ALL_KEYS = TENSOR_KEYS + (INSTRUCTION,)
+
+PRIVILEGED = "privileged"
+PRIVILEGED_MASK = "privileged_mask"
+OPTIONAL_TENSOR_KEYS = (PRIVILEGED, PRIVILEGED_MASK)

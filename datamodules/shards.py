@@ -13,6 +13,8 @@ Sample ``ep000012_t0034`` (keys contain no dots) of a source with views ``scene`
     state.npy        float32 [S]     raw state at t (zeros for actionless sources)
     actions.npy      float32 [H, A]  raw actions a_t .. a_{t+H-1}, zeros past the episode end (and if actionless)
     action_pad.npy   bool [H]        True on steps past the episode end
+    privileged.npy   float32 [P]     (only in sources written with ``Episode.privileged``) simulator-only state at t,
+                     e.g. object and goal positions: an auxiliary training target, never a policy input
     instruction.txt  the task instruction
     meta.json        source, embodiment, episode, t, t_future, length, fps, has_action, has_state,
                      episode_metadata
@@ -109,6 +111,8 @@ def encode_episode(
         sample["state.npy"] = _npy(state[t])
         sample["actions.npy"] = _npy(padded[t : t + horizon])
         sample["action_pad.npy"] = _npy(np.arange(t, t + horizon) >= T)
+        if episode.privileged is not None:
+            sample["privileged.npy"] = _npy(episode.privileged[t].astype(np.float32))
         sample["instruction.txt"] = episode.instruction.encode("utf-8")
         meta = {
             "source": source, "embodiment": episode.embodiment, "episode": index, "t": t, "t_future": t_future,
@@ -150,7 +154,7 @@ def write_source(
         old.unlink()
 
     first: dict[str, Any] | None = None
-    states, actions, shards = [], [], []
+    states, actions, privileged, shards = [], [], [], []
     writer: wds.TarWriter | None = None
     shard_path: Path | None = None
     in_shard = num_samples = num_episodes = 0
@@ -165,6 +169,7 @@ def write_source(
         props = {
             "embodiment": ep.embodiment, "views": views, "image_size": list(ep.frames[views[0]].shape[1:3]),
             "fps": float(ep.fps), "has_action": ep.has_action,
+            "privileged_dim": 0 if ep.privileged is None else int(ep.privileged.shape[1]),
         }
         if first is None:
             for v in views:
@@ -186,8 +191,12 @@ def write_source(
                                  f"names {dim}")
             if arr is not None and not np.isfinite(arr).all():
                 raise ValueError(f"source {source!r}: episode {index} {key} contains NaN or inf")
+        if ep.privileged is not None and not np.isfinite(ep.privileged).all():
+            raise ValueError(f"source {source!r}: episode {index} privileged contains NaN or inf")
         if ep.state is not None:
             states.append(ep.state)
+        if ep.privileged is not None:
+            privileged.append(ep.privileged)
         if ep.actions is not None:
             actions.append(ep.actions)
         for sample in encode_episode(ep, index, source=source, horizon=horizon, views=views,
@@ -210,6 +219,7 @@ def write_source(
     stats = {
         "state": compute_stats(np.concatenate(states)) if states and modality.state_dim else None,
         "actions": compute_stats(np.concatenate(actions)) if actions and modality.action_dim else None,
+        **({"privileged": compute_stats(np.concatenate(privileged))} if privileged else {}),
     }
     meta = {
         "name": source, **first, "horizon": horizon, "state_dim": modality.state_dim,
@@ -270,13 +280,17 @@ def decode_sample(sample: dict[str, Any], source_meta: dict[str, Any], decode_im
     """A raw WebDataset sample (member -> bytes) -> arrays, checked against the source's ``source.json``.
 
     Returns ``images`` uint8 [2, V, 3, h, w] (views in ``source_meta["views"]`` order; omitted when
-    ``decode_images`` is False), ``state`` [S], ``actions`` [H, A], ``action_pad`` [H], ``instruction``, ``meta``.
+    ``decode_images`` is False), ``state`` [S], ``actions`` [H, A], ``action_pad`` [H], ``instruction``, ``meta``,
+    and ``privileged`` [P] where the source has it.
     Raises ``SampleError`` naming the member and what is wrong.
     """
     key = sample.get("__key__")
     views, H = source_meta["views"], source_meta["horizon"]
     members = [f"{v}_{s}.jpg" for v in views for s in ("t", "th")]  # group_by_keys lower-cases the suffixes
     members += ["state.npy", "actions.npy", "action_pad.npy", "instruction.txt", "meta.json"]
+    privileged_dim = source_meta.get("privileged_dim", 0)  # sources written before the field have none
+    if privileged_dim:
+        members.append("privileged.npy")
     missing = [m for m in members if m not in sample]
     if missing:
         raise SampleError("missing_member", f"missing {', '.join(missing)}", key)
@@ -290,6 +304,8 @@ def decode_sample(sample: dict[str, Any], source_meta: dict[str, Any], decode_im
     out["state"] = _load_npy(sample, "state.npy", (source_meta["state_dim"],), key)
     out["actions"] = _load_npy(sample, "actions.npy", (H, source_meta["action_dim"]), key)
     out["action_pad"] = _load_npy(sample, "action_pad.npy", (H,), key).astype(bool)
+    if privileged_dim:
+        out["privileged"] = _load_npy(sample, "privileged.npy", (privileged_dim,), key)
     try:
         out["instruction"] = sample["instruction.txt"].decode("utf-8")
         out["meta"] = json.loads(sample["meta.json"])
@@ -355,6 +371,7 @@ def read_episodes(source_dir: str | os.PathLike) -> Iterator[Episode]:
             state=np.stack([s["state"] for s in samples]) if m["has_state"] else None,
             actions=np.stack([s["actions"][0] for s in samples]) if has_action else None,
             metadata=m["episode_metadata"],
+            privileged=np.stack([s["privileged"] for s in samples]) if "privileged" in samples[0] else None,
         )
 
     for url, expected in shard_files(source_dir).items():

@@ -65,6 +65,8 @@ class VLAPolicy(LightningModule):
         init_from: str | None = None,
         init_from_parts: Sequence[str] = ("backbone", "action_head"),
         image_augmentation: nn.Module | None = None,
+        privileged_head: nn.Module | None = None,
+        privileged_loss_weight: float = 1.0,
     ) -> None:
         """
         Args:
@@ -83,6 +85,10 @@ class VLAPolicy(LightningModule):
                 ``[backbone]`` to put a new action head (the regression baseline) on a pretrained backbone.
             image_augmentation: applied to the policy's training images only (e.g.
                 ``components.augmentation.RandomShift``); validation and inference see the images as they are.
+            privileged_head: an auxiliary readout of the batch's ``privileged`` state (simulator-only object and
+                goal positions) from the VL tokens (``components.privileged_head.PrivilegedStateHead``), trained
+                with weight ``privileged_loss_weight`` beside the action loss. Its gradient reaches the backbone;
+                inference never uses it. Logged as ``{train,val}/privileged_loss``.
         """
         super().__init__()
         check_schedule(lr_schedule, warmup_ratio)
@@ -91,7 +97,8 @@ class VLAPolicy(LightningModule):
         # them again to load_from_checkpoint.
         live = [name for name, value in (("backbone", backbone), ("action_head", action_head),
                                          ("pseudo_labelers", pseudo_labelers), ("optimizer", optimizer),
-                                         ("image_augmentation", image_augmentation))
+                                         ("image_augmentation", image_augmentation),
+                                         ("privileged_head", privileged_head))
                 if isinstance(value, nn.Module) or (name == "pseudo_labelers" and len(value))
                 or (name == "optimizer" and not isinstance(value, type))]
         self.save_hyperparameters(ignore=live)
@@ -105,6 +112,7 @@ class VLAPolicy(LightningModule):
         self.action_head = action_head if isinstance(action_head, nn.Module) else None
         self.pseudo_labelers = nn.ModuleList(pseudo_labelers)
         self.image_augmentation = image_augmentation
+        self.privileged_head = privileged_head
         self.data_spec: dict[str, Any] | None = None  # normalisers + embodiment map, set from the datamodule
 
     # ------------------------------------------------------------------ construction
@@ -219,6 +227,9 @@ class VLAPolicy(LightningModule):
         rows = self._training_rows(batch)
         batch_size = tokens.shape[0]
         aux = [r.aux_loss for r in rows if r.aux_loss is not None]
+        privileged = self._privileged_loss(tokens, mask, batch, stage)
+        if privileged is not None:
+            aux.append(self.hparams.privileged_loss_weight * privileged)
         for r in rows:
             if r.aux_loss is not None:
                 self.log(f"{stage}/aux_loss_{r.name}", r.aux_loss.detach(), batch_size=batch_size)
@@ -248,6 +259,16 @@ class VLAPolicy(LightningModule):
             loss = loss + a
         self.log(f"{stage}/loss", loss, batch_size=batch_size, prog_bar=True)
         self._log_breakdown(stage, out["per_sample"].detach(), rows, batch, index, embodiment_id=targets[-1])
+        return loss
+
+    def _privileged_loss(self, tokens: torch.Tensor, mask: torch.Tensor, batch: dict, stage: str) -> torch.Tensor | None:
+        if self.privileged_head is None:
+            return None
+        if schema.PRIVILEGED not in batch:
+            raise ValueError("model.init_args.privileged_head is set but the batches carry no privileged state: train "
+                             "on sources written with it (e.g. MetaWorldDemos(privileged=true)), or remove the head")
+        loss = self.privileged_head.loss(tokens, mask, batch[schema.PRIVILEGED], batch[schema.PRIVILEGED_MASK])
+        self.log(f"{stage}/privileged_loss", loss.detach(), batch_size=tokens.shape[0])
         return loss
 
     def _log_breakdown(self, stage: str, per_sample: torch.Tensor, rows, batch: dict, index: torch.Tensor,
@@ -287,6 +308,10 @@ class VLAPolicy(LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.data_spec = checkpoint.get(DATA_SPEC_KEY)
+        if self.privileged_head is None:  # a training-only readout: inference can load without it
+            state = checkpoint["state_dict"]
+            for key in [k for k in state if k.startswith("privileged_head.")]:
+                del state[key]
         if not len(self.pseudo_labelers):
             # Labelers only make training targets and are not rebuilt from the hyper-parameters (a frozen one would
             # need its own checkpoint on the deployment machine): a model loaded for inference drops their weights.

@@ -20,6 +20,10 @@ then cover the small off-path states a learned policy drifts into, each labelled
 which plain behaviour cloning never sees (the ``sim`` tier's noise is different: there the noisy action is the
 label). The number of demonstrations is unchanged.
 
+``privileged=True`` also records, per frame of the ``robot`` and ``sim`` tiers, Meta-World's privileged positions of
+the task's main object and of the goal (``PRIVILEGED``: 6 floats, metres) as ``Episode.privileged``: an auxiliary
+training target (``components.privileged_head``), never a policy input.
+
 Only successful episodes are kept: slot ``i`` of a task retries with fresh seeds until the expert succeeds (at most
 ``max_attempts`` times). Every seed derives from ``(seed, task, tier, i, attempt)``, so the data do not depend on
 ``num_workers``. Episodes are recorded up to and including the first successful frame; ``actions[t]`` is the
@@ -56,6 +60,10 @@ TIERS = ("robot", "sim", "human")
 # Bump when generation changes what a given config produces, so cached sources are rebuilt.
 GENERATOR_VERSION = 1
 MARKER = "READY.json"
+# Meta-World v3's 39-D observation: the first object's xyz at [4:7] (the puck of reach / push / pick-place, the
+# handle or button of the others), the goal's xyz at [36:39].
+PRIVILEGED = np.r_[4:7, 36:39]
+PRIVILEGED_NAMES = ("object_x", "object_y", "object_z", "goal_x", "goal_y", "goal_z")
 
 
 def demo_seed(seed: int, task: str, tier: str, index: int, attempt: int) -> int:
@@ -90,6 +98,7 @@ class MetaWorldDemos:
         views: Sequence[str] = ("corner", "gripper_pov"),
         human_views: Sequence[str] = ("corner2", "behind_gripper"),
         jpeg_quality: int = 90,
+        privileged: bool = False,
     ) -> None:
         unknown = sorted(set(tiers) - set(TIERS))
         if unknown:
@@ -113,6 +122,7 @@ class MetaWorldDemos:
         self.dart_noise = dart_noise
         self.views = {"robot": tuple(views), "sim": tuple(views), "human": tuple(human_views)}
         self.jpeg_quality = jpeg_quality
+        self.privileged = privileged
 
     def config(self, tier: str) -> dict[str, Any]:
         return {
@@ -129,6 +139,7 @@ class MetaWorldDemos:
             "noise": [0.0, self.sim_noise] if tier == "sim" else [0.0, 0.0],
             # Only present when on, so caches written before the option existed stay valid.
             **({"dart_noise": [0.0, self.dart_noise]} if tier == "robot" and self.dart_noise > 0 else {}),
+            **({"privileged": list(PRIVILEGED_NAMES)} if self.privileged and tier != "human" else {}),
         }
 
     @property
@@ -204,6 +215,7 @@ class MetaWorldDemos:
             "max_attempts": self.max_attempts,
             "sim_noise": self.sim_noise,
             "dart_noise": self.dart_noise if tier == "robot" else 0.0,
+            "privileged": self.privileged and tier != "human",
         }
 
     @staticmethod
@@ -248,7 +260,7 @@ def generate_demo(job: dict[str, Any]) -> Episode | None:
         noise = float(rng.uniform(0.0, job["sim_noise"])) if tier == "sim" else 0.0
         dart = float(rng.uniform(0.0, job["dart_noise"])) if job["dart_noise"] > 0 else 0.0  # _job: robot tier only
         policy = MetaWorldExpertPolicy(env, noise=noise, seed=s)
-        frames, states, actions, success = _record(env, policy, s, execution_noise=dart, rng=rng)
+        frames, states, actions, raw, success = _record(env, policy, s, execution_noise=dart, rng=rng)
         if not success:
             continue
         actionless = tier == "human"
@@ -261,33 +273,37 @@ def generate_demo(job: dict[str, Any]) -> Episode | None:
             actions=None if actionless else np.stack(actions),
             metadata={"task_family": task, "tier": tier, "seed": s, "index": index, "attempt": attempt,
                       "noise": noise, "dart_noise": dart, "success": True},
+            privileged=np.stack(raw)[:, PRIVILEGED].astype(np.float32) if job.get("privileged") else None,
         )
     return None
 
 
 def _record(env: Any, policy: Any, seed: int, execution_noise: float = 0.0,
-            rng: np.random.Generator | None = None) -> tuple[dict[str, list], list, list, bool]:
-    """Roll ``policy`` out, recording its commands; ``execution_noise`` perturbs what is executed, not the label."""
+            rng: np.random.Generator | None = None) -> tuple[dict[str, list], list, list, list, bool]:
+    """Roll ``policy`` out, recording its commands and the privileged observation of every frame;
+    ``execution_noise`` perturbs what is executed, not the label."""
     rng = np.random.default_rng(seed) if rng is None else rng
     obs, _ = env.reset(seed=seed)
     frames: dict[str, list] = {v: [] for v in obs["images"]}
     states: list[np.ndarray] = []
     actions: list[np.ndarray] = []
+    raw: list[np.ndarray] = []
     success = False
     while True:
         for v, image in obs["images"].items():
             frames[v].append(image)
         states.append(obs["state"])
+        raw.append(env.raw_observation.copy())
         actions.append(policy.get_action(obs)["actions"][0])
         if success:
-            return frames, states, actions, True
+            return frames, states, actions, raw, True
         executed = actions[-1]
         if execution_noise > 0:
             executed = np.clip(executed + execution_noise * rng.standard_normal(executed.shape), -1.0, 1.0)
         obs, _, _, truncated, info = env.step(executed.astype(np.float32))
         success = info["success"]
         if truncated and not success:
-            return frames, states, actions, False
+            return frames, states, actions, raw, False
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -272,3 +272,26 @@ def test_cached_source_gives_the_stream_and_error_counts_of_the_tars(pool, tmp_p
     assert streamed.resolved[0].decoded is None and cached.resolved[0].decoded is not None
     # Worker processes read the parent's decoded samples (fork): the same batches, split over two workers.
     assert sorted(_stream(cached, num_workers=2)[0]) == sorted(_stream(streamed, num_workers=2)[0])
+
+
+def test_privileged_state_is_standardised_per_source_and_masked_where_a_source_lacks_it(pool, tmp_path):
+    from tests.datamodules.synth import make_episodes
+    from datamodules.shards import write_source
+
+    episodes = make_episodes(6, seed=7, embodiment="arm", state_dim=3, action_dim=2)
+    rng = np.random.default_rng(1)
+    for ep in episodes:  # positions in metres around a table: far from zero mean and unit spread
+        ep.privileged = (np.array([0.1, 0.8, 0.05]) + 0.05 * rng.normal(size=(ep.length, 3))).astype(np.float32)
+    write_source(episodes, tmp_path / "priv", source="priv", horizon=4)
+    cfgs = sources(pool, names=["a"]) + [dict(name="priv", shards=str(tmp_path / "priv"), embodiment="arm")]
+    dm = datamodule(pool, sources=cfgs, batch_size=256, batches_per_epoch=2)
+    batch = next(iter(dm.train_dataloader()))
+    assert batch[schema.PRIVILEGED].shape == (256, 3) and batch[schema.PRIVILEGED_MASK].dtype == torch.bool
+    has = batch[schema.SOURCE_ID] == 1
+    assert batch[schema.PRIVILEGED_MASK][has].all() and not batch[schema.PRIVILEGED_MASK][~has].any()
+    assert (batch[schema.PRIVILEGED][~has] == 0).all()
+    values = batch[schema.PRIVILEGED][has]
+    assert values.mean(0).abs().max() < 0.3 and ((values.std(0) - 1).abs() < 0.3).all()
+    # A mixture of sources that have none carries no privileged keys at all.
+    plain = next(iter(datamodule(pool, batch_size=8, batches_per_epoch=1).train_dataloader()))
+    assert schema.PRIVILEGED not in plain

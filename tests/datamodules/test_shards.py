@@ -67,3 +67,30 @@ def test_writer_rejects_inconsistent_episodes(tmp_path):
         write_source(eps, tmp_path, source="mixed")
     with pytest.raises(ValueError, match="view name"):
         write_source(make_episodes(1, views=("scene.left",)), tmp_path, source="dots")
+
+
+def test_privileged_state_round_trips_and_sources_without_it_still_decode(tmp_path):
+    episodes = make_episodes(3, seed=4)
+    rng = np.random.default_rng(0)
+    for ep in episodes:
+        ep.privileged = rng.normal(size=(ep.length, 5)).astype(np.float32)
+    meta = write_source(episodes, tmp_path / "p", source="sim", horizon=4)
+    assert meta["privileged_dim"] == 5
+    side = load_sidecars(tmp_path / "p")
+    all_privileged = np.concatenate([e.privileged for e in episodes])
+    np.testing.assert_allclose(side["stats"]["privileged"]["mean"], all_privileged.mean(0), rtol=1e-5)
+    for a, b in zip(episodes, read_episodes(tmp_path / "p")):
+        np.testing.assert_array_equal(a.privileged, b.privileged)
+    # A source written without it (or before the field existed) has no member and decodes as before.
+    write_source(make_episodes(2), tmp_path / "r", source="robot", horizon=4)
+    raw = next(iter_raw_samples(next(iter(shard_files(tmp_path / "r")))))
+    assert "privileged.npy" not in raw
+    old_meta = {k: v for k, v in load_sidecars(tmp_path / "r")["source"].items() if k != "privileged_dim"}
+    assert "privileged" not in decode_sample(raw, old_meta)
+
+
+def test_episodes_with_and_without_privileged_state_cannot_share_a_source(tmp_path):
+    episodes = make_episodes(2)
+    episodes[1].privileged = np.zeros((episodes[1].length, 3), np.float32)
+    with pytest.raises(ValueError, match="privileged_dim"):
+        write_source(episodes, tmp_path, source="sim", horizon=4)

@@ -135,6 +135,28 @@ def test_generator_writes_replayable_shards_for_two_tasks_and_two_episodes(tmp_p
     assert (tmp_path / "metaworld_robot" / "source.json").stat().st_mtime_ns == stamp
 
 
+def test_generator_records_privileged_object_and_goal_positions_per_frame(tmp_path):
+    from datamodules.shards import read_episodes
+    from envs.metaworld.generate import PRIVILEGED, MetaWorldDemos
+
+    MetaWorldDemos(tmp_path, tasks="push-v3", episodes_per_task=2, tiers=("robot",), image_size=32,
+                   views=("corner",), num_workers=1, horizon=4, privileged=True).prepare()
+    source = json.loads((tmp_path / "metaworld_robot" / "source.json").read_text())
+    assert source["privileged_dim"] == 6 and source["config"]["privileged"][3:] == ["goal_x", "goal_y", "goal_z"]
+    episodes = list(read_episodes(tmp_path / "metaworld_robot"))
+    for ep in episodes:
+        env = MetaWorldEnv("push-v3", image_size=32, views=("corner",), max_steps=300)
+        env.reset(seed=ep.metadata["seed"])
+        for t in (0, 1):  # the recorded positions are the privileged observation of the same frame
+            np.testing.assert_allclose(ep.privileged[t], env.raw_observation[PRIVILEGED], atol=1e-6)
+            env.step(ep.actions[t])
+        env.close()
+        # The goal stays where it was put; the expert pushed the puck several cm towards it.
+        assert np.ptp(ep.privileged[:, 3:], axis=0).max() < 1e-6
+        assert np.linalg.norm(ep.privileged[-1, :2] - ep.privileged[0, :2]) > 0.03
+    assert np.abs(episodes[0].privileged[0, 3:] - episodes[1].privileged[0, 3:]).max() > 0.01  # a new goal each
+
+
 def test_dart_executes_noisy_actions_but_records_the_experts_clean_correction():
     from envs.metaworld.experts import scripted_expert
     from envs.metaworld.generate import MetaWorldDemos, _record
@@ -156,8 +178,8 @@ def test_dart_executes_noisy_actions_but_records_the_experts_clean_correction():
         return out
 
     env.step, env.reset = spy_step, spy_reset
-    _, clean_states, _, ok_clean = _record(env, MetaWorldExpertPolicy(env), seed=7)
-    _, states, labels, ok = _record(env, MetaWorldExpertPolicy(env), seed=7, execution_noise=0.3,
+    _, clean_states, _, _, ok_clean = _record(env, MetaWorldExpertPolicy(env), seed=7)
+    _, states, labels, _, ok = _record(env, MetaWorldExpertPolicy(env), seed=7, execution_noise=0.3,
                                     rng=np.random.default_rng(0))
     assert ok_clean and ok
     assert len(visited) == len(labels) == len(executed) + 1  # one raw observation per recorded frame

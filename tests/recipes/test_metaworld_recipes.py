@@ -94,6 +94,20 @@ def test_dart_overlay_reaches_the_preparer_and_trains_on_its_own_cache(tmp_path,
     assert prepare.root != clean.root  # the clean 50-demo cache is not overwritten
 
 
+def test_privileged_overlay_records_positions_in_its_own_cache_and_adds_the_readout(tmp_path, monkeypatch) -> None:
+    cli = _instantiate(["metaworld/demos50.yaml", "metaworld/privileged_aux.yaml"], tmp_path, monkeypatch)
+    prepare = cli.datamodule.prepare
+    assert prepare.privileged and prepare.episodes == {"robot": 50}
+    assert not _mismatched_sources(cli)
+    clean = _instantiate(["metaworld/demos50.yaml"], tmp_path, monkeypatch).datamodule.prepare
+    assert prepare.root != clean.root  # the plain 50-demo cache is not overwritten
+    model = cli.model
+    model.configure_model()
+    # The readout reads the backbone's tokens and predicts what the generator records (object xyz + goal xyz).
+    assert model.privileged_head.attention.embed_dim == model.backbone.out_dim
+    assert model.privileged_head.out_dim == 6
+
+
 def test_cotrain_at_50_demos_needs_its_paths_overlay(tmp_path, monkeypatch) -> None:
     """Without cotrain_human_demos50.yaml the sources point at the 10-demo cache the preparer does not write."""
     cli = _instantiate(["metaworld/demos50.yaml", "metaworld/cotrain_human.yaml"], tmp_path, monkeypatch)
