@@ -72,8 +72,11 @@ class SourceConfig:
     ``cache``: decode the whole source into memory once, when its first loader is made, and stream from there
     instead of re-reading and re-decoding its tars every pass. For a source that fits in RAM (Meta-World's 50 demos
     per MT10 task: ~1.9 GB of decoded frames, ~20 s to fill). The workers share it copy-on-write, which needs the
-    ``fork`` start method (Linux's default), and every DDP rank holds its own copy. The stream keeps its shard
-    order, shuffle buffer and error counts.
+    ``fork`` start method (Linux's default), and every DDP rank holds its own copy. A cached source is drawn as an
+    in-memory dataset is: every pass is a fresh permutation of all its samples, whatever shard they came from. A
+    streamed source reads one shard at a time through the shuffle buffer, so a batch holds neighbours within a shard;
+    for shards written in task order (Meta-World's generator writes task by task) a batch of 32 then held one MT10
+    task, and an auxiliary readout of object positions could not learn past the per-batch mean.
     """
 
     name: str
@@ -178,15 +181,20 @@ def decode_source(src: ResolvedSource) -> list[list[dict | SampleError | Undecod
 
 
 def source_stream(src: ResolvedSource, rng: random.Random, errors: ErrorCounter, shuffle_buffer: int) -> Iterator[dict]:
-    """Infinite stream of decoded samples of one source: shards drawn with replacement, samples shuffled in a
-    buffer so that consecutive steps of one episode do not share a batch. The buffer holds raw (still encoded)
-    samples, decoded as they leave it, unless the source is held decoded in memory (``src.decoded``)."""
+    """Infinite stream of decoded samples of one source. Streamed: shards drawn with replacement, samples shuffled
+    in a buffer so that consecutive steps of one episode do not share a batch; the buffer holds raw (still encoded)
+    samples, decoded as they leave it. Held decoded in memory (``src.decoded``): passes over a fresh permutation of
+    all samples of every shard, so a batch is a uniform draw from the whole source."""
     name = src.config.name
 
     def items() -> Iterator[dict | SampleError]:
+        if src.decoded is not None:
+            pool = [item for shard in src.decoded for item in shard]  # references: no copy of the frames
+            while True:
+                yield from (pool[i] for i in rng.sample(range(len(pool)), len(pool)))
         while True:
             i = rng.randrange(len(src.urls))
-            yield from (src.decoded[i] if src.decoded is not None else shard_items(src.urls[i], src.expected[i]))
+            yield from shard_items(src.urls[i], src.expected[i])
 
     buffer: list[dict] = []
     for item in items():
