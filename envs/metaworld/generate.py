@@ -191,8 +191,10 @@ class MetaWorldDemos:
         return source
 
     def iter_episodes(self, tier: str) -> Iterator[Episode | None]:
-        """Episodes of ``tier`` in task-major order (``None`` where every attempt failed), from worker processes."""
-        jobs = [self._job(tier, task, i) for task in self.tasks for i in range(self.episodes[tier])]
+        """Episodes of ``tier``, the tasks interleaved (slot 0 of every task, then slot 1, ...; ``None`` where every
+        attempt failed), from worker processes. Interleaved, every shard of the written source holds every task, so
+        a streamed source's batches (one shard at a time through a small buffer) are not batches of one task."""
+        jobs = [self._job(tier, task, i) for i in range(self.episodes[tier]) for task in self.tasks]
         if self.num_workers <= 1:
             try:
                 yield from map(generate_demo, jobs)
