@@ -236,7 +236,7 @@ class MixtureStream(IterableDataset):
         world_size: int = 1,
         epoch: int = 0,
         image_size: Optional[int] = None,
-        shuffle_buffer: int = 64,
+        shuffle_buffer: int = 1000,
         max_consecutive_errors: int = 100,
         max_privileged_dim: int = 0,
     ) -> None:
@@ -378,7 +378,10 @@ class MixtureDataModule(LightningDataModule):
         prepare: an object whose ``prepare()`` writes the shards, called in ``prepare_data``.
         val_sources / val_batches: optional held-out sources read with a fixed seed for ``val_batches`` batches,
             normalised with the training statistics (no validation without them).
-        shuffle_buffer: raw samples buffered per source and worker for shuffling.
+        shuffle_buffer: raw samples buffered per source and worker for shuffling. Shards hold whole episodes in
+            order, so the buffer sets how many episodes a batch mixes: on 80 episodes of 25 steps a batch of 32 held
+            ~9 episodes with 64 and ~25 with 1,000, against 26.5 for uniform draws
+            (tests/datamodules/test_mixture.py). The cost is the buffered encoded samples (a few kB each).
         max_consecutive_errors: consecutive failures after which a source raises.
     """
 
@@ -399,7 +402,7 @@ class MixtureDataModule(LightningDataModule):
         prepare: Optional[Preparer] = None,
         val_sources: Optional[list[SourceConfig]] = None,
         val_batches: int = 8,
-        shuffle_buffer: int = 64,
+        shuffle_buffer: int = 1000,
         max_consecutive_errors: int = 100,
     ) -> None:
         super().__init__()

@@ -1,3 +1,4 @@
+import inspect
 import time
 from collections import Counter
 from pathlib import Path
@@ -287,6 +288,24 @@ def test_cached_source_is_drawn_uniformly_across_shards_and_streamed_one_shard_a
     assert mean_shards_per_batch(cached) > 7.5 and mean_shards_per_batch(streamed) < 5  # 7.85 and 3.7 measured
     counts = Counter(k for b in cached for k in b)  # 1,280 draws over 160 samples: 8 passes, each a permutation
     assert len(counts) == 160 and max(counts.values()) - min(counts.values()) <= 2
+
+
+def test_default_shuffle_buffer_mixes_the_episodes_of_a_streamed_source(tmp_path):
+    """Shards hold whole episodes in order (as the tabletop generator writes 1,000 samples per shard), so a streamed
+    source's batches mix only the episodes its buffer spans: the default buffer must bring a batch close to the
+    episode diversity of uniform draws, where the old default of 64 did not."""
+    make_source(tmp_path / "s", "s", 80, seed=5, embodiment="arm", length=(25, 25), samples_per_shard=1000, size=8)
+    default = inspect.signature(MixtureDataModule).parameters["shuffle_buffer"].default
+
+    def episodes_per_batch(buffer: int) -> float:
+        cfg = [dict(name="s", shards=str(tmp_path / "s"), embodiment="arm", weight=1.0)]
+        dm = datamodule(tmp_path, sources=cfg, batch_size=32, batches_per_epoch=60, seed=2, shuffle_buffer=buffer)
+        batches = list(dm.train_dataloader())[10:]  # past the buffer's fill
+        return float(np.mean([len(set(b["episode"].tolist())) for b in batches]))
+
+    # Uniform draws of 32 from 80 episodes touch 80 * (1 - (79/80)^32) = 26.5 of them on average.
+    small, large = episodes_per_batch(64), episodes_per_batch(default)
+    assert small < 12 and large > 22, (small, large)  # 8.7 and 25.2 measured
 
 
 def test_privileged_state_is_standardised_per_source_and_masked_where_a_source_lacks_it(pool, tmp_path):
