@@ -35,7 +35,7 @@ cat >> "$out/overlay.yaml" <<YAML
 data:
   init_args:
     sources:
-      - {name: robot, shards: $robot, embodiment: point_gripper, weight: 1.0}
+      - {name: robot, shards: $robot, embodiment: point_gripper, weight: 1.0, cache: true}
 YAML
 extra=()
 case "$arm" in regression*) extra+=(--config recipes/ablations/regression_head.yaml) ;; esac
