@@ -78,7 +78,9 @@ def main() -> None:
     parser.add_argument("--checkpoint", default="runs/lam/checkpoints/last.ckpt")
     parser.add_argument("--episodes", type=int, default=500, help="robot episodes rendered (the last 100 held out)")
     parser.add_argument("--fit-episodes", type=int, nargs="+", default=[25, 50, 100, 200, 400])
-    parser.add_argument("--l2", type=float, nargs="+", default=[0.1, 1.0, 10.0, 100.0])
+    # Relative ridge (components.codebook_metrics.ridge_probe_r2). With 400 episodes (~4,300 windows) and 128 latent
+    # features the fit is well posed: the best l2 measured so far is the smallest (benchmarks/RESULTS.md, issue 5).
+    parser.add_argument("--l2", type=float, nargs="+", default=[1e-5, 1e-3, 0.1, 1.0])
     parser.add_argument("--seed", type=int, default=777, help="episode seed (the pyramid's robot tier uses 0)")
     parser.add_argument("--horizon", type=int, default=16)
     parser.add_argument("--view", default="scene")
