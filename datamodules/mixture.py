@@ -32,7 +32,7 @@ import os
 import random
 from collections import Counter, defaultdict
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Optional, Protocol, runtime_checkable
 
@@ -76,7 +76,8 @@ class SourceConfig:
     in-memory dataset is: every pass is a fresh permutation of all its samples, whatever shard they came from. A
     streamed source reads one shard at a time through the shuffle buffer, so a batch holds neighbours within a shard;
     for shards written in task order (Meta-World's generator writes task by task) a batch of 32 then held one MT10
-    task, and an auxiliary readout of object positions could not learn past the per-batch mean.
+    task, and an auxiliary readout of object positions could not learn past the per-batch mean. Unset (``None``), it
+    takes the mixture's ``cache``, so that one line caches every source without repeating the ``sources`` list.
     """
 
     name: str
@@ -87,7 +88,7 @@ class SourceConfig:
     normalization: Optional[str] = None
     views: Optional[list[str]] = None
     targets: Optional[list[str]] = None
-    cache: bool = False
+    cache: Optional[bool] = None
 
 
 @dataclass
@@ -353,6 +354,10 @@ def _as_config(s: SourceConfig | dict) -> SourceConfig:
     return s if isinstance(s, SourceConfig) else SourceConfig(**s)
 
 
+def _with_cache_default(s: SourceConfig, cache: bool) -> SourceConfig:
+    return s if s.cache is not None else replace(s, cache=cache)
+
+
 def normalizers_from_state(state: dict[str, Any]) -> dict[str, Normalizer]:
     """Per-embodiment normalisers from ``MixtureDataModule.state_dict()`` or from a whole Lightning checkpoint."""
     if "normalizers" not in state:
@@ -387,6 +392,9 @@ class MixtureDataModule(LightningDataModule):
             ~9 episodes with 64 and ~25 with 1,000, against 26.5 for uniform draws
             (tests/datamodules/test_mixture.py). The cost is the buffered encoded samples: the main job's peak RSS with
             it was 1.29 GB.
+        cache: the default of ``SourceConfig.cache`` for the training sources that leave it unset.
+            YAML lists replace rather than merge, so without it an overlay that caches every source has to repeat the
+            whole ``sources`` list.
         max_consecutive_errors: consecutive failures after which a source raises.
     """
 
@@ -409,10 +417,14 @@ class MixtureDataModule(LightningDataModule):
         val_batches: int = 8,
         shuffle_buffer: int = SHUFFLE_BUFFER,
         max_consecutive_errors: int = 100,
+        cache: bool = False,
     ) -> None:
         super().__init__()
-        self.sources = [_as_config(s) for s in sources]
-        self.val_sources = [_as_config(s) for s in val_sources or []]
+        self.cache = cache
+        self.sources = [_with_cache_default(_as_config(s), cache) for s in sources]
+        # Not the validation sources: they yield `val_batches` batches, and decoding a whole source for those costs
+        # more time and memory than it saves.
+        self.val_sources = [_with_cache_default(_as_config(s), False) for s in val_sources or []]
         self.embodiments = dict(embodiments)
         self.horizon, self.max_state_dim, self.max_action_dim = horizon, max_state_dim, max_action_dim
         self.batch_size, self.batches_per_epoch, self.num_workers = batch_size, batches_per_epoch, num_workers

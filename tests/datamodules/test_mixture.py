@@ -275,9 +275,9 @@ def test_cached_source_is_drawn_uniformly_across_shards_and_streamed_one_shard_a
     make_source(tmp_path / "s", "s", 16, seed=3, embodiment="arm", length=(10, 10), samples_per_shard=20)
     shard_of = lambda episode: episode // 2  # noqa: E731  (2 episodes of 10 steps per shard, 8 shards)
 
-    def batches(cache: bool) -> list[list[tuple[int, int]]]:
+    def batches(cache: bool | None, mixture_cache: bool = False) -> list[list[tuple[int, int]]]:
         cfg = [dict(name="s", shards=str(tmp_path / "s"), embodiment="arm", weight=1.0, cache=cache)]
-        dm = datamodule(tmp_path, sources=cfg, batch_size=32, batches_per_epoch=40, seed=1)
+        dm = datamodule(tmp_path, sources=cfg, batch_size=32, batches_per_epoch=40, seed=1, cache=mixture_cache)
         return [list(zip(b["episode"].tolist(), b["step"].tolist())) for b in dm.train_dataloader()]
 
     def mean_shards_per_batch(bs) -> float:
@@ -288,6 +288,10 @@ def test_cached_source_is_drawn_uniformly_across_shards_and_streamed_one_shard_a
     assert mean_shards_per_batch(cached) > 7.5 and mean_shards_per_batch(streamed) < 5  # 7.85 and 3.7 measured
     counts = Counter(k for b in cached for k in b)  # 1,280 draws over 160 samples: 8 passes, each a permutation
     assert len(counts) == 160 and max(counts.values()) - min(counts.values()) <= 2
+    # The mixture's `cache` is the default of the sources that leave theirs unset; a source's own value wins.
+    assert mean_shards_per_batch(batches(None)) < 5
+    assert mean_shards_per_batch(batches(None, mixture_cache=True)) > 7.5
+    assert mean_shards_per_batch(batches(False, mixture_cache=True)) < 5
 
 
 def test_default_shuffle_buffer_mixes_the_episodes_of_a_streamed_source(tmp_path):
