@@ -93,6 +93,8 @@ class MotionDecoder(nn.Module):
     reach) for the reason above. The free kernels come out of an MLP and a softmax, so the move they make is a
     nonlinear function of the latent, and a linear probe of the end effector's displacement read only 0.44-0.65 of it
     on the embedded world (benchmarks/RESULTS.md); with a linear centre the move *is* a linear readout of the latent.
+    Measured: on moving squares it lifts the probe (0.81 / 0.74 / 0.78 against 0.77 / 0.56 / 0.70, seeds 0-2); on
+    the embedded world it lowers it (0.28 against 0.49 after 8,000 steps, seed 0), so ``free`` stays the default.
     """
 
     def __init__(
