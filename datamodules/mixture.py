@@ -76,8 +76,9 @@ class SourceConfig:
     in-memory dataset is: every pass is a fresh permutation of all its samples, whatever shard they came from. A
     streamed source reads one shard at a time through the shuffle buffer, so a batch holds neighbours within a shard;
     for shards written in task order (Meta-World's generator writes task by task) a batch of 32 then held one MT10
-    task, and an auxiliary readout of object positions could not learn past the per-batch mean. Unset (``None``), it
-    takes the mixture's ``cache``, so that one line caches every source without repeating the ``sources`` list.
+    task, and an auxiliary readout of object positions could not learn past the per-batch mean. Unset (``None``), a
+    training source takes the mixture's ``cache`` (so one line caches them all without repeating the ``sources``
+    list) and a validation source is streamed.
     """
 
     name: str
