@@ -7,13 +7,13 @@ end-effector displacement (dx, dy summed over the H-step window) from the pre-qu
 number of the others, for the trained model and for the same architecture with fresh random weights. If the trained
 latent's R^2 rose with probe data while the untrained one stayed flat, the module's probe would be data-starved.
 
-It also probes, from the same latents, where the end effector is at t + H (``end_position``) and at t
-(``start_position``), and the displacement from the latent together with the start position
-(``displacement_given_start``). A decoder that repaints x_{t+H} from x_t needs to know where the robot ends up, not
-how far it moved: if the latent held the end position linearly and the displacement only with the start position
-added, the latent would be absolute, not an action. With ``--mlp`` it also fits a small MLP probe of the
-displacement (``displacement_mlp``): whether what the linear probe misses is in the latent at all. Prints one JSON
-object.
+It also probes each axis of the displacement alone (``displacement_x``, ``displacement_y``) and, from the same
+latents, where the end effector is at t + H (``end_position``) and at t (``start_position``), and the displacement
+from the latent together with the start position (``displacement_given_start``). A decoder that repaints x_{t+H}
+from x_t needs to know where the robot ends up, not how far it moved: if the latent held the end position linearly
+and the displacement only with the start position added, the latent would be absolute, not an action. With
+``--mlp`` it also fits a small MLP probe of the displacement (``displacement_mlp``): whether what the linear probe
+misses is in the latent at all. Prints one JSON object.
 
     python benchmarks/lam_probe_episodes.py --checkpoint runs/lam/checkpoints/last.ckpt
 """
@@ -55,6 +55,9 @@ def windows(episodes, horizon: int, view: str):
     as_float = lambda xs: torch.from_numpy(np.stack(xs)).float()  # noqa: E731
     targets = {"displacement": as_float(displacement), "end_position": as_float(end),
                "start_position": as_float(start)}
+    # Per axis too: at 64 px the scene camera shows a move along y as the whole gantry bar moving, and one along x
+    # only as the few-pixel carriage sliding on it (benchmarks/RESULTS.md, issue 5).
+    targets |= {f"displacement_{axis}": targets["displacement"][:, i:i + 1] for i, axis in enumerate("xy")}
     return as_images(x_t), as_images(x_tH), targets, torch.tensor(episode)
 
 
