@@ -29,6 +29,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from torchmetrics.functional import r2_score  # noqa: E402
 
 from components.codebook_metrics import ridge_probe_r2  # noqa: E402
 from envs.tabletop import generate_episodes  # noqa: E402
@@ -86,7 +87,8 @@ def mlp_probe_r2(x: torch.Tensor, y: torch.Tensor, episode: torch.Tensor, fit: t
     overfits 4,000 windows); scored like ``ridge_probe_r2`` (variance-weighted over columns) on ``held_out``.
     """
     torch.manual_seed(seed)
-    stop_episodes = episode[fit].unique()[-max(1, len(episode[fit].unique()) // 10):]
+    fit_episodes = episode[fit].unique()
+    stop_episodes = fit_episodes[-max(1, len(fit_episodes) // 10):]
     stop = fit & torch.isin(episode, stop_episodes)
     train = fit & ~stop
     mx, sx = x[train].mean(0), x[train].std(0).clamp_min(1e-8)
@@ -95,8 +97,7 @@ def mlp_probe_r2(x: torch.Tensor, y: torch.Tensor, episode: torch.Tensor, fit: t
     net = torch.nn.Sequential(torch.nn.Linear(x.shape[1], 256), torch.nn.GELU(), torch.nn.Linear(256, 256),
                               torch.nn.GELU(), torch.nn.Linear(256, y.shape[1]))
     opt = torch.optim.AdamW(net.parameters(), lr=1e-3, weight_decay=1e-2)
-    r2 = lambda rows: float(1 - ((net(xs[rows]) * sy + my - y[rows]) ** 2).sum()  # noqa: E731
-                            / ((y[rows] - y[rows].mean(0)) ** 2).sum())
+    r2 = lambda rows: float(r2_score(net(xs[rows]) * sy + my, y[rows], multioutput="variance_weighted"))  # noqa: E731
     train_idx, best = train.nonzero().squeeze(1), (-float("inf"), float("nan"))
     for step in range(steps):
         batch = train_idx[torch.randint(len(train_idx), (256,))]
