@@ -1,6 +1,7 @@
 """Training of the latent-action model (LAPA-style VQ-VAE) on mixture batches; see ``components/latent_action.py``.
 
-Loss: pixel MSE of the reconstructed ``x_{t+H}`` plus the quantiser's auxiliary loss (commitment, ...). Logged in
+Loss: pixel MSE of the reconstructed ``x_{t+H}`` (optionally weighted towards the pixels that change:
+``change_weight``) plus the quantiser's auxiliary loss (commitment, ...). Logged in
 ``train/`` (every ``log_every_n_steps``) and ``val/`` (per epoch), because a VQ-VAE's loss says little about whether
 its latent means anything:
 
@@ -53,6 +54,7 @@ class LatentActionModule(LightningModule):
         aux_loss_weight: float = 1.0,
         probe_l2: float = 1e-3,
         probe_dims: Sequence[int] | None = None,
+        change_weight: float = 0.0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()  # `model` and `quantizer` included: the checkpoint must rebuild them
@@ -76,6 +78,8 @@ class LatentActionModule(LightningModule):
         # The net-motion probe's targets: the displacement dims only. A gripper open/close dim summed over the chunk
         # is a count of closed steps, which the scene camera barely shows and which outweighed dx, dy in variance.
         self.probe_dims = list(probe_dims) if probe_dims is not None else list(range(max_action_dim))
+        if change_weight < 0:
+            raise ValueError(f"LatentActionModule: change_weight must be >= 0 (0 = plain MSE), got {change_weight}")
         n, d = model.num_latent_tokens, model.latent_dim
         self.target_moments = LatentMoments((n, d))
         self.val_means = nn.ModuleDict({k: MeanMetric() for k in ("recon_mse", "copy_mse", "shuffled_mse", "commitment")})
@@ -143,8 +147,9 @@ class LatentActionModule(LightningModule):
     def _shared_step(self, batch: dict, stage: str, diagnostics: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         x_t, x_tH = self._frames(batch)
         out = self.model(x_t, x_tH)
-        recon_mse = F.mse_loss(out["recon"], x_tH)
-        loss = recon_mse + self.hparams.aux_loss_weight * out["aux_loss"]
+        recon_mse = F.mse_loss(out["recon"], x_tH)  # unweighted: gain and shuffle ratio stay comparable across runs
+        recon_loss = recon_mse if self.hparams.change_weight == 0 else self._change_weighted_mse(out["recon"], x_t, x_tH)
+        loss = recon_loss + self.hparams.aux_loss_weight * out["aux_loss"]
         stats = {"loss": loss.detach(), "recon_mse": recon_mse.detach(), "aux_loss": out["aux_loss"].detach()}
         z, z_q = out["z"].detach(), out["z_q"].detach()
         # Windowed metrics see every sample; they are cheap (a histogram and two small outer products).
@@ -161,6 +166,22 @@ class LatentActionModule(LightningModule):
                     # Rolling by one gives every sample another sample's latent (a random permutation may not).
                     stats["shuffled_mse"] = F.mse_loss(self.model.decode(x_t, z_q.roll(1, dims=0)), x_tH)
         return loss, stats
+
+    def _change_weighted_mse(self, recon: torch.Tensor, x_t: torch.Tensor, x_tH: torch.Tensor) -> torch.Tensor:
+        """Pixel MSE weighted by ``1 + change_weight * d / mean(d)``, ``d`` = per-pixel change ``|x_tH - x_t|``.
+
+        Why: a plain MSE values a move by the pixels it changes. In the tabletop scene camera a gantry's 0.12-unit
+        move along y slides the whole rail (252 pixels change, summed |change| 58), the same move along x only the
+        gripper (48 pixels, 9.8), so the latent learns y and leaves x. Dividing by each sample's mean change gives
+        every window the same total weight ``change_weight`` on its changing pixels however few they are, shared in
+        proportion to how much each changes; the static rest keeps weight 1. The result is divided by the mean
+        weight (``1 + change_weight``), so the loss stays on the scale of the MSE.
+        """
+        change = (x_tH - x_t).abs().amax(dim=-3, keepdim=True)  # [B, V, 1, h, w]: the largest change of the 3 colours
+        per_sample = change.flatten(1).mean(1).clamp_min(1e-6).view(-1, *([1] * (change.dim() - 1)))
+        weight = 1 + self.hparams.change_weight * change / per_sample  # mean over each sample's pixels: 1 + cw
+        # A sample with no change at all (clamped mean) gets weight 1 everywhere: numerically 1 + cw*0/1e-6 = 1.
+        return ((recon - x_tH).pow(2) * weight).mean() / (1 + self.hparams.change_weight)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         # Diagnostics cost an extra decoder pass: compute them only on steps whose logs are written.

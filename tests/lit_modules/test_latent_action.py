@@ -124,6 +124,37 @@ def test_quantiser_in_two_places_and_view_mismatch_are_refused():
         LatentActionModule(model, view_indices=[0, 1])
 
 
+def test_change_weight_puts_each_windows_weight_on_its_changing_pixels():
+    """``change_weight`` = c: each window's changing pixels share weight c however few they are, so missing the move
+    of a one-pixel gripper costs about as much as missing a 128-pixel rail's move (plain MSE: 128x less)."""
+    model = LatentActionModel(image_size=32, patch_size=8, width=32, depth=1, heads=2)
+    with pytest.raises(ValueError, match="change_weight must be >= 0"):
+        LatentActionModule(model, change_weight=-1.0)
+    c, n = 3.0, 32 * 32
+    module = LatentActionModule(model, change_weight=c)
+    x_t = torch.zeros(2, 1, 3, 32, 32)
+    x_tH = x_t.clone()
+    x_tH[0, :, :, 5, 7] = 1.0        # window 0: one pixel changes (the gripper)
+    x_tH[1, :, :, 10:14, :] = 1.0    # window 1: four rows change (the rail), 128 pixels
+    miss_small, miss_rail, miss_static = x_tH.clone(), x_tH.clone(), x_tH.clone()
+    miss_small[0] = x_t[0]                   # window 0 reconstructed as a copy of x_t: its move missed
+    miss_rail[1] = x_t[1]                    # window 1 likewise
+    miss_static[0, :, :, 20, 20] = 1.0       # a unit error on a pixel that did not change
+    loss = lambda recon: float(module._change_weighted_mse(recon, x_t, x_tH))  # noqa: E731
+    total = 2 * 3 * n * (1 + c)  # elements x mean weight
+    # A changed pixel weighs 1 + c * (its change / the window's mean change); a static one weighs 1.
+    assert loss(miss_small) == pytest.approx(3 * (1 + c * n) / total, rel=1e-5)
+    assert loss(miss_rail) == pytest.approx(3 * 128 * (1 + c * n / 128) / total, rel=1e-5)
+    assert loss(miss_static) == pytest.approx(3 / total, rel=1e-5)
+    assert loss(miss_rail) / loss(miss_small) < 1.05
+    # c = 0 is the plain MSE the module trains with by default, under which the rail's miss costs 128x more.
+    plain = LatentActionModule(model, change_weight=0.0)
+    plain_loss = lambda recon: float(plain._change_weighted_mse(recon, x_t, x_tH))  # noqa: E731
+    assert plain_loss(miss_rail) / plain_loss(miss_small) == pytest.approx(128)
+    recon = torch.rand_like(x_t)
+    assert plain_loss(recon) == pytest.approx(float(((recon - x_tH) ** 2).mean()))
+
+
 def test_net_motion_probe_scores_only_the_displacement_dims():
     """A latent that carries (dx, dy) but not the gripper's open/close scores ~1 on ``probe_dims=[0, 1]``; over all
     dims the gripper's unexplained variance pulls the probe down, which is why the recipe names the dims."""
