@@ -173,9 +173,11 @@ class LatentActionModule(LightningModule):
         Why: a plain MSE values a move by the pixels it changes. In the tabletop scene camera a gantry's 0.12-unit
         move along y slides the whole rail (252 pixels change, summed |change| 58), the same move along x only the
         gripper (48 pixels, 9.8), so the latent learns y and leaves x. Dividing by each sample's mean change gives
-        every window the same total weight ``change_weight`` on its changing pixels however few they are, shared in
-        proportion to how much each changes; the static rest keeps weight 1. The result is divided by the mean
-        weight (``1 + change_weight``), so the loss stays on the scale of the MSE.
+        every window's changing pixels the same share of its weight (``change_weight`` out of ``1 + change_weight``
+        per pixel on average) however few they are, split in proportion to how much each changes; the static rest
+        keeps weight 1. The result is divided by the mean weight, so the loss stays on the scale of the MSE.
+        Caveat: in a still window every bit of sensor noise counts as change and takes that share; the rendered
+        worlds here have none.
         """
         change = (x_tH - x_t).abs().amax(dim=-3, keepdim=True)  # [B, V, 1, h, w]: the largest change of the 3 colours
         per_sample = change.flatten(1).mean(1).clamp_min(1e-6).view(-1, *([1] * (change.dim() - 1)))
