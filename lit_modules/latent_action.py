@@ -176,8 +176,9 @@ class LatentActionModule(LightningModule):
         every window's changing pixels the same share of its weight (``change_weight`` out of ``1 + change_weight``
         per pixel on average) however few they are, split in proportion to how much each changes; the static rest
         keeps weight 1. The result is divided by the mean weight, so the loss stays on the scale of the MSE.
-        Caveat: in a still window every bit of sensor noise counts as change and takes that share; the rendered
-        worlds here have none.
+        Caveat: sensor noise counts as change. In the tabletop ``neural`` tier (noise std 2-10 of 255, one-pixel
+        jumps) it spreads part of each window's share over every pixel, and a still noisy window gives all of it
+        to the noise.
         """
         change = (x_tH - x_t).abs().amax(dim=-3, keepdim=True)  # [B, V, 1, h, w]: the largest change of the 3 colours
         per_sample = change.flatten(1).mean(1).clamp_min(1e-6).view(-1, *([1] * (change.dim() - 1)))
