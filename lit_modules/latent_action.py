@@ -181,7 +181,7 @@ class LatentActionModule(LightningModule):
         to the noise.
         """
         change = (x_tH - x_t).abs().amax(dim=-3, keepdim=True)  # [B, V, 1, h, w]: the largest change of the 3 colours
-        per_sample = change.flatten(1).mean(1).clamp_min(1e-6).view(-1, *([1] * (change.dim() - 1)))
+        per_sample = change.mean(dim=tuple(range(1, change.dim())), keepdim=True).clamp_min(1e-6)  # [B, 1, 1, 1, 1]
         weight = 1 + self.hparams.change_weight * change / per_sample  # mean over each sample's pixels: 1 + cw
         # A sample with no change at all (clamped mean) gets weight 1 everywhere: numerically 1 + cw*0/1e-6 = 1.
         return ((recon - x_tH).pow(2) * weight).mean() / (1 + self.hparams.change_weight)
