@@ -9,10 +9,20 @@ its latent means anything:
 - ``shuffle_ratio`` = MSE with latents rolled across the batch / recon MSE (> 1 means the decoder uses the latent);
 - ``commitment`` = MSE(z, z_q), computed here because the library returns 0 aux loss in eval mode;
 - ``perplexity``, ``usage``, ``dead_codes`` of the codebook;
+- ``action_mse`` (with ``action_loss_weight`` > 0): the supervised action readout's masked MSE (below);
 - ``probe_r2`` / ``probe_r2_chunk``: held-out ridge probe R^2 of the true actions from the pre-quantisation latent
   (two folds split by episode), on samples that have actions: ``probe_r2`` of the net motion (the chunk summed over
   its steps, in the action dims ``probe_dims``: for delta-action robots the end-effector displacement),
   ``probe_r2_chunk`` of the whole chunk.
+
+Optional action supervision (``action_loss_weight`` > 0, after LAOM: Nikulin et al., "Latent Action Learning
+Requires Supervision in the Presence of Distractors", ICML 2025): a linear readout per embodiment
+(``EmbodimentLinear``) from the pre-quantisation latent to the normalised action chunk, trained on the samples that
+have actions, its masked MSE added to the loss with gradients into the encoder. ``labelled_fraction`` keeps only
+that fraction of episodes labelled (picked by episode id, the same episodes every step). Why: a pixel loss pays for
+a move in proportion to the pixels it changes, so on a scene where one axis moves a few pixels the latent leaves it
+out (benchmarks/RESULTS.md, issue 5); a few labelled episodes tell the encoder what the move is. The latent stays a
+latent: the readout is not part of the model, and its target (``latent_action_target``) is unchanged.
 
 The quantiser can be given either inside the ``LatentActionModel`` or, preferably, as a factory to this module,
 which builds it in ``configure_model``: vector-quantize-pytorch decides codebook synchronisation across DDP ranks
@@ -35,6 +45,7 @@ from torch import nn
 from torchmetrics import MeanMetric
 
 from components.codebook_metrics import CodebookUsage, LatentMoments, RidgeProbeR2
+from components.embodiment import EmbodimentLinear
 from components.latent_action import LatentActionModel
 from datamodules import schema
 
@@ -55,6 +66,9 @@ class LatentActionModule(LightningModule):
         probe_l2: float = 1e-3,
         probe_dims: Sequence[int] | None = None,
         change_weight: float = 0.0,
+        action_loss_weight: float = 0.0,
+        num_embodiments: int = 1,
+        labelled_fraction: float = 1.0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()  # `model` and `quantizer` included: the checkpoint must rebuild them
@@ -81,8 +95,19 @@ class LatentActionModule(LightningModule):
         if change_weight < 0:
             raise ValueError(f"LatentActionModule: change_weight must be >= 0 (0 = plain MSE), got {change_weight}")
         n, d = model.num_latent_tokens, model.latent_dim
+        if action_loss_weight < 0 or not 0 < labelled_fraction <= 1:
+            raise ValueError(
+                f"LatentActionModule: action_loss_weight must be >= 0 (0 = no action supervision) and "
+                f"labelled_fraction in (0, 1], got {action_loss_weight} and {labelled_fraction}"
+            )
+        # [B, N * D] -> [B, H * A_max], one weight per embodiment slot (the data's `embodiments` ids).
+        self.action_readout = (
+            EmbodimentLinear(num_embodiments, n * d, horizon * max_action_dim) if action_loss_weight > 0 else None
+        )
         self.target_moments = LatentMoments((n, d))
-        self.val_means = nn.ModuleDict({k: MeanMetric() for k in ("recon_mse", "copy_mse", "shuffled_mse", "commitment")})
+        self.val_means = nn.ModuleDict(
+            {k: MeanMetric() for k in ("recon_mse", "copy_mse", "shuffled_mse", "commitment", "action_mse")}
+        )
         self.probes = nn.ModuleDict({
             f"{stage}_{kind}": RidgeProbeR2(n * d, dims, l2=probe_l2)
             for stage in ("train", "val")
@@ -150,7 +175,12 @@ class LatentActionModule(LightningModule):
         recon_mse = F.mse_loss(out["recon"], x_tH)  # unweighted: gain and shuffle ratio stay comparable across runs
         recon_loss = recon_mse if self.hparams.change_weight == 0 else self._change_weighted_mse(out["recon"], x_t, x_tH)
         loss = recon_loss + self.hparams.aux_loss_weight * out["aux_loss"]
-        stats = {"loss": loss.detach(), "recon_mse": recon_mse.detach(), "aux_loss": out["aux_loss"].detach()}
+        stats = {"recon_mse": recon_mse.detach(), "aux_loss": out["aux_loss"].detach()}
+        if self.action_readout is not None:
+            action_mse = self._action_readout_mse(out["z"], batch)
+            loss = loss + self.hparams.action_loss_weight * action_mse
+            stats["action_mse"] = action_mse.detach()
+        stats["loss"] = loss.detach()
         z, z_q = out["z"].detach(), out["z_q"].detach()
         # Windowed metrics see every sample; they are cheap (a histogram and two small outer products).
         if self.codebook_metrics is not None and out["indices"] is not None:
@@ -166,6 +196,30 @@ class LatentActionModule(LightningModule):
                     # Rolling by one gives every sample another sample's latent (a random permutation may not).
                     stats["shuffled_mse"] = F.mse_loss(self.model.decode(x_t, z_q.roll(1, dims=0)), x_tH)
         return loss, stats
+
+    def _labelled(self, batch: dict) -> torch.Tensor:
+        """[B] bool: samples whose actions the readout may see (they have actions, and their episode is labelled)."""
+        labelled = batch[schema.HAS_ACTION].bool()
+        if self.hparams.labelled_fraction < 1:
+            if schema.EPISODE not in batch:
+                raise ValueError(
+                    f"LatentActionModule: labelled_fraction {self.hparams.labelled_fraction} picks labelled "
+                    f"episodes by batch['{schema.EPISODE}'], which this batch lacks; use the mixture data module "
+                    "or set labelled_fraction: 1.0"
+                )
+            # Golden-ratio hashing of the id: the same episodes every step, spread evenly over ids 0, 1, 2, ...
+            spread = torch.frac(batch[schema.EPISODE].double() * 0.6180339887498949)
+            labelled = labelled & (spread < self.hparams.labelled_fraction)
+        return labelled
+
+    def _action_readout_mse(self, z: torch.Tensor, batch: dict) -> torch.Tensor:
+        """Masked MSE of the normalised action chunk read linearly from the (not detached) latent ``z`` [B, N, D]."""
+        labelled = self._labelled(batch)
+        if not bool(labelled.any()):
+            return z.sum() * 0.0  # keeps the readout in the graph (DDP) when no sample in the batch is labelled
+        actions, mask = batch[schema.ACTIONS][labelled], batch[schema.ACTION_MASK][labelled].float()  # [b, H, A]
+        pred = self.action_readout(z[labelled].flatten(1), batch[schema.EMBODIMENT_ID][labelled]).view_as(actions)
+        return ((pred - actions).pow(2) * mask).sum() / mask.sum().clamp_min(1.0)
 
     def _change_weighted_mse(self, recon: torch.Tensor, x_t: torch.Tensor, x_tH: torch.Tensor) -> torch.Tensor:
         """Pixel MSE weighted by ``1 + change_weight * d / mean(d)``, ``d`` = per-pixel change ``|x_tH - x_t|``.

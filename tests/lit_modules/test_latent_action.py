@@ -207,3 +207,95 @@ def test_codebooks_stay_identical_across_two_ddp_processes(tmp_path):
     # DDP's buffer broadcast alone would also make the codebooks equal, but with rank 0's counts only.
     tokens_per_rank = batch_size * module.model.num_latent_tokens
     assert float(ranks[0]["cluster_size"].sum()) > 1.5 * tokens_per_rank
+
+
+# ------------------------------------------------------------------------------------------- action supervision
+def rail_and_gripper_pairs(n: int, seed: int, size: int = 32, max_shift: int = 5, dot_side: int = 4):
+    """Frame pairs of a 12 px "rail" block and a 4 px "gripper" dot, each moved by its own random shift; the action
+    is the dot's shift. A pixel loss pays ~9x more for the block's move than for the dot's (the tabletop scene
+    camera's y rail and x carriage, exaggerated). Returns uint8 images ``[n, 2, 1, 3, s, s]`` and shifts ``[n, 2]``."""
+    g = torch.Generator().manual_seed(seed)
+    rows, cols = torch.arange(size).view(1, -1, 1), torch.arange(size).view(1, 1, -1)
+
+    def box(at: torch.Tensor, side: int) -> torch.Tensor:  # [n, 1, s, s] bool
+        r, c = at[:, 0, None, None], at[:, 1, None, None]
+        return ((rows >= r) & (rows < r + side) & (cols >= c) & (cols < c + side)).unsqueeze(1)
+
+    def corners(side: int) -> tuple[torch.Tensor, torch.Tensor]:
+        at = torch.randint(max_shift, size - side - max_shift + 1, (n, 2), generator=g)
+        return at, torch.randint(-max_shift, max_shift + 1, (n, 2), generator=g)
+
+    (rail, rail_shift), (dot, dot_shift) = corners(12), corners(dot_side)
+    background = torch.full((n, 3, size, size), 0.2)
+    frames = []
+    for k in (0, 1):
+        x = background.clone()
+        x = torch.where(box(rail + k * rail_shift, 12), torch.tensor([0.9, 0.6, 0.2]).view(1, 3, 1, 1), x)
+        x = torch.where(box(dot + k * dot_shift, dot_side), torch.tensor([0.1, 0.9, 0.9]).view(1, 3, 1, 1), x)
+        frames.append(x)
+    images = (torch.stack(frames, 1).unsqueeze(2) * 255).round().to(torch.uint8)
+    return images, dot_shift.float()
+
+
+def _train_with_labels(action_loss_weight: float, seed: int, steps: int = 600) -> float:
+    """Held-out ridge R^2 of the dot's shift from the latent after ``steps`` of training on 2,048 pairs (8 windows
+    per "episode", a quarter of the episodes labelled when ``action_loss_weight`` > 0)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        torch.manual_seed(seed)
+        images, shift = rail_and_gripper_pairs(2048, seed=seed)
+        held_images, held_shift = rail_and_gripper_pairs(512, seed=seed + 100)
+        actions = (shift / 2).unsqueeze(1).expand(-1, 2, 2).contiguous()  # the shift spread over a 2-step chunk
+        model = LatentActionModel(image_size=32, patch_size=8, width=64, depth=2, heads=4, num_latent_tokens=4,
+                                  latent_dim=8)
+        module = LatentActionModule(model, horizon=2, max_action_dim=2, action_loss_weight=action_loss_weight,
+                                    labelled_fraction=0.25)
+        opt = torch.optim.AdamW(module.parameters(), lr=1e-3)
+        for _ in range(steps):
+            i = torch.randint(0, 2048, (32,))
+            batch = {schema.IMAGES: images[i], schema.ACTIONS: actions[i],
+                     schema.ACTION_MASK: torch.ones(32, 2, 2, dtype=torch.bool),
+                     schema.HAS_ACTION: torch.ones(32, dtype=torch.bool),
+                     schema.EMBODIMENT_ID: torch.zeros(32, dtype=torch.long), schema.EPISODE: i // 8}
+            loss, _ = module._shared_step(batch, "train", diagnostics=False)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        model.eval()
+        as_float = lambda x: x.float() / 255  # noqa: E731
+        with torch.no_grad():
+            fit = model.encode(as_float(images[:1024, 0]), as_float(images[:1024, 1])).flatten(1)
+            held = model.encode(as_float(held_images[:, 0]), as_float(held_images[:, 1])).flatten(1)
+    finally:
+        torch.set_num_threads(threads)
+    return ridge_probe_r2(fit, shift[:1024], held, held_shift)
+
+
+def test_labelled_fraction_picks_whole_episodes_and_only_samples_with_actions():
+    model = LatentActionModel(image_size=32, patch_size=8, width=32, depth=1, heads=2)
+    module = LatentActionModule(model, action_loss_weight=1.0, labelled_fraction=0.25)
+    episodes = torch.arange(4000).repeat_interleave(2)  # two windows per episode
+    has_action = torch.arange(8000) % 4 != 3
+    labelled = module._labelled({schema.HAS_ACTION: has_action, schema.EPISODE: episodes})
+    assert not labelled[~has_action].any()
+    both_have_actions = has_action.view(4000, 2).all(1)
+    pairs = labelled.view(4000, 2)[both_have_actions]
+    assert (pairs[:, 0] == pairs[:, 1]).all()  # an episode is labelled or not as a whole
+    assert abs(float(pairs[:, 0].float().mean()) - 0.25) < 0.01  # a quarter of the episodes, spread over the ids
+    assert torch.equal(labelled, module._labelled({schema.HAS_ACTION: has_action, schema.EPISODE: episodes}))
+    with pytest.raises(ValueError, match=r"batch\['episode'\], which this batch lacks"):
+        module._labelled({schema.HAS_ACTION: has_action})
+    for bad in ({"action_loss_weight": -1.0}, {"labelled_fraction": 0.0}):
+        with pytest.raises(ValueError, match="action_loss_weight must be >= 0 .* labelled_fraction in \\(0, 1\\]"):
+            LatentActionModule(model, **bad)
+
+
+@pytest.mark.slow
+def test_a_quarter_of_labelled_episodes_puts_the_small_move_into_the_latent():
+    """Without labels the latent spends itself on the big block's move and holds none of the dot's; a linear action
+    readout trained on a quarter of the episodes makes the dot's move readable on held-out pairs. Calibrated over
+    seeds 0 / 1 / 2 (600 steps, one thread, shared machine): held-out R^2 -0.03 / -0.04 / -0.01 without labels,
+    0.67 / 0.58 / 0.57 with them (action_loss_weight 0.1); at 400 steps 0.62 / 0.38 / 0.32. Seed 0 runs here."""
+    unsupervised, supervised = _train_with_labels(0.0, seed=0), _train_with_labels(0.1, seed=0)
+    assert supervised > 0.45 and supervised > unsupervised + 0.3, (unsupervised, supervised)
