@@ -218,7 +218,9 @@ class LatentActionModule(LightningModule):
         """Masked MSE of the normalised action chunk read linearly from the (not detached) latent ``z`` [B, N, D]."""
         labelled = self._labelled(batch)
         if not bool(labelled.any()):
-            return z.sum() * 0.0  # keeps the readout in the graph (DDP) when no sample in the batch is labelled
+            # No labelled sample in this batch: a zero loss. Under DDP the readout then has unused parameters (as
+            # every EmbodimentLinear slot absent from a batch does): use `strategy: ddp_find_unused_parameters_true`.
+            return z.sum() * 0.0
         actions, mask = batch[schema.ACTIONS][labelled], batch[schema.ACTION_MASK][labelled].float()  # [b, H, A]
         pred = self.action_readout(z[labelled].flatten(1), batch[schema.EMBODIMENT_ID][labelled]).view_as(actions)
         return ((pred - actions).pow(2) * mask).sum() / mask.sum().clamp_min(1.0)
