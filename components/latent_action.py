@@ -230,8 +230,8 @@ class LatentActionModel(nn.Module):
         # Pre-quantisation latents standardised over the batch (BatchNorm without affine). Without it the encoder
         # shrinks its output into one FSQ bin and the code collapses: on moving squares FSQ 5 x 4 collapsed on
         # every seed (z_q spread 0.000) and 5 x 8 reached probe R^2 0.41-0.53; with it, 0.61-0.67 and 0.65-0.71
-        # (600 steps, seeds 0-1). Batch statistics cannot shrink, so every dim spans the bins. Under DDP,
-        # `trainer.sync_batchnorm: true` pools the statistics over ranks.
+        # (600 steps, seeds 0-1). Batch statistics cannot shrink, so every dim spans the bins. Under DDP each rank
+        # normalises by its own batch; on GPUs `trainer.sync_batchnorm: true` pools them (SyncBatchNorm refuses CPU).
         self.latent_norm = nn.BatchNorm1d(latent_dim, affine=False) if latent_norm else None
 
         if decoder == "motion":

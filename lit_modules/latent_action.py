@@ -50,6 +50,7 @@ from components.codebook_metrics import CodebookUsage, LatentMoments, RidgeProbe
 from components.embodiment import EmbodimentLinear
 from components.latent_action import LatentActionModel
 from datamodules import schema
+from lit_modules.distributed import require_find_unused_parameters
 
 
 class LatentActionModule(LightningModule):
@@ -143,6 +144,14 @@ class LatentActionModule(LightningModule):
         self.model.quantizer = quantizer.float()
         self._add_codebook_metrics()
 
+    def on_fit_start(self) -> None:
+        if self.action_readout is not None:
+            require_find_unused_parameters(
+                self.trainer, "LatentActionModule with action_loss_weight > 0",
+                "the action readout gets no gradient on a rank whose batch has no labelled sample, and its slots for "
+                "embodiments absent from the batch never do",
+            )
+
     # ------------------------------------------------------------------ steps
     def _frames(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         images = batch[schema.IMAGES]  # uint8 [B, 2, V, 3, h, w]
@@ -219,7 +228,7 @@ class LatentActionModule(LightningModule):
         labelled = self._labelled(batch)
         if not bool(labelled.any()):
             # No labelled sample in this batch: a zero loss. Under DDP the readout then has unused parameters (as
-            # every EmbodimentLinear slot absent from a batch does): use `strategy: ddp_find_unused_parameters_true`.
+            # every EmbodimentLinear slot absent from a batch does), which on_fit_start makes the recipe allow.
             return z.sum() * 0.0
         actions, mask = batch[schema.ACTIONS][labelled], batch[schema.ACTION_MASK][labelled].float()  # [b, H, A]
         pred = self.action_readout(z[labelled].flatten(1), batch[schema.EMBODIMENT_ID][labelled]).view_as(actions)

@@ -27,6 +27,7 @@ from torch import nn
 from components.embodiment import grow_embodiment_slots
 from components.pseudo_labels import PseudoTargets
 from datamodules import schema
+from lit_modules.distributed import require_find_unused_parameters
 from lit_modules.optimization import check_schedule, configure_optimizers, paper_adamw
 
 #: Checkpoint key holding what inference needs from the data side (normalisers, embodiment map, modalities).
@@ -163,19 +164,10 @@ class VLAPolicy(LightningModule):
             self._check_label_slots()
 
     def on_fit_start(self) -> None:
-        self._check_ddp_allows_unused_slots()
-
-    def _check_ddp_allows_unused_slots(self) -> None:
-        """Embodiment slots absent from a rank's batch get no gradient (components/embodiment.py), which plain
-        DDP reports as an error only at the first backward; say so up front, with the fix. By fit start the
-        strategy has wrapped this module, so torch's own DDP wrapper says how it was configured."""
-        wrapper = self.trainer.strategy.model
-        if isinstance(wrapper, torch.nn.parallel.DistributedDataParallel) and not wrapper.find_unused_parameters:
-            raise ValueError(
-                "trainer.strategy: VLAPolicy under DDP needs find_unused_parameters (each embodiment slot has its "
-                "own parameters, and slots absent from a rank's batch get no gradient); set `strategy: "
-                "ddp_find_unused_parameters_true` (or ddp_spawn_find_unused_parameters_true) in the recipe"
-            )
+        require_find_unused_parameters(
+            self.trainer, "VLAPolicy",
+            "each embodiment slot has its own parameters, and slots absent from a rank's batch get no gradient",
+        )
 
     def _check_label_slots(self) -> None:
         """A pseudo-label kind needs its own action-head slot: sharing a real embodiment's would mix the targets."""

@@ -35,3 +35,21 @@ def run_cli(args: list[str], entry: str = "module", cwd: Path | None = None, tim
             pytest.fail(f"console script {entry!r} is not installed next to {sys.executable}: run `pip install -e .`")
         cmd = [str(script), *args]
     return subprocess.run(cmd, cwd=cwd or REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture
+def in_process_ddp():
+    """For a test that fits with ``strategy: ddp`` in the pytest process itself (one device, to reach a check that
+    only runs under DDP): afterwards destroy its process group and restore the environment it set. Otherwise the
+    group's TCP store keeps MASTER_PORT bound, and the next ``ddp_spawn`` test, reusing that port, fails with
+    EADDRINUSE."""
+    keys = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK")
+    saved = {k: os.environ.get(k) for k in keys}
+    yield
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value

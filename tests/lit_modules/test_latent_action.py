@@ -180,33 +180,75 @@ def test_net_motion_probe_scores_only_the_displacement_dims():
         LatentActionModule(model, horizon=horizon, max_action_dim=3, probe_dims=[0, 3])
 
 
-class SaveCodebook(Callback):
+class SaveState(Callback):
     def __init__(self, out_dir: str) -> None:
         self.out_dir = out_dir
 
     def on_train_end(self, trainer, pl_module):
         codebook = pl_module.model.quantizer._codebook
+        state = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
         torch.save(
-            {"embed": codebook.embed.clone(), "cluster_size": codebook.cluster_size.clone(), "use_ddp": codebook.use_ddp},
+            {"state": state, "use_ddp": codebook.use_ddp, "labelled_batches": pl_module.labelled_batches},
             f"{self.out_dir}/rank{trainer.global_rank}.pt",
         )
 
 
-def test_codebooks_stay_identical_across_two_ddp_processes(tmp_path):
+class CountLabelledBatches(Callback):
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        pl_module.labelled_batches = getattr(pl_module, "labelled_batches", 0) + int(pl_module._labelled(batch).any())
+
+
+class EpisodePairs(Dataset):
+    """``square_dataset`` samples of embodiment 0, four windows per episode."""
+
+    def __init__(self, pairs: PairDataset) -> None:
+        self.pairs = pairs
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, i: int) -> dict:
+        return {**self.pairs[i], schema.EMBODIMENT_ID: torch.tensor(0), schema.EPISODE: torch.tensor(i // 4)}
+
+
+def test_codebooks_and_action_readout_stay_identical_across_two_ddp_processes(tmp_path):
+    """Two gloo processes: the k-means codebook is all-reduced, and the action readout trains in sync although a
+    rank's batch may have no labelled sample (half the episodes are labelled) and slot 1 never has data."""
     seed_everything(0)
-    module = tiny_module()
-    batch_size, steps = 8, 6
-    trainer = cpu_trainer(strategy="ddp_spawn", devices=2, max_steps=steps, limit_val_batches=0,
-                          num_sanity_val_steps=0, log_every_n_steps=3, callbacks=[OneThread(), SaveCodebook(str(tmp_path))])
-    trainer.fit(module, DataLoader(square_dataset(128, seed=0), batch_size=batch_size, shuffle=True))
+    module = tiny_module(action_loss_weight=1.0, num_embodiments=2, labelled_fraction=0.5)
+    initial = {k: v.clone() for k, v in module.state_dict().items() if k.startswith("action_readout.")}
+    batch_size, steps = 2, 6  # small batches: some rank's batch then holds no labelled episode
+    trainer = cpu_trainer(strategy="ddp_spawn_find_unused_parameters_true", devices=2, max_steps=steps,
+                          limit_val_batches=0, num_sanity_val_steps=0, log_every_n_steps=3,
+                          callbacks=[OneThread(), CountLabelledBatches(), SaveState(str(tmp_path))])
+    trainer.fit(module, DataLoader(EpisodePairs(square_dataset(128, seed=0)), batch_size=batch_size, shuffle=True))
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     assert ranks[0]["use_ddp"] and ranks[1]["use_ddp"], "the quantiser was not built for synchronisation"
-    torch.testing.assert_close(ranks[0]["embed"], ranks[1]["embed"], atol=0, rtol=0)
-    torch.testing.assert_close(ranks[0]["cluster_size"], ranks[1]["cluster_size"], atol=0, rtol=0)
+    for key, value in ranks[0]["state"].items():
+        if key.startswith("model.latent_norm."):
+            # BatchNorm running statistics: DDP broadcasts rank 0's before each forward, then each rank's last step
+            # updates its own (SyncBatchNorm, which would pool them, is GPU-only). Checkpoints hold rank 0's.
+            continue
+        torch.testing.assert_close(value, ranks[1]["state"][key], atol=0, rtol=0, msg=f"{key} differs across ranks")
+    # Some step had a rank without a labelled sample (its readout got no gradient there), and the readout trained.
+    assert 0 < sum(r["labelled_batches"] for r in ranks) < 2 * steps, [r["labelled_batches"] for r in ranks]
+    for key, value in initial.items():
+        assert torch.equal(ranks[0]["state"][key], value) == key.endswith(".1"), key  # slot 1 untouched, 0 trained
     # The EMA code counts track the global batch (both ranks' tokens), not one rank's: proof of all-reduce, since
     # DDP's buffer broadcast alone would also make the codebooks equal, but with rank 0's counts only.
     tokens_per_rank = batch_size * module.model.num_latent_tokens
-    assert float(ranks[0]["cluster_size"].sum()) > 1.5 * tokens_per_rank
+    assert float(ranks[0]["state"]["model.quantizer._codebook.cluster_size"].sum()) > 1.5 * tokens_per_rank
+
+
+def test_plain_ddp_is_refused_when_the_action_readout_can_go_unused(tmp_path, in_process_ddp):
+    trainer = cpu_trainer(strategy="ddp", devices=1, max_steps=1, limit_val_batches=0, num_sanity_val_steps=0,
+                          default_root_dir=tmp_path)
+    with pytest.raises(ValueError, match="LatentActionModule with action_loss_weight > 0 under DDP needs "
+                                         "find_unused_parameters .* ddp_find_unused_parameters_true"):
+        trainer.fit(tiny_module(action_loss_weight=1.0), DataLoader(EpisodePairs(square_dataset(8, seed=0)), batch_size=4))
+    # Without the readout every parameter gets a gradient every step, and plain DDP is fine.
+    cpu_trainer(strategy="ddp", devices=1, max_steps=1, limit_val_batches=0, num_sanity_val_steps=0,
+                default_root_dir=tmp_path).fit(tiny_module(), DataLoader(square_dataset(8, seed=0), batch_size=4))
 
 
 # ------------------------------------------------------------------------------------------- action supervision

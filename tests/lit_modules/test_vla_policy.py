@@ -264,7 +264,7 @@ def test_ddp_trains_mixed_embodiments_and_leaves_absent_slots_untouched(pyramid,
         assert moved == (not key.endswith(".2")), key
 
 
-def test_plain_ddp_is_refused_with_the_strategy_that_works(pyramid, tmp_path) -> None:
+def test_plain_ddp_is_refused_with_the_strategy_that_works(pyramid, tmp_path, in_process_ddp) -> None:
     trainer = Trainer(strategy="ddp", devices=1, accelerator="cpu", max_steps=1, logger=False,
                       enable_checkpointing=False, enable_progress_bar=False, default_root_dir=tmp_path)
     with pytest.raises(ValueError, match="ddp_find_unused_parameters_true"):
