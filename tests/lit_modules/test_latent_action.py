@@ -181,21 +181,22 @@ def test_net_motion_probe_scores_only_the_displacement_dims():
 
 
 class SaveState(Callback):
+    """Counts the steps whose batch had a labelled sample, and saves this rank's state and count at the end."""
+
     def __init__(self, out_dir: str) -> None:
         self.out_dir = out_dir
+        self.labelled_batches = 0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.labelled_batches += int(pl_module._labelled(batch).any())
 
     def on_train_end(self, trainer, pl_module):
         codebook = pl_module.model.quantizer._codebook
         state = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
         torch.save(
-            {"state": state, "use_ddp": codebook.use_ddp, "labelled_batches": pl_module.labelled_batches},
+            {"state": state, "use_ddp": codebook.use_ddp, "labelled_batches": self.labelled_batches},
             f"{self.out_dir}/rank{trainer.global_rank}.pt",
         )
-
-
-class CountLabelledBatches(Callback):
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        pl_module.labelled_batches = getattr(pl_module, "labelled_batches", 0) + int(pl_module._labelled(batch).any())
 
 
 class EpisodePairs(Dataset):
@@ -220,7 +221,7 @@ def test_codebooks_and_action_readout_stay_identical_across_two_ddp_processes(tm
     batch_size, steps = 2, 6  # small batches: some rank's batch then holds no labelled episode
     trainer = cpu_trainer(strategy="ddp_spawn_find_unused_parameters_true", devices=2, max_steps=steps,
                           limit_val_batches=0, num_sanity_val_steps=0, log_every_n_steps=3,
-                          callbacks=[OneThread(), CountLabelledBatches(), SaveState(str(tmp_path))])
+                          callbacks=[OneThread(), SaveState(str(tmp_path))])
     trainer.fit(module, DataLoader(EpisodePairs(square_dataset(128, seed=0)), batch_size=batch_size, shuffle=True))
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     assert ranks[0]["use_ddp"] and ranks[1]["use_ddp"], "the quantiser was not built for synchronisation"
