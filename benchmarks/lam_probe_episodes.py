@@ -133,8 +133,9 @@ def main() -> None:
     untrained = untrained_model(args.checkpoint)
 
     start = time.perf_counter()
-    x_t, x_tH, targets, episode = windows(list(generate_episodes("robot", args.episodes, seed=args.seed)),
-                                          args.horizon, args.view)
+    # Rendered at the model's own resolution (a latent model may be trained on a 128 px pyramid).
+    episodes = generate_episodes("robot", args.episodes, seed=args.seed, image_size=trained.image_size)
+    x_t, x_tH, targets, episode = windows(list(episodes), args.horizon, args.view)
     held_out = episode >= args.episodes - HELD_OUT
     result = {"checkpoint": args.checkpoint, "episodes": args.episodes, "windows": len(episode),
               "held_out_windows": int(held_out.sum()), "render_s": round(time.perf_counter() - start, 1)}
