@@ -32,19 +32,19 @@ import torch  # noqa: E402
 from torchmetrics.functional import r2_score  # noqa: E402
 
 from components.codebook_metrics import ridge_probe_r2  # noqa: E402
-from envs.tabletop import generate_episodes  # noqa: E402
+from envs.tabletop import WRIST_WINDOW, generate_episodes  # noqa: E402
 from lit_modules.latent_action import LatentActionModule  # noqa: E402
 
 HELD_OUT = 100
 
 
-def windows(episodes, horizon: int, view: str):
-    """Every (x_t, x_{t+H}) pair of every episode as uint8 ``[M, 3, h, w]`` frames (kept as uint8: float copies of
-    ~6,000 pairs would take 4x the memory for nothing), with the net (dx, dy) between them and the end effector's
-    (x, y) at t and t + H (the point gripper's state is its EE position)."""
+def windows(episodes, horizon: int, views: list[str]):
+    """Every (x_t, x_{t+H}) pair of every episode as uint8 ``[M, V, 3, h, w]`` frames of ``views`` (kept as uint8:
+    float copies of ~6,000 pairs would take 4x the memory for nothing), with the net (dx, dy) between them and the end
+    effector's (x, y) at t and t + H (the point gripper's state is its EE position)."""
     x_t, x_tH, displacement, start, end, episode = [], [], [], [], [], []
     for i, ep in enumerate(episodes):
-        frames = ep.frames[view]  # [T, h, w, 3] uint8, one frame per action
+        frames = np.stack([ep.frames[view] for view in views], 1)  # [T, V, h, w, 3] uint8, one frame per action
         for t in range(len(frames) - horizon):
             x_t.append(frames[t])
             x_tH.append(frames[t + horizon])
@@ -52,7 +52,7 @@ def windows(episodes, horizon: int, view: str):
             start.append(ep.state[t, :2])
             end.append(ep.state[t + horizon, :2])
             episode.append(i)
-    as_images = lambda xs: torch.from_numpy(np.stack(xs)).permute(0, 3, 1, 2)  # noqa: E731
+    as_images = lambda xs: torch.from_numpy(np.stack(xs)).permute(0, 1, 4, 2, 3)  # noqa: E731
     as_float = lambda xs: torch.from_numpy(np.stack(xs)).float()  # noqa: E731
     targets = {"displacement": as_float(displacement), "end_position": as_float(end),
                "start_position": as_float(start)}
@@ -121,7 +121,10 @@ def main() -> None:
     parser.add_argument("--l2", type=float, nargs="+", default=[1e-5, 1e-3, 0.1, 1.0])
     parser.add_argument("--seed", type=int, default=777, help="episode seed (the pyramid's robot tier uses 0)")
     parser.add_argument("--horizon", type=int, default=16)
-    parser.add_argument("--view", default="scene")
+    parser.add_argument("--views", nargs="+", default=["scene"],
+                        help="the views the model was trained on, in its order (one per num_views)")
+    parser.add_argument("--wrist-window", type=float, default=WRIST_WINDOW,
+                        help="table units the wrist camera sees: the training pyramid's wrist_window")
     parser.add_argument("--mlp", action="store_true",
                         help="also fit an MLP probe of the displacement on the largest --fit-episodes")
     args = parser.parse_args()
@@ -130,12 +133,16 @@ def main() -> None:
         parser.error(f"--episodes must exceed {HELD_OUT} (held out) + the largest --fit-episodes")
 
     trained = LatentActionModule.load_from_checkpoint(args.checkpoint, map_location="cpu").model.eval()
+    if len(args.views) != trained.num_views:
+        parser.error(f"{args.checkpoint} was trained on {trained.num_views} views; give as many to --views "
+                     f"(got {args.views}), e.g. --views scene wrist")
     untrained = untrained_model(args.checkpoint)
 
     start = time.perf_counter()
     # Rendered at the model's own resolution (a latent model may be trained on a 128 px pyramid).
-    episodes = generate_episodes("robot", args.episodes, seed=args.seed, image_size=trained.image_size)
-    x_t, x_tH, targets, episode = windows(list(episodes), args.horizon, args.view)
+    episodes = generate_episodes("robot", args.episodes, seed=args.seed, image_size=trained.image_size,
+                                 wrist_window=args.wrist_window)
+    x_t, x_tH, targets, episode = windows(list(episodes), args.horizon, args.views)
     held_out = episode >= args.episodes - HELD_OUT
     result = {"checkpoint": args.checkpoint, "episodes": args.episodes, "windows": len(episode),
               "held_out_windows": int(held_out.sum()), "render_s": round(time.perf_counter() - start, 1)}

@@ -9,7 +9,7 @@ from .env import ENV_IDS, TabletopEnv, register_envs
 from .experts import ExpertPolicy, ScriptedExpert
 from .pyramid import DEFAULT_EPISODES, TabletopPyramid
 from .tiers import FPS, TIERS, apply_artefacts, episode_seed, generate_episodes, rollout
-from .world import TASK_FAMILIES, VIEWS, Renderer, Scene, Visuals, World, make_world, sample_scene
+from .world import TASK_FAMILIES, VIEWS, WRIST_WINDOW, Renderer, Scene, Visuals, World, make_world, sample_scene
 
 register_envs()
 
@@ -21,6 +21,7 @@ __all__ = [
     "TASK_FAMILIES",
     "TIERS",
     "VIEWS",
+    "WRIST_WINDOW",
     "ExpertPolicy",
     "PointGripper",
     "Renderer",

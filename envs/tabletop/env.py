@@ -16,7 +16,7 @@ import numpy as np
 from gymnasium import spaces
 
 from .embodiments import MODALITIES, make_embodiment
-from .world import TASK_FAMILIES, TEMPLATES, VIEWS, Renderer, World, make_world
+from .world import TASK_FAMILIES, TEMPLATES, VIEWS, WRIST_WINDOW, Renderer, World, make_world
 
 _CHARSET = string.ascii_lowercase + " "
 _MAX_INSTRUCTION = max(len(t) for ts in TEMPLATES.values() for t in ts) + 40  # room for two colour-noun phrases
@@ -33,6 +33,7 @@ class TabletopEnv(gym.Env):
         task_families: tuple[str, ...] | list[str] = TASK_FAMILIES,
         visuals: str = "default",
         render_mode: str | None = None,
+        wrist_window: float = WRIST_WINDOW,
     ):
         if embodiment not in MODALITIES:
             raise ValueError(f"Unknown tabletop embodiment {embodiment!r}; choose one of {sorted(MODALITIES)}")
@@ -45,7 +46,7 @@ class TabletopEnv(gym.Env):
         self.visuals = visuals
         self.render_mode = render_mode
         self.views = VIEWS
-        self.renderer = Renderer(image_size)
+        self.renderer = Renderer(image_size, wrist_window)  # a policy trained on a wider wrist camera sees one
         image = spaces.Box(0, 255, (image_size, image_size, 3), np.uint8)
         self.observation_space = spaces.Dict(
             {

@@ -3,7 +3,7 @@
 ``TabletopPyramid(...).prepare()`` writes ``root/<tier>/`` (shards and sidecars, through
 ``datamodules.shards.write_source``) plus a ``READY.json`` marker holding the tier's config. A later ``prepare()``
 skips every tier whose marker matches and regenerates the ones whose config (episode count, seed, image size,
-horizon, generator version) changed. A tier is written into a temporary folder and renamed into place, so an
+wrist window, horizon, generator version) changed. A tier is written into a temporary folder and renamed into place, so an
 interrupted run never leaves a half-written source behind a marker. ``heldout`` adds held-out splits,
 ``root/heldout/<tier>/``: the same tier from a seed derived from the pyramid's, so their scenes are new ones.
 """
@@ -24,6 +24,7 @@ import numpy as np
 
 from .embodiments import MODALITIES
 from .tiers import TIERS, generate_episodes
+from .world import WRIST_WINDOW
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +52,8 @@ def _build_tier(root: str, tier: str, config: dict[str, Any]) -> dict[str, Any]:
         shutil.rmtree(stale, ignore_errors=True)
     tmp = root_path / f".{tier}.tmp-{os.getpid()}"
     spec = TIERS[tier]
-    episodes = generate_episodes(tier, config["episodes"], config["seed"], config["image_size"])
+    episodes = generate_episodes(tier, config["episodes"], config["seed"], config["image_size"],
+                                 wrist_window=config["wrist_window"])
     source = write_source(
         episodes,
         tmp,
@@ -76,7 +78,8 @@ class TabletopPyramid:
     ``episodes`` maps tier name to episode count (missing tiers take ``DEFAULT_EPISODES``; 0 leaves a tier out).
     ``heldout`` maps tier name to the episode count of its held-out split (default: none), written to
     ``root/heldout/<tier>`` from ``heldout_seed(seed)``: a validation source of scenes the training tiers do not
-    contain. ``num_workers`` processes build tiers in parallel; the data does not depend on it. The workers are spawned
+    contain. ``wrist_window`` is the side, in table units, of the square the wrist camera sees (``Renderer``).
+    ``num_workers`` processes build tiers in parallel; the data does not depend on it. The workers are spawned
     (they re-import the main module), so a script calling ``prepare()`` needs the usual
     ``if __name__ == "__main__":`` guard when ``num_workers > 1``.
     """
@@ -90,6 +93,7 @@ class TabletopPyramid:
         episodes: dict[str, int] | None = None,
         num_workers: int = 2,
         heldout: dict[str, int] | None = None,
+        wrist_window: float = WRIST_WINDOW,
     ):
         for key, given in (("episodes", episodes), ("heldout", heldout)):
             unknown = set(given or {}) - set(TIERS)
@@ -102,6 +106,7 @@ class TabletopPyramid:
         self.root = Path(root)
         self.seed = seed
         self.image_size = image_size
+        self.wrist_window = float(wrist_window)
         self.horizon = horizon
         self.episodes = {tier: counts[tier] for tier in TIERS if counts[tier] > 0}
         self.heldout = {tier: n for tier, n in (heldout or {}).items() if n > 0}
@@ -113,6 +118,7 @@ class TabletopPyramid:
             "tier": tier,
             "seed": heldout_seed(self.seed) if heldout else self.seed,
             "image_size": self.image_size,
+            "wrist_window": self.wrist_window,
             "horizon": self.horizon,
             "episodes": (self.heldout if heldout else self.episodes)[tier],
         }

@@ -28,7 +28,7 @@ import numpy as np
 from datamodules.episode import Episode
 
 from .experts import ScriptedExpert
-from .world import VIEWS, Renderer, World, make_world
+from .world import VIEWS, WRIST_WINDOW, Renderer, World, make_world
 
 FPS = 10.0
 MAX_STEPS = 100  # an expert episode takes ~25-45 steps; one that has not succeeded by then is retried
@@ -84,13 +84,14 @@ def rollout(world: World, expert: ScriptedExpert, renderer: Renderer | None = No
 
 
 def generate_episodes(
-    tier: str, num_episodes: int, seed: int, image_size: int = 64, start: int = 0
+    tier: str, num_episodes: int, seed: int, image_size: int = 64, start: int = 0, wrist_window: float = WRIST_WINDOW
 ) -> Iterator[Episode]:
-    """Episodes ``start .. start + num_episodes - 1`` of ``tier`` (see the module table)."""
+    """Episodes ``start .. start + num_episodes - 1`` of ``tier`` (see the module table), the wrist camera seeing
+    ``wrist_window`` table units."""
     if tier not in TIERS:
         raise ValueError(f"Unknown tabletop tier {tier!r}; choose one of {list(TIERS)}")
     spec = TIERS[tier]
-    renderer = Renderer(image_size)
+    renderer = Renderer(image_size, wrist_window)
     for index in range(start, start + num_episodes):
         for attempt in range(MAX_ATTEMPTS):
             world_seed = episode_seed(seed, tier, index, attempt)

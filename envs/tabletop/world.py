@@ -409,7 +409,8 @@ _SHADOW = np.array([0, 0, 0], np.float32)
 
 
 class Renderer:
-    """Renders a ``World`` into the ``scene`` (whole table) and ``wrist`` (EE-centred, ``WRIST_WINDOW`` wide) views.
+    """Renders a ``World`` into the ``scene`` (whole table) and ``wrist`` (EE-centred, ``wrist_window`` table units
+    wide, ``WRIST_WINDOW`` by default) views.
 
     Static layers (table, stains, receptacles) are drawn once per world: for the scene view as the view itself, for
     the wrist view as a canvas over the whole table (plus a margin) at the wrist's resolution that each frame crops.
@@ -418,14 +419,16 @@ class Renderer:
 
     _WRIST_MARGIN = 0.15  # table units beyond the table edge the wrist may look; past it the layer is redrawn
 
-    def __init__(self, image_size: int = 64):
+    def __init__(self, image_size: int = 64, wrist_window: float = WRIST_WINDOW):
         if image_size < 16:
             raise ValueError(f"image_size must be >= 16 pixels, got {image_size}")
-        self.image_size = image_size
+        if not 0 < wrist_window <= 2:
+            raise ValueError(f"wrist_window must be in (0, 2] table units, got {wrist_window}")
+        self.image_size, self.wrist_window = image_size, float(wrist_window)
         self.scene_cam = _Camera(image_size, 0.0, 1.0, float(image_size))
-        ppu = image_size / WRIST_WINDOW
-        span = 1.0 + WRIST_WINDOW + 2 * self._WRIST_MARGIN
-        start = -WRIST_WINDOW / 2 - self._WRIST_MARGIN
+        ppu = image_size / self.wrist_window
+        span = 1.0 + self.wrist_window + 2 * self._WRIST_MARGIN
+        start = -self.wrist_window / 2 - self._WRIST_MARGIN
         self.wrist_canvas_cam = _Camera(math.ceil(span * ppu), start, 1.0 - start, ppu)
         self._world: World | None = None
         self._scene_static: np.ndarray | None = None
@@ -438,8 +441,8 @@ class Renderer:
             self._world = world
         scene = self._dynamic_layer(world, self._scene_static.copy(), self.scene_cam)
         big, size = self.wrist_canvas_cam, self.image_size
-        col = round((float(world.ee[0]) - WRIST_WINDOW / 2 - big.x0) * big.ppu)
-        row = round((big.y_top - float(world.ee[1]) - WRIST_WINDOW / 2) * big.ppu)
+        col = round((float(world.ee[0]) - self.wrist_window / 2 - big.x0) * big.ppu)
+        row = round((big.y_top - float(world.ee[1]) - self.wrist_window / 2) * big.ppu)
         if 0 <= row <= big.size - size and 0 <= col <= big.size - size:
             wrist_cam = big.crop(row, col, size)
             background = self._wrist_static[row : row + size, col : col + size].copy()

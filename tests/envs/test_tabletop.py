@@ -262,3 +262,33 @@ def test_pyramid_writes_every_tier_once_identically_for_any_worker_count(tmp_pat
     after = {t: (tmp_path / "a" / t / "READY.json").stat().st_mtime_ns for t in counts}
     assert [t for t in counts if after[t] != markers[t]] == ["sim"]
     assert json.loads((tmp_path / "a" / "sim" / "source.json").read_text())["episodes"] == 4
+
+
+@pytest.mark.parametrize("window", [0.4, 1.0])
+def test_wrist_view_shifts_by_the_end_effector_move_at_its_window_scale(window):
+    """The wrist camera is centred on the EE and sees ``wrist_window`` table units: a move of d table units shifts
+    the table under it by d * image_size / wrist_window pixels (the widened camera of
+    recipes/ablations/lam_wide_wrist.yaml keeps a 16-step move inside its image). The scene view does not depend
+    on it."""
+    renderer, default = Renderer(64, wrist_window=window), Renderer(64)
+    world = make_world(3, "point_gripper", families=("push",))
+    world.robot.reset(np.array([0.3, 0.5]))  # mid-table, so no move below reaches an edge
+    before = renderer(world)
+    np.testing.assert_array_equal(before["scene"], default(world)["scene"])
+    for _ in range(6):  # 6 full steps right and 3 up: 0.18 and 0.09 table units
+        world.step(np.array([1.0, 1.0 if _ < 3 else 0.0, 0.0], np.float32))
+    after = renderer(world)["wrist"].astype(float)
+    a = before["wrist"].astype(float)
+    errors = {}
+    for dr in range(-40, 41):
+        for dc in range(-40, 41):
+            # content at (r, c) before sits at (r - dr, c - dc) after: the camera moved by (dr, dc) pixels
+            old = a[max(dr, 0): 64 + min(dr, 0), max(dc, 0): 64 + min(dc, 0)]
+            new = after[max(-dr, 0): 64 + min(-dr, 0), max(-dc, 0): 64 + min(-dc, 0)]
+            if old.shape[0] * old.shape[1] >= 16 * 16:
+                errors[dr, dc] = np.abs(old - new).mean()
+    found = min(errors, key=errors.get)
+    expected = (-round(0.09 * 64 / window), round(0.18 * 64 / window))  # up is towards row 0
+    assert abs(found[0] - expected[0]) <= 1 and abs(found[1] - expected[1]) <= 1, (found, expected)
+    with pytest.raises(ValueError, match=r"wrist_window must be in \(0, 2\] table units, got 0"):
+        Renderer(64, wrist_window=0)
