@@ -3,8 +3,8 @@
 ``TabletopPyramid(...).prepare()`` writes ``root/<tier>/`` (shards and sidecars, through
 ``datamodules.shards.write_source``) plus a ``READY.json`` marker holding the tier's config. A later ``prepare()``
 skips every tier whose marker matches and regenerates the ones whose config (episode count, seed, image size,
-wrist window, horizon, generator version) changed. A tier is written into a temporary folder and renamed into place, so an
-interrupted run never leaves a half-written source behind a marker. ``heldout`` adds held-out splits,
+wrist window, horizon, generator version) changed. A tier is written into a temporary folder and renamed into
+place, so an interrupted run never leaves a half-written source behind a marker. ``heldout`` adds held-out splits,
 ``root/heldout/<tier>/``: the same tier from a seed derived from the pyramid's, so their scenes are new ones.
 """
 
