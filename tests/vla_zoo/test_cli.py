@@ -9,7 +9,7 @@ import torch
 import yaml
 
 from tests.conftest import REPO_ROOT, run_cli
-from vla_zoo.cli import CHECKPOINT_CONFIG_KEY, load_run_config
+from vla_zoo.cli import CHECKPOINT_CONFIG_KEY, load_run_config, main
 
 MINIMAL = str(REPO_ROOT / "recipes" / "minimal.yaml")
 
@@ -159,8 +159,19 @@ PRETRAIN = str(REPO_ROOT / "recipes" / "pretrain.yaml")
 ABLATIONS = sorted((REPO_ROOT / "recipes" / "ablations").glob("*.yaml"))
 
 
+def _print_config_in_process(capsys: pytest.CaptureFixture, *configs: str) -> dict:
+    """``_print_config`` without the subprocess: the CLI's own ``main`` in this process. The tests that check the
+    command itself keep the subprocess; the per-ablation test below spent ~10 s per recipe re-importing torch in one."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", *[arg for c in configs for arg in ("--config", c)], "--print_config"])
+    out = capsys.readouterr()
+    assert exit_info.value.code in (0, None), out.err[-3000:]
+    return yaml.safe_load(out.out)
+
+
 @pytest.mark.parametrize("overlay", ABLATIONS, ids=lambda p: p.stem)
-def test_each_ablation_layers_on_the_pretraining_recipe(overlay: Path) -> None:
+def test_each_ablation_layers_on_the_pretraining_recipe(overlay: Path, capsys: pytest.CaptureFixture) -> None:
     """Every value an ablation sets survives layering and validation (a renamed argument fails here, not in a run)."""
     # Overlays of the conv tower layer on the composed backbone (and keypoints and CoordConv on the conv tower).
     needs = {"conv_vision": ["composed_backbone"], "keypoints": ["composed_backbone", "conv_vision"],
@@ -168,7 +179,7 @@ def test_each_ablation_layers_on_the_pretraining_recipe(overlay: Path) -> None:
     base = [str(REPO_ROOT / "recipes" / "ablations" / f"{name}.yaml") for name in needs.get(overlay.stem, [])]
     # Ablations of the latent-action model layer on its own recipe.
     recipe = str(REPO_ROOT / "recipes" / "lam.yaml") if overlay.stem.startswith("lam_") else PRETRAIN
-    config = _flatten(_print_config(recipe, *base, str(overlay)))
+    config = _flatten(_print_config_in_process(capsys, recipe, *base, str(overlay)))
     for key, value in _flatten(yaml.safe_load(overlay.read_text())).items():
         assert _contains(config[key], value), key
 
