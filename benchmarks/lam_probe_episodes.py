@@ -34,6 +34,7 @@ from torchmetrics.functional import r2_score  # noqa: E402
 from components.codebook_metrics import ridge_probe_r2  # noqa: E402
 from envs.tabletop import WRIST_WINDOW, generate_episodes  # noqa: E402
 from lit_modules.latent_action import LatentActionModule  # noqa: E402
+from vla_zoo.cli import load_run_config  # noqa: E402
 
 HELD_OUT = 100
 
@@ -60,6 +61,17 @@ def windows(episodes, horizon: int, views: list[str]):
     # only as the few-pixel carriage sliding on it (benchmarks/RESULTS.md, issue 5).
     targets |= {f"displacement_{axis}": targets["displacement"][:, i:i + 1] for i, axis in enumerate("xy")}
     return as_images(x_t), as_images(x_tH), targets, torch.tensor(episode)
+
+
+def trained_cameras(checkpoint: str) -> tuple[list[str], float]:
+    """The views the model was trained on, in its order, and its pyramid's wrist window, from the run config the
+    CLI embeds in the checkpoint (so a probe cannot silently render other cameras than the training data's)."""
+    config = load_run_config(checkpoint)
+    data = config["data"]["init_args"]
+    source_views = (data.get("val_sources") or data["sources"])[0].get("views") or ["scene"]
+    views = [source_views[i] for i in config["model"]["init_args"].get("view_indices", [0])]
+    wrist_window = (data.get("prepare") or {}).get("init_args", {}).get("wrist_window", WRIST_WINDOW)
+    return views, float(wrist_window)
 
 
 def untrained_model(checkpoint: str) -> torch.nn.Module:
@@ -121,10 +133,10 @@ def main() -> None:
     parser.add_argument("--l2", type=float, nargs="+", default=[1e-5, 1e-3, 0.1, 1.0])
     parser.add_argument("--seed", type=int, default=777, help="episode seed (the pyramid's robot tier uses 0)")
     parser.add_argument("--horizon", type=int, default=16)
-    parser.add_argument("--views", nargs="+", default=["scene"],
-                        help="the views the model was trained on, in its order (one per num_views)")
-    parser.add_argument("--wrist-window", type=float, default=WRIST_WINDOW,
-                        help="table units the wrist camera sees: the training pyramid's wrist_window")
+    parser.add_argument("--views", nargs="+", default=None,
+                        help="the views the model was trained on, in its order (default: read from the checkpoint)")
+    parser.add_argument("--wrist-window", type=float, default=None,
+                        help="table units the wrist camera sees (default: the training pyramid's, from the checkpoint)")
     parser.add_argument("--mlp", action="store_true",
                         help="also fit an MLP probe of the displacement on the largest --fit-episodes")
     args = parser.parse_args()
@@ -133,6 +145,9 @@ def main() -> None:
         parser.error(f"--episodes must exceed {HELD_OUT} (held out) + the largest --fit-episodes")
 
     trained = LatentActionModule.load_from_checkpoint(args.checkpoint, map_location="cpu").model.eval()
+    views, wrist_window = trained_cameras(args.checkpoint)
+    args.views = args.views or views
+    args.wrist_window = args.wrist_window or wrist_window
     if len(args.views) != trained.num_views:
         parser.error(f"{args.checkpoint} was trained on {trained.num_views} views; give as many to --views "
                      f"(got {args.views}), e.g. --views scene wrist")

@@ -275,8 +275,8 @@ def test_wrist_view_shifts_by_the_end_effector_move_at_its_window_scale(window):
     world.robot.reset(np.array([0.3, 0.5]))  # mid-table, so no move below reaches an edge
     before = renderer(world)
     np.testing.assert_array_equal(before["scene"], default(world)["scene"])
-    for _ in range(6):  # 6 full steps right and 3 up: 0.18 and 0.09 table units
-        world.step(np.array([1.0, 1.0 if _ < 3 else 0.0, 0.0], np.float32))
+    for step in range(6):  # 6 full steps right and 3 up: 0.18 and 0.09 table units
+        world.step(np.array([1.0, 1.0 if step < 3 else 0.0, 0.0], np.float32))
     after = renderer(world)["wrist"].astype(float)
     a = before["wrist"].astype(float)
     errors = {}
