@@ -6,8 +6,10 @@ the ``robot`` tier, then rolls it out closed loop with the evaluator's seeds (di
 A conv net is the strongest inductive bias for this 64 px world that trains in minutes on a CPU, so its curve over
 ``N`` is a floor on the data a from-scratch VLA needs here. Prints JSON: success per task family plus
 failure-mode figures (how close the gripper came to the target object, whether it grasped it).
+``--wrist-windows`` trains and evaluates once per wrist-camera width (table units the end-effector-centred view
+spans; the pyramid's default is 0.4), same demonstrations and seeds otherwise, to measure what the camera is worth.
 
-    python benchmarks/tabletop_bc_difficulty.py --demos 50 400 1200 --steps 8000
+    python benchmarks/tabletop_bc_difficulty.py --demos 50 400 1200 --steps 8000 [--wrist-windows 0.4 1.0]
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from envs.tabletop import WRIST_WINDOW
 from envs.tabletop.tiers import generate_episodes
 from vla_zoo.evaluation import evaluate_closed_loop, make_tabletop_env
 
@@ -59,9 +62,9 @@ class ConvBCPolicy(nn.Module):
         return self.head(torch.cat([h, state, text], -1)).view(-1, self.horizon, 3)
 
 
-def dataset(num_demos: int, horizon: int, vocab: Vocabulary):
+def dataset(num_demos: int, horizon: int, vocab: Vocabulary, wrist_window: float = WRIST_WINDOW):
     images, states, words, chunks = [], [], [], []
-    for ep in generate_episodes("robot", num_demos, seed=0):
+    for ep in generate_episodes("robot", num_demos, seed=0, wrist_window=wrist_window):
         frames = np.concatenate([ep.frames["scene"], ep.frames["wrist"]], -1)  # [T, h, w, 6]
         ids = vocab(ep.instruction)
         for t in range(ep.length):
@@ -108,12 +111,14 @@ class _FailureModes(gym.Wrapper):
         return out
 
 
-def evaluate(net: ConvBCPolicy, vocab: Vocabulary, episodes: int, execute_steps: int, seed: int = 1000) -> dict:
+def evaluate(net: ConvBCPolicy, vocab: Vocabulary, episodes: int, execute_steps: int, seed: int = 1000,
+             wrist_window: float = WRIST_WINDOW) -> dict:
     """``vla_zoo.evaluation.evaluate_closed_loop`` (the evaluator's seeds and protocol) plus failure-mode figures."""
     logs: dict[str, list[dict]] = {}
 
     def make_env(task: str, env_seed: int) -> gym.Env:
-        return _FailureModes(make_tabletop_env(task, env_seed), logs.setdefault(task, []))
+        env = make_tabletop_env(task, env_seed, wrist_window=wrist_window)
+        return _FailureModes(env, logs.setdefault(task, []))
 
     results = evaluate_closed_loop(_BCPolicy(net, vocab), make_env, ["pick_place", "push"], episodes, seed=seed,
                                    execute_steps=execute_steps)
@@ -125,6 +130,28 @@ def evaluate(net: ConvBCPolicy, vocab: Vocabulary, episodes: int, execute_steps:
     }
 
 
+def train_and_evaluate(n: int, wrist_window: float, args: argparse.Namespace) -> dict:
+    torch.manual_seed(args.seed)
+    vocab = Vocabulary()
+    images, states, words, chunks = dataset(n, 16, vocab, wrist_window)
+    policy = ConvBCPolicy(horizon=16)
+    opt = torch.optim.AdamW(policy.parameters(), lr=1e-3, weight_decay=1e-4)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(opt, 1e-3, total_steps=args.steps, pct_start=0.05)
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        i = torch.randint(len(images), (args.batch_size,))
+        loss = F.mse_loss(policy(images[i], states[i], words[i]), chunks[i])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        schedule.step()
+    train_s = time.perf_counter() - start
+    policy.eval()
+    return {"demos": n, "wrist_window": wrist_window, "samples": len(images), "steps": args.steps,
+            "final_train_loss": loss.item(), "train_seconds": round(train_s, 1),
+            "closed_loop": evaluate(policy, vocab, args.episodes, args.execute_steps, wrist_window=wrist_window)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--demos", type=int, nargs="+", default=[50, 400, 1200])
@@ -133,30 +160,15 @@ def main() -> None:
     parser.add_argument("--episodes", type=int, default=20, help="evaluation episodes per task family")
     parser.add_argument("--execute-steps", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--wrist-windows", type=float, nargs="+", default=[WRIST_WINDOW],
+                        help="wrist-camera widths in table units, one training run each")
     args = parser.parse_args()
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     report = []
-    for n in args.demos:
-        torch.manual_seed(args.seed)
-        vocab = Vocabulary()
-        images, states, words, chunks = dataset(n, 16, vocab)
-        policy = ConvBCPolicy(horizon=16)
-        opt = torch.optim.AdamW(policy.parameters(), lr=1e-3, weight_decay=1e-4)
-        schedule = torch.optim.lr_scheduler.OneCycleLR(opt, 1e-3, total_steps=args.steps, pct_start=0.05)
-        start = time.perf_counter()
-        for _ in range(args.steps):
-            i = torch.randint(len(images), (args.batch_size,))
-            loss = F.mse_loss(policy(images[i], states[i], words[i]), chunks[i])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            schedule.step()
-        train_s = time.perf_counter() - start
-        policy.eval()
-        report.append({"demos": n, "samples": len(images), "steps": args.steps, "final_train_loss": loss.item(),
-                       "train_seconds": round(train_s, 1),
-                       "closed_loop": evaluate(policy, vocab, args.episodes, args.execute_steps)})
-        print(json.dumps(report[-1]), flush=True)
+    for window in args.wrist_windows:
+        for n in args.demos:
+            report.append(train_and_evaluate(n, window, args))
+            print(json.dumps(report[-1]), flush=True)
     print(json.dumps({"benchmark": "tabletop_bc_difficulty", "runs": report}, indent=1))
 
 
