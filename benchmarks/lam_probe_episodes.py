@@ -32,9 +32,10 @@ import torch  # noqa: E402
 from torchmetrics.functional import r2_score  # noqa: E402
 
 from components.codebook_metrics import ridge_probe_r2  # noqa: E402
-from envs.tabletop import WRIST_WINDOW, generate_episodes  # noqa: E402
+from envs.tabletop import generate_episodes  # noqa: E402
 from lit_modules.latent_action import LatentActionModule  # noqa: E402
 from vla_zoo.cli import load_run_config  # noqa: E402
+from vla_zoo.evaluation import trained_wrist_window  # noqa: E402
 
 HELD_OUT = 100
 
@@ -70,8 +71,7 @@ def trained_cameras(checkpoint: str) -> tuple[list[str], float]:
     data = config["data"]["init_args"]
     source_views = (data.get("val_sources") or data["sources"])[0].get("views") or ["scene"]
     views = [source_views[i] for i in config["model"]["init_args"].get("view_indices", [0])]
-    wrist_window = (data.get("prepare") or {}).get("init_args", {}).get("wrist_window", WRIST_WINDOW)
-    return views, float(wrist_window)
+    return views, trained_wrist_window(config)
 
 
 def untrained_model(checkpoint: str) -> torch.nn.Module:

@@ -364,6 +364,27 @@ def _load_policy(args: argparse.Namespace) -> PolicyOrFactory:
     return Policy.from_checkpoint(args.checkpoint, num_steps=args.inference_steps, num_samples=args.samples)
 
 
+def trained_wrist_window(run_config: dict[str, Any]) -> float:
+    """The wrist-camera width (table units) of the tabletop pyramid a run trained on, from its resolved config
+    (``vla_zoo.cli.load_run_config``); the world's default when the run prepared no pyramid or left it unset."""
+    from envs.tabletop import WRIST_WINDOW
+
+    prepare = (run_config.get("data") or {}).get("init_args", {}).get("prepare") or {}
+    return float((prepare.get("init_args") or {}).get("wrist_window", WRIST_WINDOW))
+
+
+def _checkpoint_wrist_window(checkpoint: str | None) -> float | None:
+    """``trained_wrist_window`` of a checkpoint's embedded run config; None if it has none (not written by the CLI)."""
+    if checkpoint is None:
+        return None
+    from vla_zoo.cli import load_run_config
+
+    try:
+        return trained_wrist_window(load_run_config(checkpoint))
+    except KeyError:
+        return None
+
+
 def _env_kwargs(args: argparse.Namespace, metadata: dict[str, Any] | None) -> dict[str, Any]:
     """Env options from the command line, rendering what the policy was trained on unless told otherwise."""
     if args.env not in ENVS:
@@ -388,6 +409,13 @@ def _env_kwargs(args: argparse.Namespace, metadata: dict[str, Any] | None) -> di
             kwargs["image_size"] = int(spec["image_size"][0])
         if args.max_steps is not None:
             kwargs["max_episode_steps"] = args.max_steps
+        # The wrist camera the policy was trained with: a policy from a wider-wrist pyramid must not be rolled out
+        # with the default camera without a word.
+        wrist_window = args.wrist_window
+        if wrist_window is None and args.policy == "checkpoint":
+            wrist_window = _checkpoint_wrist_window(args.checkpoint)
+        if wrist_window is not None:
+            kwargs["wrist_window"] = wrist_window
     if args.image_size is not None:
         kwargs["image_size"] = args.image_size
     return kwargs
@@ -412,6 +440,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--image-size", type=int, default=None)
     parser.add_argument("--views", default=None, help="comma-separated views (Meta-World; default: the policy's)")
     parser.add_argument("--embodiment", default="point_gripper", help="tabletop embodiment")
+    parser.add_argument("--wrist-window", type=float, default=None,
+                        help="tabletop wrist camera width in table units (default: the checkpoint's training pyramid)")
     parser.add_argument("--videos", type=int, default=2, help="GIFs recorded per task")
     parser.add_argument("--out", required=True, help="output folder")
     args = parser.parse_args(argv)

@@ -3,6 +3,7 @@ chunk execution and re-planning, seeding, process split, the report files, error
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 
@@ -10,6 +11,7 @@ import gymnasium as gym
 import numpy as np
 import pytest
 import torch
+import yaml
 from lightning.pytorch import LightningModule, Trainer
 from PIL import Image
 
@@ -292,3 +294,33 @@ def test_policy_flags_reach_the_checkpoint_policy(monkeypatch):
     for argv, steps, samples in ((["--inference-steps", "16"], 16, 1), ([], None, 1), (["--samples", "8"], None, 8)):
         evaluation.main(["--checkpoint", "x.ckpt", "--out", "o", *argv])
         assert seen[-1] == ("x.ckpt", {"num_steps": steps, "num_samples": samples})
+
+
+def test_tabletop_wrist_camera_follows_the_checkpoint_unless_the_flag_overrides(tmp_path):
+    """A policy trained on a pyramid with a wider wrist camera must be rolled out with that camera: the evaluator
+    reads ``wrist_window`` from the run config embedded in the checkpoint; ``--wrist-window`` overrides it."""
+    from envs.tabletop import WRIST_WINDOW
+    from vla_zoo import evaluation
+    from vla_zoo.cli import CHECKPOINT_CONFIG_KEY
+
+    def checkpoint(name: str, config: dict | None) -> str:
+        path = tmp_path / name
+        torch.save({} if config is None else {CHECKPOINT_CONFIG_KEY: yaml.safe_dump(config)}, path)
+        return str(path)
+
+    pyramid = {"class_path": "envs.tabletop.TabletopPyramid", "init_args": {"root": "r", "wrist_window": 1.0}}
+    wide = checkpoint("wide.ckpt", {"data": {"init_args": {"prepare": pyramid}}})
+    default = checkpoint("default.ckpt", {"data": {"init_args": {"sources": []}}})
+    foreign = checkpoint("foreign.ckpt", None)  # not written by the CLI: no run config to read
+
+    def env_kwargs(ckpt: str, flag: float | None = None) -> dict:
+        args = argparse.Namespace(env="tabletop", embodiment="point_gripper", policy="checkpoint", checkpoint=ckpt,
+                                  wrist_window=flag, max_steps=None, image_size=None)
+        return evaluation._env_kwargs(args, None)
+
+    assert env_kwargs(wide)["wrist_window"] == 1.0
+    assert env_kwargs(default)["wrist_window"] == WRIST_WINDOW
+    assert "wrist_window" not in env_kwargs(foreign)
+    assert env_kwargs(wide, flag=0.6)["wrist_window"] == 0.6
+    env = evaluation.resolve_make_env("tabletop", **env_kwargs(wide))("pick_place", 0)
+    assert env.unwrapped.renderer.wrist_window == 1.0
