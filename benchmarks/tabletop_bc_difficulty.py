@@ -163,6 +163,9 @@ def main() -> None:
     parser.add_argument("--wrist-windows", type=float, nargs="+", default=[WRIST_WINDOW],
                         help="wrist-camera widths in table units, one training run each")
     args = parser.parse_args()
+    if args.steps < 21:  # OneCycleLR divides by its warm-up length, 0.05 * steps - 1, which must be positive
+        parser.error(f"--steps must be at least 21 (the 5% learning-rate warm-up must span more than one step), "
+                     f"got {args.steps}")
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     report = []
     for window in args.wrist_windows:
