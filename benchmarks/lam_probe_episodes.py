@@ -146,8 +146,8 @@ def main() -> None:
 
     trained = LatentActionModule.load_from_checkpoint(args.checkpoint, map_location="cpu").model.eval()
     views, wrist_window = trained_cameras(args.checkpoint)
-    args.views = args.views or views
-    args.wrist_window = args.wrist_window or wrist_window
+    args.views = views if args.views is None else args.views
+    args.wrist_window = wrist_window if args.wrist_window is None else args.wrist_window
     if len(args.views) != trained.num_views:
         parser.error(f"{args.checkpoint} was trained on {trained.num_views} views; give as many to --views "
                      f"(got {args.views}), e.g. --views scene wrist")

@@ -55,7 +55,9 @@ def load_run_config(checkpoint: str | os.PathLike | dict[str, Any]) -> dict[str,
         path = os.fspath(checkpoint)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"checkpoint not found: {path}")
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        # Memory-mapped: only the pickle is parsed and no tensor is read, so callers that also load the weights
+        # (Policy.from_checkpoint, the evaluator, the probes) do not pay for reading the file twice.
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
     if CHECKPOINT_CONFIG_KEY not in checkpoint:
         raise KeyError(
             f"checkpoint has no '{CHECKPOINT_CONFIG_KEY}' entry: it was not written by the vla-zoo CLI "

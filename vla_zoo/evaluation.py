@@ -374,7 +374,8 @@ def trained_wrist_window(run_config: dict[str, Any]) -> float:
 
 
 def _checkpoint_wrist_window(checkpoint: str | None) -> float | None:
-    """``trained_wrist_window`` of a checkpoint's embedded run config; None if it has none (not written by the CLI)."""
+    """``trained_wrist_window`` of a checkpoint's embedded run config (read memory-mapped, without the weights);
+    None if it has none (not written by the CLI)."""
     if checkpoint is None:
         return None
     from vla_zoo.cli import load_run_config
