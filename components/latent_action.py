@@ -80,21 +80,18 @@ class MotionDecoder(nn.Module):
     each cell; a small up-sampling head turns the composite into the change ``x_{t+H} - x_t``.
 
     Why: the transformer decoder's tokens carry learned absolute positions, so nothing makes its latent a *move*,
-    and on the embedded world a linear probe reads almost none of the end effector's displacement from it
-    (benchmarks/RESULTS.md). Here the latent reaches the image only through displacement distributions, and
-    everything downstream is convolutional, so the latent cannot name a place. On 64 px moving squares with moves
-    longer than a patch, its latent's probe of the move reached 0.80 where the transformer decoder's reached 0.41
-    (5,000 steps, ``benchmarks/lam_moving_squares.py``). The kernels start near uniform rather than peaked: a
+    and on the embedded world a linear probe reads little of the end effector's displacement from it. Here the
+    latent reaches the image only through displacement distributions, and everything downstream is convolutional,
+    so the latent cannot name a place. The kernels start near uniform rather than peaked: a
     softmax tap's gradient is proportional to its weight, and a peaked start (like a bilinear warp) would never hear
     about moves of more than a cell or two.
 
     ``kernel="gaussian"``: each kernel is instead a Gaussian bump over the offsets whose centre is a *linear*
     function of the latent (one ``nn.Linear``, no hidden layer) and whose width is learned, starting wide (half the
     reach) for the reason above. The free kernels come out of an MLP and a softmax, so the move they make is a
-    nonlinear function of the latent, and a linear probe of the end effector's displacement read only 0.44-0.65 of it
-    on the embedded world (benchmarks/RESULTS.md); with a linear centre the move *is* a linear readout of the latent.
-    Measured: on moving squares it lifts the probe (0.81 / 0.74 / 0.78 against 0.77 / 0.56 / 0.70, seeds 0-2); on
-    the embedded world it lowers it (0.28 against 0.49 after 8,000 steps, seed 0), so ``free`` stays the default.
+    nonlinear function of the latent; with a linear centre the move *is* a linear readout of the latent. That helps
+    on moving squares and not on the embedded world, so ``free`` stays the default (benchmarks/RESULTS.md, "Latent
+    actions from video").
     """
 
     def __init__(

@@ -70,13 +70,12 @@ class SourceConfig:
     pseudo-labels (``latent``, ``idm``, ...) that the model's pseudo-labelers produce. Default: ``[action]`` for
     sources with actions, nothing for actionless ones (which then only feed labelers that train themselves).
     ``cache``: decode the whole source into memory once, when its first loader is made, and stream from there
-    instead of re-reading and re-decoding its tars every pass. For a source that fits in RAM (Meta-World's 50 demos
-    per MT10 task: ~1.9 GB of decoded frames, ~20 s to fill). The workers share it copy-on-write, which needs the
+    instead of re-reading and re-decoding its tars every pass, for a source that fits in RAM (decoded frames take
+    far more memory than their JPEGs). The workers share it copy-on-write, which needs the
     ``fork`` start method (Linux's default), and every DDP rank holds its own copy. A cached source is drawn as an
     in-memory dataset is: every pass is a fresh permutation of all its samples, whatever shard they came from. A
     streamed source reads one shard at a time through the shuffle buffer, so a batch holds neighbours within a shard;
-    for shards written in task order (Meta-World's generator writes task by task) a batch of 32 then held one MT10
-    task, and an auxiliary readout of object positions could not learn past the per-batch mean. Unset (``None``), a
+    for shards written in task order a batch then holds one task. Unset (``None``), a
     training source takes the mixture's ``cache`` (so one line caches them all without repeating the ``sources``
     list) and a validation source is streamed.
     """
@@ -331,8 +330,8 @@ class MixtureStream(IterableDataset):
 
 def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
     """Stack ``to_schema`` samples into a batch. Stacking in numpy rather than with ``torch.stack`` keeps the
-    loading process out of torch's intra-op thread pool: with 0 workers on 2 busy cores its spinning threads cut
-    the loader from ~360 to ~70 samples/s (benchmarks/data_throughput.py)."""
+    loading process out of torch's intra-op thread pool, whose spinning threads starve a 0-worker loader on busy
+    cores."""
     keys = schema.TENSOR_KEYS + tuple(k for k in schema.OPTIONAL_TENSOR_KEYS if k in samples[0])
     batch: dict[str, Any] = {k: torch.from_numpy(np.stack([s[k] for s in samples])) for k in keys}
     batch[schema.INSTRUCTION] = [s[schema.INSTRUCTION] for s in samples]
@@ -389,10 +388,8 @@ class MixtureDataModule(LightningDataModule):
         val_sources / val_batches: optional held-out sources read with a fixed seed for ``val_batches`` batches,
             normalised with the training statistics (no validation without them).
         shuffle_buffer: raw samples buffered per source and worker for shuffling. Shards hold whole episodes in
-            order, so the buffer sets how many episodes a batch mixes: on 80 episodes of 25 steps a batch of 32 held
-            ~9 episodes with 64 and ~25 with 1,000, against 26.5 for uniform draws
-            (tests/datamodules/test_mixture.py). The cost is the buffered encoded samples: the main job's peak RSS with
-            it was 1.29 GB.
+            order, so the buffer sets how many episodes a batch mixes; the default of 1,000 comes close to uniform
+            draws (tests/datamodules/test_mixture.py). The cost is the memory of the buffered encoded samples.
         cache: the default of ``SourceConfig.cache`` for the training sources that leave it unset.
             YAML lists replace rather than merge, so without it an overlay that caches every source has to repeat the
             whole ``sources`` list.

@@ -15,9 +15,8 @@ from datamodules.normalization import Normalizer, compute_stats
 from envs.tabletop import generate_episodes
 
 H, A_MAX, WIDTH = 2, 4, 64
-# Held-out R^2 (variance-weighted, normalised units) at 200 episodes and 2,000 steps: 0.829 / 0.821 / 0.824 (seeds
-# 0 / 1 / 2; train R^2 0.91; 88 s of training each on one thread).
-# The 0.9 needs 400 episodes and 12,000 steps (0.92 / 0.94 / 0.90 with this protocol, ~9 min each):
+# The slow test's size, with a threshold under what every seed scores there (benchmarks/RESULTS.md, "IDM").
+# The 0.9 needs 400 episodes and 12,000 steps,
 # `python benchmarks/idm_heldout.py --episodes 400 --steps 12000 --seeds 0 1 2`, too long for the suite.
 EPISODES, STEPS, R2_THRESHOLD = 200, 2000, 0.75
 

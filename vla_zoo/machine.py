@@ -1,9 +1,8 @@
 """What machine a measurement ran on, for every benchmark's JSON.
 
-The project's "2-core machine" is not one machine: on 2026-12-04 it was an AMD EPYC (Zen 4, 2.6 GHz) on which the
-Meta-World recipe's training step took 0.172 s, against 0.10-0.12 s in the sessions of 2026-11-24/25
-(``benchmarks/RESULTS.md``, "The machine changed"). Ratios measured in one process stay comparable across such
-machines; absolute times do not, so every benchmark records the CPU it ran on next to its figures.
+The project's "2-core machine" is not one machine: the same training step has run at very different speeds on the
+CPUs it was given (``benchmarks/RESULTS.md``, "The machine"). Ratios measured in one process stay comparable across
+such machines; absolute times do not, so every benchmark records the CPU it ran on next to its figures.
 """
 
 from __future__ import annotations
