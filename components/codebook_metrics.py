@@ -1,4 +1,4 @@
-"""Measurements of a latent-action model: codebook use, latent moments and a closed-form linear probe.
+"""Measurements of a latent-action model: codebook use and a closed-form linear probe.
 
 All are torchmetrics ``Metric``s with sum-reduced states, so they accumulate over many batches and give the same
 answer on every DDP rank (torchmetrics all-reduces the states in ``compute``). torchmetrics has no codebook metric,
@@ -44,31 +44,6 @@ class CodebookUsage(Metric):
             "usage": (used / self.codebook_size).float(),
             "dead_codes": (self.codebook_size - used).float(),
         }
-
-
-class LatentMoments(Metric):
-    """Per-element mean and standard deviation of ``[..., *shape]`` samples accumulated over batches (float64)."""
-
-    full_state_update = False
-
-    def __init__(self, shape: tuple[int, ...] | list[int], **kwargs) -> None:
-        super().__init__(**kwargs)
-        shape = tuple(shape)
-        self.add_state("total", torch.zeros(shape, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("total_sq", torch.zeros(shape, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("count", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
-
-    def update(self, x: torch.Tensor) -> None:  # [B, *shape]
-        x = x.detach().double()
-        self.total += x.sum(0)
-        self.total_sq += (x * x).sum(0)
-        self.count += x.shape[0]
-
-    def compute(self) -> tuple[torch.Tensor, torch.Tensor]:
-        n = self.count.clamp_min(2)
-        mean = self.total / n
-        var = (self.total_sq - n * mean * mean) / (n - 1)  # unbiased, like torch.std
-        return mean.float(), var.clamp_min(0).sqrt().float()
 
 
 def _ridge_solve(xtx: torch.Tensor, xty: torch.Tensor, l2: float) -> torch.Tensor:

@@ -7,6 +7,10 @@ codebook; the decoder sees ``x_t`` and the quantised tokens and reconstructs ``x
 
 The quantiser is injected (``vector_quantize_pytorch.VectorQuantize``, ``FSQ``, or ``None`` for a plain
 autoencoder). Anything with ``forward(z [B, N, D]) -> (z_q, indices[, aux_loss])`` works.
+
+``LatentActionObjective`` is the model's training loss, the one used by both the standalone
+``lit_modules.latent_action.LatentActionModule`` and the latent-action model co-trained inside a policy's fit
+(``components.pseudo_labels.LatentActionLabeler``).
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ from collections.abc import Iterable
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from components.embodiment import EmbodimentLinear
 
 
 def _transformer(width: int, depth: int, heads: int, mlp_ratio: float, dropout: float) -> nn.TransformerEncoder:
@@ -247,7 +253,8 @@ class LatentActionModel(nn.Module):
             nn.init.zeros_(self.to_pixels.bias)
 
         self.quantizer = quantizer
-        # Normalisation of the flow-matching target, fitted after training (`fit_target_stats`); in the state dict.
+        # Normalisation of the flow-matching target (`track_target_stats` while training, or `fit_target_stats`
+        # afterwards); in the state dict.
         self.register_buffer("target_mean", torch.zeros(num_latent_tokens, latent_dim))
         self.register_buffer("target_std", torch.ones(num_latent_tokens, latent_dim))
         self.register_buffer("target_stats_fitted", torch.tensor(False))
@@ -335,11 +342,30 @@ class LatentActionModel(nn.Module):
         self.target_stats_fitted.fill_(True)
 
     @torch.no_grad()
+    def track_target_stats(self, z: torch.Tensor, momentum: float) -> None:
+        """One training step's update of the target statistics from its latents ``z [n, N, D]`` (``n`` may be 0):
+        an exponential moving average, weight ``momentum``, of the per-element mean and second moment.
+
+        Under DDP the batch moments are summed over ranks first, so every rank holds the same statistics; a rank
+        without samples must still call this (with ``n = 0``) to join that collective."""
+        moments = torch.stack([z.sum(0), z.square().sum(0), z.new_full(z.shape[1:], z.shape[0])])  # [3, N, D]
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(moments)
+        if moments[2, 0, 0] < 2:
+            return
+        mean, second = moments[0] / moments[2], moments[1] / moments[2]
+        if bool(self.target_stats_fitted):
+            old_second = self.target_std.square() + self.target_mean.square()
+            mean = (1 - momentum) * self.target_mean + momentum * mean
+            second = (1 - momentum) * old_second + momentum * second
+        self.set_target_stats(mean, (second - mean.square()).clamp_min(0).sqrt())
+
+    @torch.no_grad()
     def fit_target_stats(self, data: Iterable[tuple[torch.Tensor, torch.Tensor]] | torch.Tensor) -> None:
         """Fit the per-element mean/std of the pre-quantisation latent ``[N, D]``.
 
         ``data`` is either latents ``[M, N, D]`` already computed, or an iterable of ``(x_t, x_tH)`` float batches
-        (a dataloader). Call after training: the statistics belong to the encoder's final weights.
+        (a dataloader): for a model trained without ``LatentActionObjective``, which tracks them while training.
         """
         if isinstance(data, torch.Tensor):
             latents = [data]
@@ -359,7 +385,141 @@ class LatentActionModel(nn.Module):
         """The normalised pre-quantisation latent: the flow-matching target of the "latent" embodiment."""
         if not bool(self.target_stats_fitted):
             raise RuntimeError(
-                "LatentActionModel.latent_action_target: target statistics are not fitted; call "
-                "fit_target_stats(...) after training (LatentActionModule refits them on every validation epoch)"
+                "LatentActionModel.latent_action_target: target statistics are not fitted; train the model with "
+                "LatentActionObjective (which tracks them) or call fit_target_stats(...)"
             )
         return (self.encode(x_t, x_tH) - self.target_mean) / self.target_std
+
+
+def change_weighted_mse(recon: torch.Tensor, x_t: torch.Tensor, x_tH: torch.Tensor, change_weight: float) -> torch.Tensor:
+    """Pixel MSE weighted by ``1 + change_weight * d / mean(d)``, ``d`` = per-pixel change ``|x_tH - x_t|``.
+
+    Why: a plain MSE values a move by the pixels it changes, so a move that changes few pixels (a gripper's carriage
+    against a gantry's whole rail) is not worth encoding. Dividing by each sample's mean change gives every window's
+    changing pixels the same share of its weight (``change_weight`` out of ``1 + change_weight`` per pixel on
+    average) however few they are, split in proportion to how much each changes; the static rest keeps weight 1.
+    The result is divided by the mean weight, so the loss stays on the scale of the MSE (``change_weight`` 0: the
+    plain MSE). Caveat: sensor noise counts as change, so in a noisy still window all of the share goes to noise.
+    """
+    change = (x_tH - x_t).abs().amax(dim=-3, keepdim=True)  # [B, V, 1, h, w]: the largest change of the 3 colours
+    per_sample = change.mean(dim=tuple(range(1, change.dim())), keepdim=True).clamp_min(1e-6)  # [B, 1, 1, 1, 1]
+    weight = 1 + change_weight * change / per_sample  # mean over each sample's pixels: 1 + change_weight
+    # A sample with no change at all (clamped mean) gets weight 1 everywhere: numerically 1 + cw*0/1e-6 = 1.
+    return ((recon - x_tH).pow(2) * weight).mean() / (1 + change_weight)
+
+
+class LatentActionObjective(nn.Module):
+    """The training loss of a ``LatentActionModel``, and the upkeep of its target statistics:
+
+        loss = change_weighted_mse(recon, x_{t+H}) + quantizer_loss_weight * aux + action_loss_weight * action_mse
+
+    - ``change_weight``: see ``change_weighted_mse``; 1 is what the latent-action studies settled on (0 = plain MSE).
+    - ``quantizer_loss_weight``: the quantiser's auxiliary (commitment) loss.
+    - ``action_loss_weight`` > 0 (after LAOM: Nikulin et al., ICML 2025): a linear readout per embodiment
+      (``EmbodimentLinear``, ``[N * D] -> [horizon * max_action_dim]``) from the pre-quantisation latent to the
+      normalised action chunk, trained on the ``labelled`` samples, its masked MSE added with gradients into the
+      encoder. A pixel loss pays for a move in proportion to the pixels it changes; labels tell the encoder what
+      the move is. The readout is not part of the model, and the flow-matching target is unchanged.
+      ``labelled_fraction`` < 1 keeps only that fraction of episodes labelled (the same episodes every step).
+    - ``stats_momentum``: in training mode every call updates the model's target statistics
+      (``LatentActionModel.track_target_stats``) with this EMA weight.
+    """
+
+    def __init__(
+        self,
+        num_latent_tokens: int,
+        latent_dim: int,
+        change_weight: float = 1.0,
+        quantizer_loss_weight: float = 1.0,
+        action_loss_weight: float = 0.0,
+        num_embodiments: int = 1,
+        horizon: int | None = None,
+        max_action_dim: int | None = None,
+        labelled_fraction: float = 1.0,
+        stats_momentum: float = 0.05,
+    ) -> None:
+        super().__init__()
+        if change_weight < 0:
+            raise ValueError(f"change_weight must be >= 0 (0 = plain MSE), got {change_weight}")
+        if action_loss_weight < 0 or not 0 < labelled_fraction <= 1:
+            raise ValueError(
+                f"action_loss_weight must be >= 0 (0 = no action supervision) and labelled_fraction in (0, 1], got "
+                f"{action_loss_weight} and {labelled_fraction}"
+            )
+        if not 0.0 < stats_momentum <= 1.0:
+            raise ValueError(f"stats_momentum must be in (0, 1], got {stats_momentum}")
+        if action_loss_weight > 0 and (horizon is None or max_action_dim is None):
+            raise ValueError("action_loss_weight > 0 needs `horizon` and `max_action_dim` (the data's) to size the "
+                             "action readout")
+        self.change_weight, self.quantizer_loss_weight = change_weight, quantizer_loss_weight
+        self.action_loss_weight, self.labelled_fraction = action_loss_weight, labelled_fraction
+        self.stats_momentum = stats_momentum
+        # [B, N * D] -> [B, H * A_max], one weight per embodiment slot (the data's `embodiments` ids).
+        self.action_readout = (
+            EmbodimentLinear(num_embodiments, num_latent_tokens * latent_dim, horizon * max_action_dim)
+            if action_loss_weight > 0 else None
+        )
+
+    def labelled(self, has_action: torch.Tensor, episode: torch.Tensor | None) -> torch.Tensor:
+        """[B] bool: samples whose actions the readout may see (they have actions, and their episode is labelled)."""
+        labelled = has_action.bool()
+        if self.labelled_fraction < 1:
+            if episode is None:
+                raise ValueError(
+                    f"labelled_fraction {self.labelled_fraction} picks labelled episodes by batch['episode'], which "
+                    "this batch lacks; use the mixture data module or set labelled_fraction: 1.0"
+                )
+            # Golden-ratio hashing of the id: the same episodes every step, spread evenly over ids 0, 1, 2, ...
+            labelled = labelled & (torch.frac(episode.double() * 0.6180339887498949) < self.labelled_fraction)
+        return labelled
+
+    def action_mse(self, z: torch.Tensor, actions: torch.Tensor, action_mask: torch.Tensor,
+                   embodiment_id: torch.Tensor, labelled: torch.Tensor) -> torch.Tensor:
+        """Masked MSE of the action chunk ``[B, H, A_max]`` read linearly from the (not detached) latent ``z``."""
+        if not bool(labelled.any()):
+            # No labelled sample: a zero loss. Under DDP the readout then has unused parameters (as every
+            # EmbodimentLinear slot absent from a batch does): the module owning it must allow them.
+            return z.sum() * 0.0
+        actions, mask = actions[labelled], action_mask[labelled].float()  # [b, H, A]
+        pred = self.action_readout(z[labelled].flatten(1), embodiment_id[labelled]).view_as(actions)
+        return ((pred - actions).pow(2) * mask).sum() / mask.sum().clamp_min(1.0)
+
+    def forward(
+        self,
+        model: LatentActionModel,
+        x_t: torch.Tensor,
+        x_tH: torch.Tensor,
+        actions: torch.Tensor | None = None,
+        action_mask: torch.Tensor | None = None,
+        embodiment_id: torch.Tensor | None = None,
+        labelled: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor | None]:
+        """Frames ``[B, V, 3, h, w]`` in [0, 1] (and, with the readout, the batch's actions ``[B, H, A_max]``, mask,
+        embodiment ids and ``labelled`` rows) -> the model's outputs plus ``loss`` and its detached parts
+        ``recon_mse`` (unweighted, so gains stay comparable across weightings), ``aux_loss``, ``action_mse``."""
+        out = model(x_t, x_tH)
+        recon_mse = F.mse_loss(out["recon"], x_tH)
+        recon_loss = recon_mse if self.change_weight == 0 else change_weighted_mse(out["recon"], x_t, x_tH,
+                                                                                    self.change_weight)
+        loss = recon_loss + self.quantizer_loss_weight * out["aux_loss"]
+        parts = {"recon_mse": recon_mse.detach(), "aux_loss": out["aux_loss"].detach()}
+        if self.action_readout is not None:
+            if actions is None or action_mask is None or embodiment_id is None or labelled is None:
+                raise ValueError("LatentActionObjective: the action readout needs actions, action_mask, "
+                                 "embodiment_id and labelled")
+            action_mse = self.action_mse(out["z"], actions, action_mask, embodiment_id, labelled)
+            loss = loss + self.action_loss_weight * action_mse
+            parts["action_mse"] = action_mse.detach()
+        if self.training:
+            # One statistics policy, a moving average over training steps: a co-trained model's targets are needed
+            # from its first step while its encoder moves every step, which a refit after validation cannot give.
+            model.track_target_stats(out["z"].detach(), self.stats_momentum)
+        return {**out, **parts, "loss": loss}
+
+    def idle(self, model: LatentActionModel) -> torch.Tensor:
+        """The loss of a training step that has no sample for the model on this rank: zero, with every parameter in
+        the graph and the statistics' collective joined, so that DDP ranks stay in step."""
+        if self.training:
+            n, d = model.num_latent_tokens, model.latent_dim
+            model.track_target_stats(model.target_mean.new_zeros(0, n, d), self.stats_momentum)
+        return sum(p.sum() for p in [*model.parameters(), *self.parameters()]) * 0.0

@@ -9,9 +9,9 @@ Two labelers, as in GR00T N1 (paper Sec. 2.2):
 
 - ``LatentActionLabeler`` (kind ``latent``): the pre-quantisation latent ``[N, D]`` of a latent-action model for
   the frame pair (t, t+H), laid into the first N steps and D dims of the chunk. Either frozen (a trained model, or a
-  ``LatentActionModule`` checkpoint) or co-trained inside the policy's fit (``co_train``): then its own VQ-VAE loss
-  is returned as ``aux_loss`` and its latent, detached, is the target, so the action head's loss never shapes the
-  latent space it is asked to predict.
+  ``LatentActionModule`` checkpoint) or co-trained inside the policy's fit (``co_train``): then its own loss (the
+  standalone model's, ``components.latent_action.LatentActionObjective``) is returned as ``aux_loss`` and its latent,
+  detached, is the target, so the action head's loss never shapes the latent space it is asked to predict.
 - ``IDMLabeler`` (kind ``idm``): a frozen inverse dynamics model (an ``InverseDynamicsModule`` checkpoint) samples
   the H actions between frames t and t+H with a fixed noise seed.
 
@@ -31,12 +31,11 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 import yaml
 from torch import nn
 
 from components.inverse_dynamics import InverseDynamicsModel
-from components.latent_action import LatentActionModel
+from components.latent_action import LatentActionModel, LatentActionObjective
 from datamodules import schema
 from datamodules.labeling import label_episode
 from datamodules.normalization import Normalizer
@@ -151,17 +150,15 @@ class LatentActionLabeler(_Labeler):
         checkpoint: alternatively a ``LatentActionModule`` checkpoint, loaded frozen.
         embodiment_id: the action-head slot of latent actions (must not be a real embodiment's slot).
         view_indices: the batch views the LAM sees (default: the checkpoint's, else ``[0]``).
-        co_train: train the LAM inside the policy's fit. Its loss (pixel MSE of x_{t+H} + ``quantizer_loss_weight``
-            x the quantiser's aux loss, times ``loss_weight``) becomes ``aux_loss``, computed on the rows whose
-            source declares ``latent``. Targets are normalised by running statistics (see ``stats_momentum``).
+        co_train: train the LAM inside the policy's fit, on the rows whose source declares ``latent``, with the
+            standalone model's objective (``LatentActionObjective``; the arguments below): its loss times
+            ``loss_weight`` becomes ``aux_loss``, and the targets are normalised by the statistics it tracks (kept
+            in the model's buffers, so the checkpoint's LAM is usable frozen afterwards).
         loss_weight: weight of the LAM's loss in the policy's total loss.
-        quantizer_loss_weight: weight of the quantiser's aux (commitment) loss inside the LAM's loss.
-        stats_momentum: co-training only. Statistics cannot be fitted before the encoder is trained, so the target is
-            normalised per element by an exponential moving average of the latent's first and second moments
-            (kept in the model's ``target_mean`` / ``target_std`` buffers, so the checkpoint's LAM is usable frozen
-            afterwards). An EMA rather than a LayerNorm: the target keeps its per-element offsets and relative scales,
-            and, being a buffer, never receives gradients. Under DDP the batch moments are averaged over ranks.
-        horizon: H of the frame pairs for offline labelling (``label_steps``; default: the checkpoint's).
+        quantizer_loss_weight, change_weight, stats_momentum, action_loss_weight, num_embodiments,
+            labelled_fraction, max_action_dim: ``LatentActionObjective``'s (co-training only; the readout's chunk
+            length is ``horizon``).
+        horizon: H of the frame pairs (offline labelling, ``label_steps``; default: the checkpoint's).
         label_embodiment: embodiment name of offline-labelled shards.
     """
 
@@ -176,7 +173,12 @@ class LatentActionLabeler(_Labeler):
         co_train: bool = False,
         loss_weight: float = 1.0,
         quantizer_loss_weight: float = 1.0,
+        change_weight: float = 1.0,
         stats_momentum: float = 0.05,
+        action_loss_weight: float = 0.0,
+        num_embodiments: int = 1,
+        labelled_fraction: float = 1.0,
+        max_action_dim: int | None = None,
         horizon: int | None = None,
         label_embodiment: str = "latent",
     ) -> None:
@@ -184,8 +186,6 @@ class LatentActionLabeler(_Labeler):
         if (model is None) == (checkpoint is None):
             raise ValueError("LatentActionLabeler: give exactly one of `model` (a LatentActionModel) and "
                              "`checkpoint` (a LatentActionModule checkpoint)")
-        if not 0.0 < stats_momentum <= 1.0:
-            raise ValueError(f"LatentActionLabeler: stats_momentum must be in (0, 1], got {stats_momentum}")
         stored: dict[str, Any] = {}
         if checkpoint is not None:
             model, stored = _load_latent_action_model(checkpoint)
@@ -195,16 +195,27 @@ class LatentActionLabeler(_Labeler):
         self.view_indices = list(view_indices if view_indices is not None else stored.get("view_indices", [0]))
         self.horizon = horizon if horizon is not None else stored.get("horizon")
         self.co_train, self.frozen = co_train, not co_train
-        self.loss_weight, self.quantizer_loss_weight, self.stats_momentum = loss_weight, quantizer_loss_weight, stats_momentum
+        self.loss_weight = loss_weight
         self.label_embodiment = label_embodiment
+        self.objective: LatentActionObjective | None = None
+        if co_train:
+            try:
+                self.objective = LatentActionObjective(
+                    model.num_latent_tokens, model.latent_dim, change_weight=change_weight,
+                    quantizer_loss_weight=quantizer_loss_weight, action_loss_weight=action_loss_weight,
+                    num_embodiments=num_embodiments, horizon=self.horizon, max_action_dim=max_action_dim,
+                    labelled_fraction=labelled_fraction, stats_momentum=stats_momentum,
+                )
+            except ValueError as e:
+                raise ValueError(f"LatentActionLabeler: {e}") from e
         if len(self.view_indices) != model.num_views:
             raise ValueError(f"LatentActionLabeler: view_indices {self.view_indices} select {len(self.view_indices)} "
                              f"views but the LAM was built for num_views={model.num_views}")
         if self.frozen:
             if not bool(model.target_stats_fitted):
                 raise ValueError(
-                    "LatentActionLabeler: the frozen LAM has no fitted target statistics; use a checkpoint saved "
-                    "after a validation epoch of recipes/lam.yaml, call model.fit_target_stats(...), or set co_train"
+                    "LatentActionLabeler: the frozen LAM has no fitted target statistics; use a checkpoint of a "
+                    "trained recipes/lam.yaml run, call model.fit_target_stats(...), or set co_train"
                 )
             _freeze(model)
 
@@ -213,24 +224,22 @@ class LatentActionLabeler(_Labeler):
         frames = images.float() / 255.0  # [n, 2, V, 3, h, w]
         return frames[:, 0], frames[:, 1]
 
-    @torch.no_grad()
-    def _update_stats(self, z: torch.Tensor) -> None:
-        """EMA of the per-element mean and second moment of the latent ``z [n, N, D]`` (averaged over DDP ranks)."""
-        moments = torch.stack([z.sum(0), z.square().sum(0), z.new_full(z.shape[1:], z.shape[0])])  # [3, N, D]
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(moments)
-        if moments[2, 0, 0] < 2:
-            return
-        mean, second = moments[0] / moments[2], moments[1] / moments[2]
-        m = self.model
-        if bool(m.target_stats_fitted):
-            a = self.stats_momentum
-            old_second = m.target_std.square() + m.target_mean.square()
-            mean, second = (1 - a) * m.target_mean + a * mean, (1 - a) * old_second + a * second
-        m.set_target_stats(mean, (second - mean.square()).clamp_min(0).sqrt())
-
     def _normalise(self, z: torch.Tensor) -> torch.Tensor:
         return (z - self.model.target_mean) / self.model.target_std
+
+    def _co_train(self, batch: dict, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The LAM's training step on the rows ``index``: (its weighted loss, the detached latent ``[n, N, D]``)."""
+        x_t, x_tH = self._frames(batch, index)
+        rows = lambda key: batch[key][index] if key in batch else None  # noqa: E731
+        labelled = None
+        if self.objective.action_readout is not None:
+            try:
+                labelled = self.objective.labelled(rows(schema.HAS_ACTION), rows(schema.EPISODE))
+            except ValueError as e:
+                raise ValueError(f"LatentActionLabeler: {e}") from e
+        out = self.objective(self.model, x_t, x_tH, rows(schema.ACTIONS), rows(schema.ACTION_MASK),
+                             rows(schema.EMBODIMENT_ID), labelled)
+        return self.loss_weight * out["loss"], out["z"].detach()
 
     def targets(self, batch: dict, select: torch.Tensor) -> PseudoTargets | None:
         index = select.nonzero(as_tuple=True)[0]
@@ -250,15 +259,12 @@ class LatentActionLabeler(_Labeler):
         aux = None
         if train_lam:
             if not index.numel():
-                # No sample asks for latents: keep the LAM in the graph (zero loss) so that DDP does not hang.
-                aux = sum(p.sum() for p in self.model.parameters()) * 0.0
+                # No sample asks for latents on this rank; the objective still joins the ranks' collectives.
+                aux = self.objective.idle(self.model)
                 return PseudoTargets(index, batch[schema.ACTIONS][:0], batch[schema.ACTION_MASK][:0],
                                      batch[schema.EMBODIMENT_ID][:0], name=self.kind, aux_loss=aux)
-            x_t, x_tH = self._frames(batch, index)
-            out = self.model(x_t, x_tH)
-            aux = self.loss_weight * (F.mse_loss(out["recon"], x_tH) + self.quantizer_loss_weight * out["aux_loss"])
-            z = out["z"].detach()  # the head's loss must not shape the latent space it learns to predict
-            self._update_stats(z)
+            # The latent is detached: the head's loss must not shape the latent space it learns to predict.
+            aux, z = self._co_train(batch, index)
         else:
             with torch.no_grad():
                 z = self.model.encode(*self._frames(batch, index))

@@ -1,7 +1,7 @@
 """Training of the latent-action model (LAPA-style VQ-VAE) on mixture batches; see ``components/latent_action.py``.
 
-Loss: pixel MSE of the reconstructed ``x_{t+H}`` (optionally weighted towards the pixels that change:
-``change_weight``) plus the quantiser's auxiliary loss (commitment, ...). Logged in
+Loss: pixel MSE of the reconstructed ``x_{t+H}``, weighted towards the pixels that change (``change_weight``), plus
+the quantiser's auxiliary loss (commitment, ...). Logged in
 ``train/`` (every ``log_every_n_steps``) and ``val/`` (per epoch), because a VQ-VAE's loss says little about whether
 its latent means anything:
 
@@ -15,23 +15,14 @@ its latent means anything:
   its steps, in the action dims ``probe_dims``: for delta-action robots the end-effector displacement),
   ``probe_r2_chunk`` of the whole chunk.
 
-Optional action supervision (``action_loss_weight`` > 0, after LAOM: Nikulin et al., "Latent Action Learning
-Requires Supervision in the Presence of Distractors", ICML 2025): a linear readout per embodiment
-(``EmbodimentLinear``) from the pre-quantisation latent to the normalised action chunk, trained on the samples that
-have actions, its masked MSE added to the loss with gradients into the encoder. ``labelled_fraction`` keeps only
-that fraction of episodes labelled (picked by episode id, the same episodes every step). Why: a pixel loss pays for
-a move in proportion to the pixels it changes, so on a scene where one axis moves a few pixels the latent leaves it
-out (benchmarks/RESULTS.md, issue 5); labels tell the encoder what the move is. On the tabletop world it takes all
-the episodes with actions: a tenth of them (30) is memorised, and the latent then holds less of the move than
-without labels (RESULTS.md). The latent stays a latent: the readout is not part of the model, and its target
-(``latent_action_target``) is unchanged.
+The loss, the optional action readout (``action_loss_weight`` > 0, ``labelled_fraction``) and the upkeep of the
+flow-matching target's statistics are ``components.latent_action.LatentActionObjective``'s, shared with the latent-action
+model co-trained inside a policy (``components.pseudo_labels.LatentActionLabeler``).
 
 The quantiser can be given either inside the ``LatentActionModel`` or, preferably, as a factory to this module,
 which builds it in ``configure_model``: vector-quantize-pytorch decides codebook synchronisation across DDP ranks
 when the module is built (and caches its "am I distributed" answer per process), so it has to be built after
-the process group exists and told explicitly. The normalisation statistics of the flow-matching target are refitted
-on the validation latents at the end of every validation epoch, so every checkpoint saved after validation holds
-statistics that match its encoder.
+the process group exists and told explicitly.
 """
 
 from __future__ import annotations
@@ -46,9 +37,8 @@ from lightning.pytorch import LightningModule
 from torch import nn
 from torchmetrics import MeanMetric
 
-from components.codebook_metrics import CodebookUsage, LatentMoments, RidgeProbeR2
-from components.embodiment import EmbodimentLinear
-from components.latent_action import LatentActionModel
+from components.codebook_metrics import CodebookUsage, RidgeProbeR2
+from components.latent_action import LatentActionModel, LatentActionObjective
 from datamodules import schema
 from lit_modules.distributed import require_find_unused_parameters
 
@@ -68,10 +58,11 @@ class LatentActionModule(LightningModule):
         aux_loss_weight: float = 1.0,
         probe_l2: float = 1e-3,
         probe_dims: Sequence[int] | None = None,
-        change_weight: float = 0.0,
+        change_weight: float = 1.0,
         action_loss_weight: float = 0.0,
         num_embodiments: int = 1,
         labelled_fraction: float = 1.0,
+        stats_momentum: float = 0.05,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()  # `model` and `quantizer` included: the checkpoint must rebuild them
@@ -95,19 +86,15 @@ class LatentActionModule(LightningModule):
         # The net-motion probe's targets: the displacement dims only. A gripper open/close dim summed over the chunk
         # is a count of closed steps, which the scene camera barely shows and which outweighed dx, dy in variance.
         self.probe_dims = list(probe_dims) if probe_dims is not None else list(range(max_action_dim))
-        if change_weight < 0:
-            raise ValueError(f"LatentActionModule: change_weight must be >= 0 (0 = plain MSE), got {change_weight}")
         n, d = model.num_latent_tokens, model.latent_dim
-        if action_loss_weight < 0 or not 0 < labelled_fraction <= 1:
-            raise ValueError(
-                f"LatentActionModule: action_loss_weight must be >= 0 (0 = no action supervision) and "
-                f"labelled_fraction in (0, 1], got {action_loss_weight} and {labelled_fraction}"
+        try:
+            self.objective = LatentActionObjective(
+                n, d, change_weight=change_weight, quantizer_loss_weight=aux_loss_weight,
+                action_loss_weight=action_loss_weight, num_embodiments=num_embodiments, horizon=horizon,
+                max_action_dim=max_action_dim, labelled_fraction=labelled_fraction, stats_momentum=stats_momentum,
             )
-        # [B, N * D] -> [B, H * A_max], one weight per embodiment slot (the data's `embodiments` ids).
-        self.action_readout = (
-            EmbodimentLinear(num_embodiments, n * d, horizon * max_action_dim) if action_loss_weight > 0 else None
-        )
-        self.target_moments = LatentMoments((n, d))
+        except ValueError as e:
+            raise ValueError(f"LatentActionModule: {e}") from e
         self.val_means = nn.ModuleDict(
             {k: MeanMetric() for k in ("recon_mse", "copy_mse", "shuffled_mse", "commitment", "action_mse")}
         )
@@ -144,8 +131,14 @@ class LatentActionModule(LightningModule):
         self.model.quantizer = quantizer.float()
         self._add_codebook_metrics()
 
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # The action readout moved into the objective: checkpoints written before keep loading.
+        state = checkpoint.get("state_dict", {})
+        for key in [k for k in state if k.startswith("action_readout.")]:
+            state[f"objective.{key}"] = state.pop(key)
+
     def on_fit_start(self) -> None:
-        if self.action_readout is not None:
+        if self.objective.action_readout is not None:
             require_find_unused_parameters(
                 self.trainer, "LatentActionModule with action_loss_weight > 0",
                 "the action readout gets no gradient on a rank whose batch has no labelled sample, and its slots for "
@@ -182,23 +175,19 @@ class LatentActionModule(LightningModule):
 
     def _shared_step(self, batch: dict, stage: str, diagnostics: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         x_t, x_tH = self._frames(batch)
-        out = self.model(x_t, x_tH)
-        recon_mse = F.mse_loss(out["recon"], x_tH)  # unweighted: gain and shuffle ratio stay comparable across runs
-        recon_loss = recon_mse if self.hparams.change_weight == 0 else self._change_weighted_mse(out["recon"], x_t, x_tH)
-        loss = recon_loss + self.hparams.aux_loss_weight * out["aux_loss"]
-        stats = {"recon_mse": recon_mse.detach(), "aux_loss": out["aux_loss"].detach()}
-        if self.action_readout is not None:
-            action_mse = self._action_readout_mse(out["z"], batch)
-            loss = loss + self.hparams.action_loss_weight * action_mse
-            stats["action_mse"] = action_mse.detach()
+        labelled = None
+        if self.objective.action_readout is not None:
+            labelled = self._labelled(batch)
+        out = self.objective(self.model, x_t, x_tH, batch.get(schema.ACTIONS), batch.get(schema.ACTION_MASK),
+                             batch.get(schema.EMBODIMENT_ID), labelled)
+        loss = out["loss"]
+        stats = {k: out[k] for k in ("recon_mse", "aux_loss", "action_mse") if k in out}
         stats["loss"] = loss.detach()
         z, z_q = out["z"].detach(), out["z_q"].detach()
         # Windowed metrics see every sample; they are cheap (a histogram and two small outer products).
         if self.codebook_metrics is not None and out["indices"] is not None:
             self.codebook_metrics[f"{stage}_codes"].update(out["indices"])
         self._probe_update(stage, z, batch)
-        if stage == "val":
-            self.target_moments.update(z)
         if diagnostics:
             with torch.no_grad():
                 stats["copy_mse"] = F.mse_loss(x_t, x_tH)
@@ -210,48 +199,10 @@ class LatentActionModule(LightningModule):
 
     def _labelled(self, batch: dict) -> torch.Tensor:
         """[B] bool: samples whose actions the readout may see (they have actions, and their episode is labelled)."""
-        labelled = batch[schema.HAS_ACTION].bool()
-        if self.hparams.labelled_fraction < 1:
-            if schema.EPISODE not in batch:
-                raise ValueError(
-                    f"LatentActionModule: labelled_fraction {self.hparams.labelled_fraction} picks labelled "
-                    f"episodes by batch['{schema.EPISODE}'], which this batch lacks; use the mixture data module "
-                    "or set labelled_fraction: 1.0"
-                )
-            # Golden-ratio hashing of the id: the same episodes every step, spread evenly over ids 0, 1, 2, ...
-            spread = torch.frac(batch[schema.EPISODE].double() * 0.6180339887498949)
-            labelled = labelled & (spread < self.hparams.labelled_fraction)
-        return labelled
-
-    def _action_readout_mse(self, z: torch.Tensor, batch: dict) -> torch.Tensor:
-        """Masked MSE of the normalised action chunk read linearly from the (not detached) latent ``z`` [B, N, D]."""
-        labelled = self._labelled(batch)
-        if not bool(labelled.any()):
-            # No labelled sample in this batch: a zero loss. Under DDP the readout then has unused parameters (as
-            # every EmbodimentLinear slot absent from a batch does), which on_fit_start makes the recipe allow.
-            return z.sum() * 0.0
-        actions, mask = batch[schema.ACTIONS][labelled], batch[schema.ACTION_MASK][labelled].float()  # [b, H, A]
-        pred = self.action_readout(z[labelled].flatten(1), batch[schema.EMBODIMENT_ID][labelled]).view_as(actions)
-        return ((pred - actions).pow(2) * mask).sum() / mask.sum().clamp_min(1.0)
-
-    def _change_weighted_mse(self, recon: torch.Tensor, x_t: torch.Tensor, x_tH: torch.Tensor) -> torch.Tensor:
-        """Pixel MSE weighted by ``1 + change_weight * d / mean(d)``, ``d`` = per-pixel change ``|x_tH - x_t|``.
-
-        Why: a plain MSE values a move by the pixels it changes. In the tabletop scene camera a gantry's 0.12-unit
-        move along y slides the whole rail (252 pixels change, summed |change| 58), the same move along x only the
-        gripper (48 pixels, 9.8), so the latent learns y and leaves x. Dividing by each sample's mean change gives
-        every window's changing pixels the same share of its weight (``change_weight`` out of ``1 + change_weight``
-        per pixel on average) however few they are, split in proportion to how much each changes; the static rest
-        keeps weight 1. The result is divided by the mean weight, so the loss stays on the scale of the MSE.
-        Caveat: sensor noise counts as change. In the tabletop ``neural`` tier (noise std 2-10 of 255, one-pixel
-        jumps) it spreads part of each window's share over every pixel, and a still noisy window gives all of it
-        to the noise.
-        """
-        change = (x_tH - x_t).abs().amax(dim=-3, keepdim=True)  # [B, V, 1, h, w]: the largest change of the 3 colours
-        per_sample = change.mean(dim=tuple(range(1, change.dim())), keepdim=True).clamp_min(1e-6)  # [B, 1, 1, 1, 1]
-        weight = 1 + self.hparams.change_weight * change / per_sample  # mean over each sample's pixels: 1 + cw
-        # A sample with no change at all (clamped mean) gets weight 1 everywhere: numerically 1 + cw*0/1e-6 = 1.
-        return ((recon - x_tH).pow(2) * weight).mean() / (1 + self.hparams.change_weight)
+        try:
+            return self.objective.labelled(batch[schema.HAS_ACTION], batch.get(schema.EPISODE))
+        except ValueError as e:
+            raise ValueError(f"LatentActionModule: {e}") from e
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         # Diagnostics cost an extra decoder pass: compute them only on steps whose logs are written.
@@ -306,10 +257,6 @@ class LatentActionModule(LightningModule):
         self.log_dict({f"val/{k}": v for k, v in logs.items()})  # already reduced over ranks by torchmetrics
         for metric in self.val_means.values():
             metric.reset()
-        mean, std = self.target_moments.compute()
-        if not self.trainer.sanity_checking:
-            self.model.set_target_stats(mean, std)
-        self.target_moments.reset()
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self):

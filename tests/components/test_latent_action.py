@@ -8,8 +8,14 @@ import pytest
 import torch
 from vector_quantize_pytorch import FSQ, VectorQuantize
 
-from components.codebook_metrics import CodebookUsage, LatentMoments, RidgeProbeR2, ridge_probe_r2
-from components.latent_action import LatentActionModel, MotionDecoder, move_by_kernels
+from components.codebook_metrics import CodebookUsage, RidgeProbeR2, ridge_probe_r2
+from components.latent_action import (
+    LatentActionModel,
+    LatentActionObjective,
+    MotionDecoder,
+    change_weighted_mse,
+    move_by_kernels,
+)
 from datamodules.synthetic import moving_square_pairs
 
 
@@ -99,16 +105,6 @@ def test_ridge_probe_folds_by_group_so_near_copies_cannot_leak():
     assert float(by_sample.compute()) > 0.9
     assert float(by_episode.compute()) < 0.1
     assert by_episode.n.tolist() == [float((keep & (episodes % 2 == k)).sum()) for k in range(2)]
-
-
-def test_latent_moments_match_torch():
-    z = torch.randn(300, 4, 8) * torch.linspace(0.5, 3, 8) + 2
-    moments = LatentMoments((4, 8))
-    for chunk in z.split(70):
-        moments.update(chunk)
-    mean, std = moments.compute()
-    torch.testing.assert_close(mean, z.mean(0), atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(std, z.std(0), atol=1e-5, rtol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------------- model
@@ -350,3 +346,83 @@ def test_gaussian_motion_kernels_make_the_move_a_linear_readout_of_the_latent():
     assert r["gain"] >= 2.2, r
     assert r["shuffle"] >= 1.8, r
 
+
+
+# ------------------------------------------------------------------------------------------------ objective
+def test_change_weight_puts_each_windows_weight_on_its_changing_pixels():
+    """``change_weight`` = c: each window's changing pixels share weight c however few they are, so missing the move
+    of a one-pixel gripper costs about as much as missing a 128-pixel rail's move (plain MSE: 128x less)."""
+    with pytest.raises(ValueError, match="change_weight must be >= 0"):
+        LatentActionObjective(4, 8, change_weight=-1.0)
+    c, n = 3.0, 32 * 32
+    x_t = torch.zeros(2, 1, 3, 32, 32)
+    x_tH = x_t.clone()
+    x_tH[0, :, :, 5, 7] = 1.0        # window 0: one pixel changes (the gripper)
+    x_tH[1, :, :, 10:14, :] = 1.0    # window 1: four rows change (the rail), 128 pixels
+    miss_small, miss_rail, miss_static = x_tH.clone(), x_tH.clone(), x_tH.clone()
+    miss_small[0] = x_t[0]                   # window 0 reconstructed as a copy of x_t: its move missed
+    miss_rail[1] = x_t[1]                    # window 1 likewise
+    miss_static[0, :, :, 20, 20] = 1.0       # a unit error on a pixel that did not change
+    loss = lambda recon, cw=c: float(change_weighted_mse(recon, x_t, x_tH, cw))  # noqa: E731
+    total = 2 * 3 * n * (1 + c)  # elements x mean weight
+    # A changed pixel weighs 1 + c * (its change / the window's mean change); a static one weighs 1.
+    assert loss(miss_small) == pytest.approx(3 * (1 + c * n) / total, rel=1e-5)
+    assert loss(miss_rail) == pytest.approx(3 * 128 * (1 + c * n / 128) / total, rel=1e-5)
+    assert loss(miss_static) == pytest.approx(3 / total, rel=1e-5)
+    assert loss(miss_rail) / loss(miss_small) < 1.05
+    # c = 0 is the plain MSE, under which the rail's miss costs 128x more.
+    assert loss(miss_rail, 0.0) / loss(miss_small, 0.0) == pytest.approx(128)
+    recon = torch.rand_like(x_t)
+    assert loss(recon, 0.0) == pytest.approx(float(((recon - x_tH) ** 2).mean()))
+
+
+def test_objective_sums_its_parts_and_tracks_target_stats_only_while_training():
+    torch.manual_seed(0)
+    model = tiny_model(num_latent_tokens=4, latent_dim=8)
+    objective = LatentActionObjective(4, 8, change_weight=1.0, action_loss_weight=0.5, num_embodiments=2, horizon=2,
+                                      max_action_dim=3)
+    x_t, x_tH, _ = moving_square_pairs(8, seed=0)
+    actions, mask = torch.randn(8, 2, 3), torch.ones(8, 2, 3, dtype=torch.bool)
+    labelled = torch.arange(8) % 2 == 0
+    out = objective(model, x_t, x_tH, actions, mask, torch.zeros(8, dtype=torch.long), labelled)
+    expected = (change_weighted_mse(out["recon"], x_t, x_tH, 1.0) + out["aux_loss"]
+                + 0.5 * objective.action_mse(out["z"], actions, mask, torch.zeros(8, dtype=torch.long), labelled))
+    torch.testing.assert_close(out["loss"], expected)
+    # Training mode: the first call sets the statistics to the batch's moments (population std).
+    torch.testing.assert_close(model.target_mean, out["z"].mean(0))
+    torch.testing.assert_close(model.target_std, out["z"].std(0, unbiased=False))
+    first_mean = model.target_mean.clone()
+    out2 = objective(model, x_tH, x_t, actions, mask, torch.zeros(8, dtype=torch.long), labelled)
+    torch.testing.assert_close(model.target_mean, 0.95 * first_mean + 0.05 * out2["z"].mean(0))  # EMA, weight 0.05
+    objective.eval()
+    before = model.target_mean.clone()
+    objective(model, x_t, x_tH, actions, mask, torch.zeros(8, dtype=torch.long), labelled)
+    assert torch.equal(model.target_mean, before), "evaluation moved the target statistics"
+    with pytest.raises(ValueError, match="needs `horizon` and `max_action_dim`"):
+        LatentActionObjective(4, 8, action_loss_weight=1.0)
+
+
+def test_target_stats_pool_the_ranks_and_a_rank_without_samples_joins_the_all_reduce(monkeypatch):
+    """Under DDP the statistics are the moments of every rank's samples (summed by one all-reduce per step), and a
+    rank without samples still joins that all-reduce (``idle``): if it did not, the other ranks would wait forever."""
+    torch.manual_seed(0)
+    model = tiny_model(num_latent_tokens=4, latent_dim=8)
+    objective = LatentActionObjective(4, 8)
+    x_t, x_tH, _ = moving_square_pairs(16, seed=0)
+    z_other = torch.randn(5, 4, 8) * 3 + 1  # the other rank's latents at this step
+    calls = []
+
+    def all_reduce(moments):  # what the other rank contributes: its sums and its count
+        calls.append(moments.clone())
+        moments += torch.stack([z_other.sum(0), z_other.square().sum(0), torch.full((4, 8), 5.0)])
+
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "all_reduce", all_reduce)
+    out = objective(model, x_t, x_tH)
+    pooled = torch.cat([out["z"].detach(), z_other])
+    torch.testing.assert_close(model.target_mean, pooled.mean(0))
+    torch.testing.assert_close(model.target_std, pooled.std(0, unbiased=False).clamp_min(1e-4))
+    loss = objective.idle(model)
+    assert len(calls) == 2 and float(calls[1][2].sum()) == 0, "a rank without samples did not join the all-reduce"
+    assert float(loss) == 0 and loss.requires_grad
+    torch.testing.assert_close(model.target_mean, 0.95 * pooled.mean(0) + 0.05 * z_other.mean(0))
