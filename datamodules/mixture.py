@@ -9,9 +9,10 @@ Batches are assembled inside the workers, and worker w yields batches w, w + W, 
 every rank yields exactly ``batches_per_epoch`` batches whatever the number of workers: DDP never waits on a rank
 that ran dry. Rank and world size are read in the main process (spawned workers see no process group).
 
-Corrupt samples are skipped and counted per source and error kind; the counts travel with the batch under
-``"_errors"`` (a key that ``on_after_batch_transfer`` removes before the model sees the batch) and accumulate in
-``MixtureDataModule.error_counts``. A source that fails ``max_consecutive_errors`` times in a row raises.
+Corrupt samples are skipped and counted per source and error kind; the counts, and the shard and key of the first
+few skipped samples, travel with the batch under ``"_errors"`` (a key that ``on_after_batch_transfer`` removes before
+the model sees the batch, logging a warning that names them) and accumulate in ``MixtureDataModule.error_counts``.
+A source that fails ``max_consecutive_errors`` times in a row raises.
 
 Example recipe::
 
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import glob
 import logging
+import math
 import os
 import random
 from collections import Counter, defaultdict
@@ -49,6 +51,8 @@ from datamodules.shards import SampleError, decode_sample, iter_raw_samples, loa
 log = logging.getLogger(__name__)
 
 ERRORS_KEY = "_errors"
+#: Skipped samples named (shard and key) per batch; the counts cover the rest.
+NAMED_ERRORS_PER_BATCH = 8
 
 
 @runtime_checkable
@@ -109,15 +113,19 @@ class ResolvedSource:
 
 
 class ErrorCounter:
-    """Counts skipped samples per (source, kind) and raises once a source fails too often in a row."""
+    """Counts skipped samples per (source, kind), names the first few of each batch (``shard:key: kind: what``) and
+    raises once a source fails too often in a row."""
 
     def __init__(self, max_consecutive: int) -> None:
         self.max_consecutive = max_consecutive
         self.pending: Counter[str] = Counter()
+        self.named: list[str] = []
         self.consecutive: Counter[str] = Counter()
 
     def failure(self, source: str, err: SampleError) -> None:
         self.pending[f"{source}/{err.kind}"] += 1
+        if len(self.named) < NAMED_ERRORS_PER_BATCH:
+            self.named.append(f"source {source!r}: {err}")
         self.consecutive[source] += 1
         if self.consecutive[source] >= self.max_consecutive:
             raise RuntimeError(
@@ -128,8 +136,10 @@ class ErrorCounter:
     def success(self, source: str) -> None:
         self.consecutive[source] = 0
 
-    def pop(self) -> dict[str, int]:
-        out, self.pending = dict(self.pending), Counter()
+    def pop(self) -> dict[str, Any]:
+        """``{"counts": {"source/kind": n}, "named": [what was skipped, shard and key]}`` since the last pop."""
+        out = {"counts": dict(self.pending), "named": self.named}
+        self.pending, self.named = Counter(), []
         return out
 
 
@@ -445,6 +455,15 @@ class MixtureDataModule(LightningDataModule):
             raise ValueError(f"normalization {self.normalization!r} is not one of {MODES}")
         if not self.sources:
             raise ValueError("MixtureDataModule needs at least one source")
+        slots: dict[int, list[str]] = defaultdict(list)
+        for name, slot in self.embodiments.items():
+            if isinstance(slot, bool) or not isinstance(slot, int) or slot < 0:
+                raise ValueError(f"embodiments: {name!r} has slot {slot!r}; a slot is an int >= 0 (a row of the "
+                                 "action head's per-embodiment tables)")
+            slots[slot].append(name)
+        for slot, names in slots.items():
+            if len(names) > 1:  # they would share state/action encoders and decoder: one robot's units for both
+                raise ValueError(f"embodiments: {names} share slot {slot}; give each embodiment its own slot")
         for group in (self.sources, self.val_sources):
             names = [s.name for s in group]
             dup = sorted({n for n in names if names.count(n) > 1})
@@ -454,15 +473,18 @@ class MixtureDataModule(LightningDataModule):
                 if s.embodiment not in self.embodiments:
                     raise ValueError(f"source {s.name!r}: unknown embodiment {s.embodiment!r}; add it to "
                                      f"`embodiments` (known: {sorted(self.embodiments)})")
-                if not s.weight >= 0:
-                    raise ValueError(f"source {s.name!r}: weight must be >= 0, got {s.weight}")
+                if not (s.weight >= 0 and math.isfinite(s.weight)):  # NaN fails both comparisons
+                    raise ValueError(f"source {s.name!r}: weight must be >= 0 and finite, got {s.weight}")
                 if s.normalization is not None and s.normalization not in MODES:
                     raise ValueError(f"source {s.name!r}: normalization {s.normalization!r} is not one of {MODES}")
                 if s.targets is not None and "action" in s.targets and not s.has_action:
                     raise ValueError(f"source {s.name!r}: targets include 'action' but has_action is false; "
                                      "an actionless source can only train pseudo-label targets (latent, idm)")
-        if sum(s.weight for s in self.sources) <= 0:
+        total = sum(s.weight for s in self.sources)
+        if total <= 0:
             raise ValueError("all source weights are zero: give at least one source a positive weight")
+        if not math.isfinite(total):
+            raise ValueError(f"source weights sum to {total}: scale them down (only their ratios matter)")
 
     def _resolve(self, cfg: SourceConfig, index: int) -> ResolvedSource:
         pattern = cfg.shards
@@ -614,9 +636,12 @@ class MixtureDataModule(LightningDataModule):
         trainer = self.trainer
         if trainer is not None and trainer.training:
             self.drawn_counts.update(batch[schema.SOURCE_ID].tolist())
-            if errors:
-                self.error_counts.update(errors)
-                log.warning("skipped corrupt samples: %s (totals: %s)", errors, dict(self.error_counts))
+            if errors and errors["counts"]:
+                self.error_counts.update(errors["counts"])
+                n = sum(errors["counts"].values())
+                more = f"; and {n - len(errors['named'])} more" if n > len(errors["named"]) else ""
+                log.warning("skipped %d sample(s): %s%s (totals: %s)", n, "; ".join(errors["named"]), more,
+                            dict(self.error_counts))
         return batch
 
     def data_spec(self) -> dict[str, Any]:

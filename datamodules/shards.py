@@ -46,7 +46,10 @@ from datamodules.normalization import compute_stats
 
 SHARD_PATTERN = "shard-%06d.tar"
 SIDECARS = ("index.json", "stats.json", "modality.json", "source.json")
-ERROR_KINDS = ("truncated_tar", "undecodable_image", "missing_member", "wrong_shape", "non_finite")
+ERROR_KINDS = (
+    "truncated_tar", "undecodable_image", "missing_member", "wrong_shape", "non_finite", "duplicate_key",
+    "duplicate_member",
+)
 _NAME = re.compile(r"^[a-z0-9_\-]+$")
 
 
@@ -314,12 +317,33 @@ def decode_sample(sample: dict[str, Any], source_meta: dict[str, Any], decode_im
     return out
 
 
+def _members_once(files: Iterator[dict[str, Any]], repeated: set[str]) -> Iterator[dict[str, Any]]:
+    """Tar members minus the repeats of a member within one sample, whose keys go into ``repeated``.
+
+    ``group_by_keys`` raises on a repeated member and then keeps the first copy in the sample; which copy is right is
+    unknown, so the reader drops the whole sample instead, under its own error kind.
+    """
+    key, members = None, set()
+    for f in files:
+        prefix, suffix = wds.tariterators.base_plus_ext(f["fname"]) if "fname" in f else (None, None)
+        if prefix is not None:
+            if prefix != key:
+                key, members = prefix, set()
+            if suffix.lower() in members:  # lower case, as group_by_keys groups them
+                repeated.add(prefix)
+                continue
+            members.add(suffix.lower())
+        yield f
+
+
 def iter_raw_samples(url: str, handler=None, expected: int | None = None) -> Iterator[dict[str, Any]]:
     """Raw samples of one shard file in order; errors while reading the tar go to ``handler(exn) -> bool``
-    (continue?) or are raised as ``SampleError("truncated_tar")`` when no handler is given.
+    (continue?) or are raised as ``SampleError`` when no handler is given.
 
     Python's tarfile ends a stream cut inside a header without complaint, so a shard that yields fewer than the
-    ``expected`` samples (its count in ``index.json``) is reported as truncated too.
+    ``expected`` samples (its count in ``index.json``) is reported as truncated too. A sample whose key came earlier
+    in the shard (``duplicate_key``) or that holds a member twice (``duplicate_member``) is reported and skipped, so
+    no sample is read twice in one pass over a shard.
     """
 
     def wrap(exn: Exception) -> bool:
@@ -329,13 +353,28 @@ def iter_raw_samples(url: str, handler=None, expected: int | None = None) -> Ite
         return handler(err)
 
     count = 0
+    seen: set[str] = set()
+    repeated: set[str] = set()
     try:
         with open(url, "rb") as stream:
             files = wds.tariterators.tar_file_iterator(stream, handler=wrap)
-            files = ({**f, "__url__": url} for f in files)
+            files = _members_once(({**f, "__url__": url} for f in files), repeated)
             for sample in wds.tariterators.group_by_keys(files, handler=wrap):
                 count += 1
-                yield sample
+                key = sample["__key__"]
+                err = None
+                if key in seen:
+                    err = SampleError("duplicate_key", "the key came earlier in this shard; the repeat is skipped",
+                                      key, url)
+                elif key in repeated:
+                    err = SampleError("duplicate_member", "a member appears twice in the sample; the sample is "
+                                      "skipped (which copy is right is unknown)", key, url)
+                seen.add(key)
+                repeated.discard(key)
+                if err is None:
+                    yield sample
+                elif not wrap(err):
+                    return
     except SampleError:
         raise
     except Exception as exn:  # tarfile raises outside webdataset's per-member try (e.g. a cut header); the shard ends

@@ -1,8 +1,9 @@
 """Check shard sources end to end: ``python -m datamodules.validate DIR [DIR ...]``.
 
 Reads every sample of every shard listed in each source's ``index.json`` and reports, with file and key, truncated
-tars, undecodable images, missing members, wrong shapes, non-finite values, missing sidecars and sample counts or
-checksums that disagree with the index. Exits 1 if anything is wrong, 0 otherwise.
+tars, undecodable images, missing members, wrong shapes, non-finite values, sample keys that appear twice in the source
+and members that appear twice in a sample, missing sidecars and sample counts or checksums that disagree with the
+index. Exits 1 if anything is wrong, 0 otherwise.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ def validate_source(source_dir: str | Path, checksums: bool = True) -> tuple[lis
         return [f"{d}: missing_sidecar: {e}"], 0
     problems: list[str] = []
     total = 0
+    first_shard: dict[str, Path] = {}  # sample key -> the shard it was first read from
     for entry in side["index"]["shards"]:
         path = d / entry["file"]
         if not path.is_file():
@@ -37,12 +39,16 @@ def validate_source(source_dir: str | Path, checksums: bool = True) -> tuple[lis
         count = 0
 
         def on_tar_error(err: SampleError) -> bool:
-            problems.append(f"{path}: after {last_key}: {err.kind}: {err.args[0]}")
+            where = err.key or f"after {last_key}"
+            problems.append(f"{path}: {where}: {err.kind}: {err.args[0]}")
             return True
 
         for raw in iter_raw_samples(str(path), handler=on_tar_error, expected=entry["samples"]):
             count += 1
             last_key = raw["__key__"]
+            if last_key in first_shard:  # within one shard the reader reports it; across shards only this can
+                problems.append(f"{path}: {last_key}: duplicate_key: also in {first_shard[last_key]}")
+            first_shard.setdefault(last_key, path)
             try:
                 decode_sample(raw, side["source"])
             except SampleError as err:

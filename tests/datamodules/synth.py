@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -58,17 +59,43 @@ def _npy(x: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-FAULTS = ("truncated_tar", "undecodable_image", "missing_member", "wrong_shape", "non_finite")
+FAULTS = ("truncated_tar", "undecodable_image", "missing_member", "wrong_shape", "non_finite", "duplicate_key",
+          "duplicate_member")
+
+
+def _write_members(path: Path, members: list[tuple[str, bytes]]) -> None:
+    """A tar of ``(name, data)`` members in order, repeats included (``TarWriter`` takes one dict per sample)."""
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
 
 
 def corrupt_shard(path: Path, fault: str, every: bool = False) -> str | None:
-    """Inject ``fault`` into the middle sample of a shard (or into every sample); returns the damaged key."""
+    """Inject ``fault`` into the middle sample of a shard (or into every sample); returns the damaged key.
+
+    ``duplicate_key`` writes a copy of the sample over the shard's last sample (so the count still matches
+    index.json; with ``every``, a copy of each at the end); ``duplicate_member`` adds a second, different
+    ``state.npy`` to it."""
     path = Path(path)
     if fault == "truncated_tar":
         data = path.read_bytes()
         path.write_bytes(data[: len(data) // 2 + 100])  # cut inside a member
         return None
     samples = list(iter_raw_samples(str(path)))
+    if fault in ("duplicate_key", "duplicate_member"):
+        targets = range(len(samples)) if every else [len(samples) // 2]
+        members = [[(f"{s['__key__']}.{k}", v) for k, v in s.items() if not k.startswith("__")] for s in samples]
+        for i in targets:
+            if fault == "duplicate_key" and not every:
+                members[-1] = list(members[i])
+            elif fault == "duplicate_key":
+                members.append(list(members[i]))
+            else:
+                members[i].append((f"{samples[i]['__key__']}.state.npy", _npy(np.zeros(3, np.float32))))
+        _write_members(path, [m for sample in members for m in sample])
+        return samples[targets[0]]["__key__"]
     targets = range(len(samples)) if every else [len(samples) // 2]
     for i in targets:
         s = samples[i]

@@ -1,7 +1,9 @@
 import inspect
+import logging
 import time
 from collections import Counter
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -108,7 +110,7 @@ def test_batches_follow_the_schema_for_action_and_actionless_sources(pool):
     dm = datamodule(pool, batch_size=64, batches_per_epoch=3)
     batch = next(iter(dm.train_dataloader()))
     errors = batch.pop("_errors")
-    assert errors == {}
+    assert errors == {"counts": {}, "named": []}
     assert set(batch) == set(schema.ALL_KEYS)
     B, H = 64, 4
     assert batch["images"].dtype == torch.uint8 and batch["images"].shape == (B, 2, 2, 3, 16, 16)
@@ -149,6 +151,8 @@ def test_sources_of_one_embodiment_share_combined_statistics(pool):
         (lambda s, p: s[0].update(shards=str(p / "nothing" / "*.tar")), "'a'.*matches no files"),
         (lambda s, p: s[1].update(embodiment="tank"), "'b'.*unknown embodiment 'tank'"),
         (lambda s, p: s[2].update(weight=-0.1), "'c'.*weight must be >= 0"),
+        (lambda s, p: s[2].update(weight=float("inf")), "'c'.*weight must be >= 0 and finite, got inf"),
+        (lambda s, p: s[1].update(weight=float("nan")), "'b'.*weight must be >= 0 and finite, got nan"),
         (lambda s, p: s[3].update(name="a"), "duplicate source name.*'a'"),
         (lambda s, p: s[1].update(normalization="z_score"), "'b'.*normalization 'z_score'"),
         (lambda s, p: s[3].update(has_action=True), "'d'.*no actions"),
@@ -159,6 +163,13 @@ def test_config_errors_name_the_source(pool, change, message):
     change(cfg, pool)
     with pytest.raises((ValueError, FileNotFoundError), match=message):
         datamodule(pool, sources=cfg)
+
+
+def test_embodiments_sharing_a_slot_are_a_config_error(pool):
+    with pytest.raises(ValueError, match=r"embodiments: \['arm', 'hand'\] share slot 0; give each"):
+        datamodule(pool, embodiments={"arm": 0, "gripper": 1, "hand": 0})
+    with pytest.raises(ValueError, match="'hand' has slot -1"):
+        datamodule(pool, embodiments={"arm": 0, "gripper": 1, "hand": -1})
 
 
 def test_missing_stats_names_the_source(pool, tmp_path):
@@ -189,12 +200,26 @@ def test_corrupt_samples_are_skipped_and_counted(pool, tmp_path, fault):
     dm = datamodule(pool, sources=cfg, batch_size=40, batches_per_epoch=10)
     errors, sources_seen = Counter(), Counter()
     for batch in dm.train_dataloader():
-        errors.update(batch.pop("_errors"))
+        errors.update(batch.pop("_errors")["counts"])
         sources_seen.update(batch["source_id"].tolist())
         assert torch.isfinite(batch["actions"]).all()
     assert errors[f"bad/{fault}"] >= 1, errors
     assert set(k.split("/")[0] for k in errors) == {"bad"}
     assert sources_seen[1] > 100  # the good samples of the damaged source keep flowing
+
+
+def test_skipped_sample_warnings_name_the_shard_and_the_key(pool, tmp_path, caplog):
+    make_source(tmp_path / "bad", "bad", 4, seed=5, embodiment="arm", samples_per_shard=100)
+    shard = tmp_path / "bad" / "shard-000000.tar"
+    key = corrupt_shard(shard, "duplicate_key")
+    cfg = [dict(name="bad", shards=str(tmp_path / "bad"), embodiment="arm", weight=1.0)]
+    dm = datamodule(pool, sources=cfg, batch_size=40, batches_per_epoch=4)
+    dm.trainer = SimpleNamespace(training=True, global_rank=0, world_size=1)  # on_after_batch_transfer: training only
+    with caplog.at_level(logging.WARNING, logger="datamodules.mixture"):
+        for batch in dm.train_dataloader():
+            assert "_errors" not in dm.on_after_batch_transfer(batch, 0)
+    assert dm.error_counts["bad/duplicate_key"] >= 1
+    assert any(f"source 'bad': {shard}:{key}: duplicate_key" in r.getMessage() for r in caplog.records), caplog.text
 
 
 def test_all_corrupt_source_raises_quickly(pool, tmp_path):
@@ -248,7 +273,7 @@ def _stream(dm, num_workers=0):
     """(source, episode, step, image checksum) of every sample, and the error counts, of one epoch."""
     keys, errors = [], Counter()
     for batch in DataLoader(dm.make_dataset(), batch_size=None, num_workers=num_workers):
-        errors.update(batch.pop("_errors"))
+        errors.update(batch.pop("_errors")["counts"])
         sums = batch[schema.IMAGES].flatten(1).long().sum(1)
         keys += list(zip(*(batch[k].tolist() for k in ("source_id", "episode", "step")), sums.tolist()))
     return keys, errors
