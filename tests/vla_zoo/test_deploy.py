@@ -16,6 +16,7 @@ from typing import Any, Iterator
 import msgpack
 import numpy as np
 import pytest
+from websockets.exceptions import ConnectionClosed
 
 from tests.conftest import REPO_ROOT
 from tests.vla_zoo.policy_fixtures import VIEWS, make_episodes, make_observation, make_policy
@@ -283,3 +284,178 @@ def test_replay_from_shards(tmp_path: Path) -> None:
         for t in range(0, ep.length, 4):
             expected = ep.actions[[min(s, ep.length - 1) for s in range(t, t + 4)]]
             np.testing.assert_array_equal(policy.get_action(episode_observation(ep, t))["actions"], expected)
+
+
+# ---- availability and access -------------------------------------------------------------------------------
+
+
+def _flood_frames(mib: int = 30) -> dict[str, bytes]:
+    """Messages that cost a few bytes each per Python object msgpack builds: one array of ``mib`` MiB of empty maps
+    (0x80), and empty maps nested in arrays of 64 (within any per-array limit), 64**4 = 16.8M maps in 17 MiB."""
+    n = mib * 2**20
+    flat = b"\xdd" + n.to_bytes(4, "big") + b"\x80" * n  # array32 header, then n fixmaps of size 0
+
+    def array16(items: list[bytes]) -> bytes:
+        return b"\xdc" + len(items).to_bytes(2, "big") + b"".join(items)
+
+    nested = b"\x80"
+    for _ in range(4):
+        nested = array16([nested] * 64)
+    return {"flat_30mib": flat, "nested_17mib": nested}
+
+
+def _memory_kb(pid: int, field: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise KeyError(field)
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads the server's memory from /proc")
+def test_flood_of_empty_maps_neither_grows_the_server_nor_stalls_other_clients(tmp_path: Path) -> None:
+    """A client sends messages that unbounded msgpack turns into millions of dicts, while another client pings.
+    The server runs with a 64 MiB message limit so that the frames reach the decoder; a watchdog kills it past
+    1 GiB so a server without bounds fails this test instead of exhausting the machine."""
+    srv = ServerProcess(tmp_path / "server.log", "--policy", FACTORY, "--max-message-mb", "64")
+    frames = _flood_frames()
+    rss_before = _memory_kb(srv.proc.pid, "VmRSS")
+    peak = [rss_before]
+    done = threading.Event()
+
+    def watchdog() -> None:
+        while not done.wait(0.01) and srv.proc.poll() is None:
+            peak[0] = max(peak[0], _memory_kb(srv.proc.pid, "VmRSS"))
+            if peak[0] > 2**20:
+                srv.proc.kill()
+
+    latencies: list[float] = []
+
+    def pinger(remote: RemotePolicy) -> None:
+        while not done.is_set() and len(latencies) < 2000:
+            start = time.perf_counter()
+            try:
+                remote.ping()
+            except (ConnectionError, TimeoutError):  # the server was killed: the wait until then still counts
+                latencies.append(time.perf_counter() - start)
+                return
+            latencies.append(time.perf_counter() - start)
+            time.sleep(0.02)
+
+    replies = []
+    try:
+        with srv.client(timeout=20) as attacker, srv.client(timeout=20) as other:
+            threads = [threading.Thread(target=watchdog, daemon=True), threading.Thread(target=pinger, args=(other,))]
+            for t in threads:
+                t.start()
+            try:
+                for name in [*frames, *frames]:  # each kind twice: the first must not leave the second any worse
+                    attacker._connection.send(frames[name])
+                    replies.append((name, unpackb(attacker._connection.recv(timeout=20))))
+            except ConnectionClosed:
+                pass  # the watchdog killed the server: reported below
+            finally:
+                time.sleep(0.2)  # a few pings after the last frame
+                done.set()
+                for t in threads:
+                    t.join(5)
+            slowest = max(latencies, default=float("nan"))
+            assert srv.proc.poll() is None, (f"the server died (the watchdog kills it at 1 GiB): peak RSS "
+                                             f"{peak[0] / 1024:.0f} MB, pings waited up to {slowest:.2f} s")
+            peak[0] = max(peak[0], _memory_kb(srv.proc.pid, "VmHWM"))
+            growth_mb = (peak[0] - rss_before) / 1024
+            print(json.dumps({"rss_before_mb": round(rss_before / 1024), "rss_growth_mb": round(growth_mb, 1),
+                              "pings": len(latencies), "max_ping_s": round(max(latencies), 4)}))
+            for name, reply in replies:
+                assert reply["error"]["type"] == "DecodeError" and "exceeds" in reply["error"]["message"], (name, reply)
+            assert growth_mb < 200, f"server RSS grew by {growth_mb:.0f} MB"
+            assert len(latencies) >= 5 and max(latencies) < 0.5, f"pings waited up to {max(latencies):.2f} s"
+            local = make_policy()
+            obs = make_observation(np.random.default_rng(4))
+            _assert_same_actions(attacker.get_action(obs), local.get_action(obs))  # the attacker's connection too
+    finally:
+        done.set()
+        srv.stop()
+
+
+def test_default_message_limit_comes_from_the_metadata(server: ServerProcess) -> None:
+    """Without --max-message-mb a frame far beyond what an observation may hold is refused by the websocket layer
+    (close code 1009) before it is buffered; other connections are unaffected."""
+    from vla_zoo.deploy.validation import request_limits
+
+    limits = request_limits(make_policy().metadata())
+    assert limits.max_message_bytes < 30 * 2**20 and limits.max_bin_len >= 64 * 64 * 3
+    with server.client() as attacker, server.client() as other:
+        with pytest.raises(ConnectionError, match="1009"):
+            attacker._connection.send(b"\xc4" * (30 * 2**20))
+            attacker.ping()
+        other.ping()
+
+
+def test_codec_limits_name_what_was_exceeded() -> None:
+    from vla_zoo.deploy.validation import request_limits
+
+    limits = request_limits(make_policy().metadata())
+    obs = make_observation(np.random.default_rng(0))
+    assert unpackb(packb({"type": "get_action", "observation": obs}), limits)["observation"]["instruction"]
+    with pytest.raises(CodecError, match="exceeds max_str_len"):
+        unpackb(packb({"type": "get_action", "observation": {**obs, "instruction": "x" * 2**17}}), limits)
+    with pytest.raises(CodecError, match="exceeds max_array_len"):
+        unpackb(packb({"type": "ping", "pad": [0] * 1000}), limits)
+    with pytest.raises(CodecError, match="limit of 88 maps and arrays"):
+        unpackb(packb({"type": "ping", "pad": [[]] * 60, "more": [[]] * 60}), limits)
+    with pytest.raises(CodecError, match="exceeds max_bin_len"):
+        unpackb(packb({"type": "ping", "pad": b"\0" * (limits.max_bin_len + 1)}), limits)
+
+
+def test_token_is_required_and_checked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VLA_ZOO_TOKEN", "s3cret-token")  # the server reads it; clients below pass theirs explicitly
+    srv = ServerProcess(tmp_path / "server.log", "--policy", FACTORY, "--allow-origin", "http://localhost:3000")
+    monkeypatch.delenv("VLA_ZOO_TOKEN")
+    try:
+        for token in (None, "wrong", "s3cret-token-", "s3cret-toke", ""):
+            with pytest.raises(PermissionError, match="HTTP 401: missing or wrong token"):
+                RemotePolicy("127.0.0.1", srv.port, timeout=5, token=token)
+        with RemotePolicy("127.0.0.1", srv.port, timeout=5, token="s3cret-token") as remote:
+            remote.ping()
+        monkeypatch.setenv("VLA_ZOO_TOKEN", "s3cret-token")  # the client's default
+        with srv.client() as remote:
+            assert remote.metadata() == make_policy().metadata()
+        # A browser must be allowed by --allow-origin and still present the token.
+        from websockets.sync.client import connect
+
+        headers = {"Authorization": "Bearer s3cret-token"}
+        with connect(f"ws://127.0.0.1:{srv.port}", origin="http://localhost:3000", additional_headers=headers,
+                     proxy=None) as browser:
+            browser.send(packb({"type": "ping"}))
+            assert unpackb(browser.recv(timeout=5)) == {"result": "pong"}
+        with pytest.raises(Exception, match="HTTP 403"):
+            connect(f"ws://127.0.0.1:{srv.port}", origin="https://evil.example", additional_headers=headers, proxy=None)
+        assert "missing or wrong token" in srv.log_path.read_text() and "s3cret" not in srv.log_path.read_text()
+    finally:
+        srv.stop()
+
+
+def test_browser_origins_are_refused_and_loopback_needs_no_token(server: ServerProcess, monkeypatch) -> None:
+    from websockets.sync.client import connect
+
+    monkeypatch.delenv("VLA_ZOO_TOKEN", raising=False)
+    with pytest.raises(Exception, match="HTTP 403"):
+        connect(f"ws://127.0.0.1:{server.port}", origin="https://evil.example", proxy=None)
+    with RemotePolicy("127.0.0.1", server.port, timeout=5) as remote:  # no token, no Origin: a local client
+        remote.ping()
+
+
+def test_binding_beyond_loopback_without_a_token_is_refused(monkeypatch, capsys) -> None:
+    from vla_zoo.deploy.server import PolicyServer, main
+
+    monkeypatch.delenv("VLA_ZOO_TOKEN", raising=False)
+    for host in ("0.0.0.0", "", "::", "192.168.1.20", "gpu-box"):
+        with pytest.raises(ValueError, match=f"binding '{host}' lets other machines.*--token or the VLA_ZOO_TOKEN"):
+            PolicyServer(make_policy(), host=host)
+    with pytest.raises(SystemExit) as info:  # refused before the policy is built
+        main(["--policy", "no_such_module:make_policy", "--host", "0.0.0.0"])
+    assert info.value.code == 2 and "set a shared secret with --token or VLA_ZOO_TOKEN" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="the token is empty"):
+        PolicyServer(make_policy(), host="0.0.0.0", token="")
+    for host in ("127.0.0.1", "localhost", "::1", "127.0.0.2"):
+        PolicyServer(make_policy(), host=host)  # loopback: no token needed (nothing is bound until serve())

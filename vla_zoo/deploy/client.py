@@ -1,7 +1,7 @@
 """Client for ``vla_zoo.deploy.server``: the same interface as a local policy, so switching is one line::
 
     policy = Policy.from_checkpoint("last.ckpt")          # in this process
-    policy = RemotePolicy("gpu-box", 8000)                  # served elsewhere
+    policy = RemotePolicy("gpu-box", 8000, token=secret)    # served elsewhere (token: default $VLA_ZOO_TOKEN)
 
     policy.reset()
     chunk = policy.get_action(observation)["actions"]      # float32 [H, A]
@@ -9,14 +9,15 @@
 
 from __future__ import annotations
 
+import os
 import threading
 from typing import Any
 
-from websockets.exceptions import ConnectionClosed
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import connect
 
 from vla_zoo.deploy.codec import packb, unpackb
-from vla_zoo.deploy.server import MAX_MESSAGE_BYTES
+from vla_zoo.deploy.server import MAX_MESSAGE_BYTES, TOKEN_ENV
 
 
 class PolicyServerError(RuntimeError):
@@ -33,17 +34,27 @@ class RemotePolicy:
 
     Calls are synchronous (one request, one reply) and safe to make from several threads. ``timeout`` bounds each
     reply; after a timeout the connection is closed, because a late reply would otherwise answer the next request.
+    ``token``: the server's shared secret (default: the ``VLA_ZOO_TOKEN`` environment variable, if set).
     """
 
     def __init__(
-        self, host: str = "127.0.0.1", port: int = 8000, timeout: float = 30.0, max_message_bytes: int = MAX_MESSAGE_BYTES
+        self, host: str = "127.0.0.1", port: int = 8000, timeout: float = 30.0,
+        max_message_bytes: int = MAX_MESSAGE_BYTES, token: str | None = None,
     ) -> None:
         self.url = f"ws://{host}:{port}"
         self.timeout = timeout
-        # proxy=None: a robot talks straight to its policy server, never through an HTTP proxy from the environment.
-        self._connection = connect(
-            self.url, open_timeout=timeout, max_size=max_message_bytes, compression=None, proxy=None, legacy=True
-        )
+        token = token if token is not None else os.environ.get(TOKEN_ENV) or None
+        headers = {"Authorization": f"Bearer {token}"} if token is not None else None
+        try:
+            # proxy=None: a robot talks straight to its policy server, never through an HTTP proxy from the environment.
+            self._connection = connect(
+                self.url, open_timeout=timeout, max_size=max_message_bytes, compression=None, proxy=None, legacy=True,
+                additional_headers=headers,
+            )
+        except InvalidStatus as e:  # the server refused the handshake (401: token; 403: origin)
+            body = e.response.body.decode("utf-8", "replace").strip()
+            raise PermissionError(f"policy server {self.url} refused the connection: HTTP "
+                                  f"{e.response.status_code}: {body}") from None
         self._lock = threading.Lock()
 
     def _request(self, request: dict[str, Any]) -> Any:

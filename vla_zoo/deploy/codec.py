@@ -4,11 +4,16 @@ An array travels as the map ``{"__ndarray__": <bytes>, "dtype": "<f4", "shape": 
 library in any language can produce or read. Decoding is strict: the input is untrusted network data, so only
 numeric dtypes are accepted (never ``object``; nothing is ever unpickled), the byte count must match dtype and
 shape exactly, and every failure raises ``CodecError`` with a message that says what was wrong.
+
+A server also passes ``Limits``: msgpack builds one Python object per element before anything can look at the
+message, so a few megabytes of empty maps would otherwise become gigabytes of dicts. The limits bound every string,
+binary, array and map, and the number of maps and arrays in one message, so decoding stops early and cheaply.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import msgpack
@@ -23,6 +28,20 @@ _MAX_NDIM = 32
 
 class CodecError(ValueError):
     """A message that is not valid msgpack or holds a malformed array."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    """The largest message ``unpackb`` decodes: bytes in all, bytes per str / bin, elements per array / map, and maps
+    and arrays in all (each array or map is checked before msgpack allocates it; the count stops a message of many
+    small ones)."""
+
+    max_message_bytes: int
+    max_str_len: int
+    max_bin_len: int
+    max_array_len: int
+    max_map_len: int
+    max_containers: int
 
 
 def _encode_default(obj: Any) -> Any:
@@ -82,14 +101,46 @@ def packb(obj: Any) -> bytes:
     return msgpack.packb(obj, default=_encode_default, use_bin_type=True)
 
 
-def unpackb(data: bytes) -> Any:
-    """Strict inverse of :func:`packb`; raises :class:`CodecError` naming the problem for any malformed input."""
+def _bounded_hooks(limits: Limits) -> dict[str, Any]:
+    """msgpack hooks that count the maps and arrays of one message and stop once there are too many."""
+    left = [limits.max_containers]
+
+    def spend() -> None:
+        left[0] -= 1
+        if left[0] < 0:
+            raise CodecError(f"message exceeds this server's limit of {limits.max_containers} maps and arrays "
+                             "(a request needs two per array and a few more)")
+
+    def object_hook(d: dict) -> Any:
+        spend()
+        return _object_hook(d)
+
+    def list_hook(items: list) -> list:
+        spend()
+        return items
+
+    return {"object_hook": object_hook, "list_hook": list_hook}
+
+
+def unpackb(data: bytes, limits: Limits | None = None) -> Any:
+    """Strict inverse of :func:`packb`; raises :class:`CodecError` naming the problem for any malformed input, or
+    for input beyond ``limits`` (unbounded without them: for replies from a server this process trusts)."""
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise CodecError(f"expected a binary msgpack message, got {type(data).__name__}")
+    options: dict[str, Any] = {"object_hook": _object_hook}
+    if limits is not None:
+        if len(data) > limits.max_message_bytes:
+            raise CodecError(f"message of {len(data)} bytes exceeds this server's limit of {limits.max_message_bytes}")
+        options.update(
+            _bounded_hooks(limits), max_str_len=limits.max_str_len, max_bin_len=limits.max_bin_len,
+            max_array_len=limits.max_array_len, max_map_len=limits.max_map_len,
+        )
     try:
-        return msgpack.unpackb(data, raw=False, object_hook=_object_hook, ext_hook=_ext_hook, strict_map_key=True)
+        return msgpack.unpackb(data, raw=False, ext_hook=_ext_hook, strict_map_key=True, **options)
     except CodecError:
         raise
     except Exception as e:  # msgpack signals malformed input through many exception types (ExtraData, FormatError, ...)
+        if limits is not None and "exceeds max_" in str(e):  # msgpack's ValueError for a length over a limit
+            raise CodecError(f"message exceeds this server's limits ({e}); {limits}") from None
         detail = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
         raise CodecError(f"message is not valid msgpack ({detail})") from None
