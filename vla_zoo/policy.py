@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from vla_zoo.cli import load_run_config
+from vla_zoo.deploy.validation import validate_observation
 
 
 def _import(class_path: str):
@@ -84,8 +85,10 @@ class Policy:
         self._generator = torch.Generator(device=self.device).manual_seed(self.seed)
 
     def get_action(self, observation: dict[str, Any]) -> dict[str, np.ndarray]:
-        embodiment = observation.get("embodiment")
-        self.module._normalizer(embodiment)  # unknown embodiment -> clear KeyError before any work
+        # The server's check, so a bad observation fails here as it would over the network, naming the key, before
+        # any work; frames of another size than the metadata's are fine in process (the backbone resizes them).
+        validate_observation(observation, self.metadata(), any_image_size=True)
+        embodiment = observation["embodiment"]
         key = (embodiment, observation["instruction"])
         if self._cache is None or self._cache[0] != key or self._calls_since_system2 >= self.system2_period:
             images = self.module.observation_images(observation)

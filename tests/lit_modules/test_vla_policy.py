@@ -164,10 +164,31 @@ def test_dual_rate_policy_reuses_system2_tokens(trained) -> None:
         assert calls["n"] == 3  # a new instruction always refreshes the tokens
     finally:
         handle.remove()
-    with pytest.raises(KeyError, match="unknown embodiment 'spot'"):
+    with pytest.raises(ValueError, match="unknown embodiment 'spot'"):
         policy.get_action({**obs, "embodiment": "spot"})
     md = policy.metadata()
     assert md["embodiments"]["two_link_arm"]["action_dim"] == 3 and md["horizon"] == 8
+
+
+def test_in_process_observation_errors_name_the_key(trained) -> None:
+    """``Policy.get_action`` checks an observation as the server does, so errors name the key, not a tensor."""
+    model, _, _ = trained
+    policy = Policy(model)
+    obs = _observation(TabletopEnv("point_gripper", image_size=32), 2)
+    images = obs["images"]
+    small_wrist = {**images, "wrist": images["wrist"][::2, ::2]}
+    with pytest.raises(ValueError, match=r"views differ in size \{'scene': \[32, 32\], 'wrist': \[16, 16\]\}"):
+        policy.get_action({**obs, "images": small_wrist})
+    grey = {**images, "scene": images["scene"].mean(-1).astype(np.uint8)}
+    with pytest.raises(ValueError, match=r"\['images'\]\['scene'\] must be a uint8 array.*\[32, 32\]; a greyscale"):
+        policy.get_action({**obs, "images": grey})
+    with pytest.raises(ValueError, match=r"observation is missing \['instruction'\]"):
+        policy.get_action({k: v for k, v in obs.items() if k != "instruction"})
+    with pytest.raises(ValueError, match=r"observation\['state'\] contains NaN"):
+        policy.get_action({**obs, "state": np.full_like(obs["state"], np.nan)})
+    # Another size than the training frames, shared by every view, is resized by the backbone as before.
+    large = {view: np.repeat(np.repeat(frame, 2, 0), 2, 1) for view, frame in images.items()}
+    assert policy.get_action({**obs, "images": large})["actions"].shape == (8, 3)
 
 
 def test_backbone_and_head_width_mismatch_is_reported() -> None:
