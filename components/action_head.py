@@ -20,6 +20,12 @@ Sampling: A^0 ~ N(0, I);  A^{t + 1/K} = A^t + (1/K) V(phi, A^t, q) for t = 0, 1/
 
 The VL attention mask is honoured (the released N1 code ignores it). A sample whose VL mask is all False gets a zero
 cross-attention output in every cross block (its actions then depend on state and time only) and never NaN.
+
+GR00T N1.5 is configuration of the same head: ``vl_layer_norm`` and ``vl_self_attention_layers`` process the VL
+tokens (LayerNorm, then self-attention blocks without time conditioning, masked like the cross blocks) once per call,
+before the DiT, and ``num_future_tokens`` learned tokens sit between the state token and the action tokens:
+``[state, future_1..F, action_1..H]``. The options ``time_code_layout``, ``time_frequency_shift``,
+``output_norm_eps`` and ``max_seq_len`` reproduce Isaac-GR00T's numerics for imported weights (``vla_zoo.groot``).
 """
 
 from __future__ import annotations
@@ -29,6 +35,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from diffusers.models.embeddings import TimestepEmbedding as DiffusersTimestepEmbedding
+from diffusers.models.embeddings import Timesteps
 from torch.utils.checkpoint import checkpoint
 
 from components.embodiment import (
@@ -37,21 +45,34 @@ from components.embodiment import (
     EmbodimentGroups,
     StateEncoder,
     expand_embodiments,
-    sinusoidal_embedding,
 )
 
 
 class TimestepEmbedding(nn.Module):
-    """Discretised flow time -> sinusoidal code -> MLP -> ``[B, width]`` (the adaLN conditioning vector)."""
+    """Discretised flow time -> sinusoidal code -> MLP -> ``[B, width]`` (the adaLN conditioning vector).
 
-    def __init__(self, width: int, frequency_dim: int = 256) -> None:
+    diffusers' ``Timesteps`` gives the code ``[cos(b f), sin(b f)]``, ``f_i = 10000^(-i / (half - frequency_shift))``,
+    and its ``TimestepEmbedding`` the MLP ``linear_1 -> SiLU -> linear_2``. Isaac-GR00T's DiT uses
+    ``frequency_shift = 1``.
+    """
+
+    def __init__(self, width: int, frequency_dim: int = 256, frequency_shift: float = 0.0) -> None:
         super().__init__()
         self.frequency_dim = frequency_dim
-        self.mlp = nn.Sequential(nn.Linear(frequency_dim, width), nn.SiLU(), nn.Linear(width, width))
+        self.time_proj = Timesteps(frequency_dim, flip_sin_to_cos=True, downscale_freq_shift=frequency_shift)
+        self.timestep_embedder = DiffusersTimestepEmbedding(frequency_dim, width)
 
     def forward(self, time_bucket: torch.Tensor) -> torch.Tensor:  # [B] -> [B, width]
-        code = sinusoidal_embedding(time_bucket, self.frequency_dim).to(self.mlp[0].weight.dtype)
-        return self.mlp(code)
+        code = self.time_proj(time_bucket).to(self.timestep_embedder.linear_1.weight.dtype)  # [B, frequency_dim]
+        return self.timestep_embedder(code)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        # checkpoints written before the diffusers modules name the MLP ``mlp.0`` / ``mlp.2``
+        for old, new in (("mlp.0.", "timestep_embedder.linear_1."), ("mlp.2.", "timestep_embedder.linear_2.")):
+            for name in ("weight", "bias"):
+                if prefix + old + name in state_dict:
+                    state_dict[prefix + new + name] = state_dict.pop(prefix + old + name)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
 class AdaLayerNorm(nn.Module):
@@ -98,19 +119,25 @@ class VLContext:
 
 
 class DiTBlock(nn.Module):
-    """adaLN -> one attention (cross to VL tokens, or self over state+action tokens) -> LN -> FFN 4x GELU(tanh)."""
+    """adaLN -> one attention (cross to VL tokens, or self over state+action tokens) -> LN -> FFN 4x GELU(tanh).
 
-    def __init__(self, dim: int, num_heads: int, cross_attention_dim: int | None = None, dropout: float = 0.0, ff_mult: int = 4) -> None:
+    ``time_conditioned=False`` makes it a plain pre-LN transformer block (affine LayerNorms, no adaLN): N1.5's
+    self-attention over the VL tokens.
+    """
+
+    def __init__(self, dim: int, num_heads: int, cross_attention_dim: int | None = None, dropout: float = 0.0,
+                 ff_mult: int = 4, time_conditioned: bool = True) -> None:
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"hidden_dim {dim} must be divisible by num_heads {num_heads}")
         self.num_heads = num_heads
         self.is_cross = cross_attention_dim is not None
-        self.norm1 = AdaLayerNorm(dim)
+        self.time_conditioned = time_conditioned
+        self.norm1 = AdaLayerNorm(dim) if time_conditioned else nn.LayerNorm(dim)
         self.to_q = nn.Linear(dim, dim)
         self.to_kv = nn.Linear(cross_attention_dim or dim, 2 * dim)
         self.to_out = nn.Linear(dim, dim)
-        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False)
+        self.norm2 = nn.LayerNorm(dim, elementwise_affine=not time_conditioned)
         self.ff = nn.Sequential(
             nn.Linear(dim, ff_mult * dim), nn.GELU(approximate="tanh"), nn.Dropout(dropout), nn.Linear(ff_mult * dim, dim)
         )
@@ -126,16 +153,17 @@ class DiTBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor | None, context: VLContext | None = None,
                 cached_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
-                scale_shift: torch.Tensor | None = None) -> torch.Tensor:
-        # x [B, N, D], temb [B, D] (or the adaLN scale_shift [B, 2D] computed beforehand)
-        h = self.norm1(x, temb, scale_shift)
+                scale_shift: torch.Tensor | None = None, self_attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        # x [B, N, D], temb [B, D] (or the adaLN scale_shift [B, 2D] computed beforehand);
+        # self_attn_mask [B, 1, 1, N] bool (keys a self-attention may read), None = all
+        h = self.norm1(x, temb, scale_shift) if self.time_conditioned else self.norm1(x)
         q = self._heads(self.to_q(h))
         if self.is_cross:
             k, v = cached_kv if cached_kv is not None else self.keys_values(context.tokens)
             a = F.scaled_dot_product_attention(q, k, v, attn_mask=context.attn_mask) * context.has_tokens
         else:
             k, v = self.keys_values(h)
-            a = F.scaled_dot_product_attention(q, k, v)
+            a = F.scaled_dot_product_attention(q, k, v, attn_mask=self_attn_mask)
         x = x + self.dropout(self.to_out(a.transpose(1, 2).flatten(2)))
         return x + self.dropout(self.ff(self.norm2(x)))
 
@@ -145,6 +173,12 @@ class FlowMatchingActionHead(nn.Module):
 
     N1 sizes: ``hidden_dim=1536, num_layers=16, num_heads=32, horizon=16, max_state_dim=64, max_action_dim=32,
     num_embodiments=32, embodiment_hidden_dim=1024``. ``cross_attention_dim`` is the width of the VL tokens.
+    N1.5 adds ``vl_layer_norm=True, vl_self_attention_layers=4, vl_self_attention_heads=32, num_future_tokens=32``
+    with ``cross_attention_dim=2048`` (``recipes/groot/``).
+
+    Isaac-GR00T numerics (defaults keep this head's own): ``time_code_layout="sin_cos"`` (action encoder's time code),
+    ``time_frequency_shift=1`` (DiT time embedding), ``output_norm_eps=1e-6`` (output adaLN), ``max_seq_len``
+    (rows of the action position table; default ``horizon``).
     """
 
     def __init__(
@@ -167,8 +201,18 @@ class FlowMatchingActionHead(nn.Module):
         num_timestep_buckets: int = 1000,
         gradient_checkpointing: bool = False,
         use_state: bool = True,
+        vl_layer_norm: bool = False,
+        vl_self_attention_layers: int = 0,
+        vl_self_attention_heads: int | None = None,
+        num_future_tokens: int = 0,
+        time_code_layout: str = "cos_sin",
+        time_frequency_shift: float = 0.0,
+        output_norm_eps: float = 1e-5,
+        max_seq_len: int | None = None,
     ) -> None:
         super().__init__()
+        if max_seq_len is not None and max_seq_len < horizon:
+            raise ValueError(f"max_seq_len ({max_seq_len}) must be >= horizon ({horizon}): one position per action step")
         # False: no state token; the head acts on what it sees and is told only (the "no proprioception" ablation:
         # with few demonstrations the hand's path can tell which demonstration to copy, so the scene gets ignored).
         self.use_state = use_state
@@ -180,14 +224,22 @@ class FlowMatchingActionHead(nn.Module):
         self.gradient_checkpointing = gradient_checkpointing
 
         self.state_encoder = StateEncoder(num_embodiments, max_state_dim, embodiment_hidden_dim, hidden_dim)
-        self.action_encoder = ActionEncoder(num_embodiments, max_action_dim, hidden_dim)
-        self.position_embedding = nn.Parameter(torch.randn(horizon, hidden_dim) * 0.02)  # [H, D]
-        self.timestep_embedding = TimestepEmbedding(hidden_dim)
+        self.action_encoder = ActionEncoder(num_embodiments, max_action_dim, hidden_dim, time_code_layout)
+        self.position_embedding = nn.Parameter(torch.randn(max_seq_len or horizon, hidden_dim) * 0.02)  # [>= H, D]
+        self.timestep_embedding = TimestepEmbedding(hidden_dim, frequency_shift=time_frequency_shift)
+        # N1.5: the VL tokens pass a LayerNorm and self-attention blocks (no time conditioning) before the DiT
+        self.vl_norm = nn.LayerNorm(cross_attention_dim) if vl_layer_norm else None
+        self.vl_blocks = nn.ModuleList(
+            DiTBlock(cross_attention_dim, vl_self_attention_heads or num_heads, None, dropout, time_conditioned=False)
+            for _ in range(vl_self_attention_layers)
+        )
+        # N1.5: learned tokens between the state token and the action tokens
+        self.future_tokens = nn.Parameter(torch.randn(num_future_tokens, hidden_dim) * 0.02) if num_future_tokens else None
         self.blocks = nn.ModuleList(
             DiTBlock(hidden_dim, num_heads, cross_attention_dim if (not interleave or i % 2 == 0) else None, dropout)
             for i in range(num_layers)
         )
-        self.norm_out = AdaLayerNorm(hidden_dim)
+        self.norm_out = AdaLayerNorm(hidden_dim, eps=output_norm_eps)
         self.proj_out = nn.Linear(hidden_dim, embodiment_hidden_dim)
         self.action_decoder = ActionDecoder(num_embodiments, embodiment_hidden_dim, embodiment_hidden_dim, max_action_dim)
 
@@ -232,23 +284,38 @@ class FlowMatchingActionHead(nn.Module):
             return None
         return self.state_encoder(state[:, None], groups)
 
+    def _run_block(self, block: DiTBlock, *args) -> torch.Tensor:
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(block, *args, use_reentrant=False)
+        return block(*args)
+
+    def _vl_context(self, vl_tokens: torch.Tensor, vl_mask: torch.Tensor) -> VLContext:
+        """The VL conditioning: N1.5's LayerNorm and masked self-attention over the tokens (if configured)."""
+        context = VLContext.build(vl_tokens, vl_mask)
+        if self.vl_norm is None and not len(self.vl_blocks):
+            return context
+        tokens = self.vl_norm(vl_tokens) if self.vl_norm is not None else vl_tokens  # [B, S, D_vl]
+        for block in self.vl_blocks:
+            tokens = self._run_block(block, tokens, None, None, None, None, context.attn_mask)
+        context.tokens = tokens
+        return context
+
     def _velocity(self, noisy_actions: torch.Tensor, time_bucket: torch.Tensor, state_token: torch.Tensor | None,
                   context: VLContext, groups: EmbodimentGroups,
                   scale_shifts: list[torch.Tensor] | None = None) -> torch.Tensor:
         # noisy_actions [B, H, A_max], time_bucket [B], state_token [B, 1, D] | None -> velocity [B, H, A_max]
         # scale_shifts: per block (then the output norm) the adaLN [B, 2D] of this time, if computed beforehand
-        H = noisy_actions.shape[1]
+        B, H = noisy_actions.shape[:2]
         temb = self.timestep_embedding(time_bucket) if scale_shifts is None else None  # [B, D]
         x = self.action_encoder(noisy_actions, time_bucket, groups) + self.position_embedding[:H]  # [B, H, D]
+        if self.future_tokens is not None:
+            x = torch.cat([self.future_tokens.to(x.dtype).expand(B, -1, -1), x], dim=1)  # [B, F + H, D]
         if state_token is not None:
-            x = torch.cat([state_token, x], dim=1)  # [B, 1 + H, D]
+            x = torch.cat([state_token, x], dim=1)  # [B, 1 (+ F) + H, D]
         for i, block in enumerate(self.blocks):
             cached = context.kv[i] if context.kv is not None else None
             ss = scale_shifts[i] if scale_shifts is not None else None
-            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(block, x, temb, context, cached, ss, use_reentrant=False)
-            else:
-                x = block(x, temb, context, cached, ss)
+            x = self._run_block(block, x, temb, context, cached, ss)
         ss = scale_shifts[-1] if scale_shifts is not None else None
         x = self.proj_out(self.norm_out(x, temb, ss)[:, -H:])  # [B, H, embodiment_hidden]
         return self.action_decoder(x, groups)
@@ -272,7 +339,7 @@ class FlowMatchingActionHead(nn.Module):
             )
         groups = EmbodimentGroups.from_ids(embodiment_id)
         state_token = self._state_token(state, groups)
-        return self._velocity(noisy_actions, self.time_bucket(t), state_token, VLContext.build(vl_tokens, vl_mask), groups)
+        return self._velocity(noisy_actions, self.time_bucket(t), state_token, self._vl_context(vl_tokens, vl_mask), groups)
 
     def loss(self, vl_tokens: torch.Tensor, vl_mask: torch.Tensor, state: torch.Tensor | None, actions: torch.Tensor,
              action_mask: torch.Tensor, embodiment_id: torch.Tensor, noise: torch.Tensor | None = None,
@@ -292,9 +359,10 @@ class FlowMatchingActionHead(nn.Module):
     @torch.no_grad()
     def sample(self, vl_tokens: torch.Tensor, vl_mask: torch.Tensor, state: torch.Tensor | None,
                embodiment_id: torch.Tensor, num_steps: int | None = None, generator: torch.Generator | None = None,
-               use_kv_cache: bool = True) -> torch.Tensor:
+               use_kv_cache: bool = True, initial_noise: torch.Tensor | None = None) -> torch.Tensor:
         """K-step Euler integration from noise to an action chunk ``[B, H, A_max]`` (call ``eval()`` first).
 
+        ``initial_noise`` ``[B, H, A_max]`` is ``A^0`` when given (else drawn from N(0, I) with ``generator``).
         With ``use_kv_cache`` the cross-attention keys/values of the VL tokens, which do not depend on the flow
         time, are computed once and reused by all K steps. Either way the time conditioning of all K steps is
         computed up front (``time_conditioning``).
@@ -302,13 +370,19 @@ class FlowMatchingActionHead(nn.Module):
         self._check_inputs(vl_tokens, state, embodiment_id)
         K = num_steps or self.num_inference_steps
         B = vl_tokens.shape[0]
+        shape = (B, self.horizon, self.max_action_dim)
+        if initial_noise is not None and tuple(initial_noise.shape) != shape:
+            raise ValueError(f"initial_noise must have shape [B, horizon, max_action_dim] = {list(shape)}, "
+                             f"got {tuple(initial_noise.shape)}")
         groups = EmbodimentGroups.from_ids(embodiment_id)
-        context = VLContext.build(vl_tokens, vl_mask)
+        context = self._vl_context(vl_tokens, vl_mask)
         if use_kv_cache:
-            context.kv = [blk.keys_values(vl_tokens) if blk.is_cross else None for blk in self.blocks]
+            context.kv = [blk.keys_values(context.tokens) if blk.is_cross else None for blk in self.blocks]
         state_token = self._state_token(state, groups)
-        x = torch.randn(B, self.horizon, self.max_action_dim, generator=generator, device=vl_tokens.device,
-                        dtype=vl_tokens.dtype)  # A^0 ~ N(0, I)
+        if initial_noise is None:  # A^0 ~ N(0, I)
+            x = torch.randn(shape, generator=generator, device=vl_tokens.device, dtype=vl_tokens.dtype)
+        else:
+            x = initial_noise.to(device=vl_tokens.device, dtype=vl_tokens.dtype)
         t = (torch.arange(K, device=x.device, dtype=torch.float32) / K)[:, None].expand(K, B)  # [K, B]: 0, 1/K, ...
         buckets = self.time_bucket(t)
         scale_shifts = self.time_conditioning(buckets)  # per block [K, B, 2D]

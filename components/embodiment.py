@@ -140,12 +140,29 @@ def split_dense_slots(state: dict[str, torch.Tensor], prefix: str) -> None:
                 state[f"{prefix}{per_slot}.{e}"] = slot.clone()
 
 
-def sinusoidal_embedding(positions: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
-    """Transformer sinusoidal code of (possibly fractional) positions: ``[...]`` -> ``[..., dim]`` (cos | sin)."""
+TIME_CODE_LAYOUTS = ("cos_sin", "sin_cos")
+
+
+def sinusoidal_embedding(positions: torch.Tensor, dim: int, max_period: float = 10000.0,
+                         layout: str = "cos_sin") -> torch.Tensor:
+    """Transformer sinusoidal code of (possibly fractional) positions: ``[...]`` -> ``[..., dim]``.
+
+    Frequencies ``f_i = max_period^(-i / half)``, ``i < half = dim // 2``. ``layout="cos_sin"`` gives
+    ``[cos(p f), sin(p f)]``; ``"sin_cos"`` gives ``[sin(p f), cos(p f)]`` with ``f_i = exp(-i ln(max_period) / half)``
+    rounded in the order Isaac-GR00T's action encoder rounds it (fp32 step first), so imported weights see the same
+    code bit for bit.
+    """
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=positions.device, dtype=torch.float32) / half)
+    steps = torch.arange(half, device=positions.device, dtype=torch.float32)
+    if layout == "cos_sin":
+        freqs = torch.exp(-math.log(max_period) * steps / half)
+    elif layout == "sin_cos":
+        freqs = torch.exp(-steps * (torch.log(torch.tensor(max_period)) / half).to(positions.device))
+    else:
+        raise ValueError(f"sinusoidal layout must be one of {TIME_CODE_LAYOUTS}, got {layout!r}")
     angles = positions.float()[..., None] * freqs  # [..., half]
-    code = torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
+    pair = (torch.cos(angles), torch.sin(angles)) if layout == "cos_sin" else (torch.sin(angles), torch.cos(angles))
+    code = torch.cat(pair, dim=-1)
     if dim % 2:
         code = torch.nn.functional.pad(code, (0, 1))
     return code
@@ -167,11 +184,16 @@ class StateEncoder(nn.Module):
 
 class ActionEncoder(nn.Module):
     """Per-embodiment action encoder that also sees the flow time (paper: "encodes the diffusion timestep together
-    with the noised action vector"): ``a -> W1 -> w``; ``[W1 a, sin(tau)] -> W2 -> swish -> W3 -> w``."""
+    with the noised action vector"): ``a -> W1 -> w``; ``[W1 a, sin(tau)] -> W2 -> swish -> W3 -> w``.
 
-    def __init__(self, num_embodiments: int, max_action_dim: int, width: int) -> None:
+    ``time_code_layout`` orders the sinusoidal code of tau (``sinusoidal_embedding``); Isaac-GR00T's is ``"sin_cos"``.
+    """
+
+    def __init__(self, num_embodiments: int, max_action_dim: int, width: int, time_code_layout: str = "cos_sin") -> None:
         super().__init__()
-        self.width = width
+        if time_code_layout not in TIME_CODE_LAYOUTS:
+            raise ValueError(f"time_code_layout must be one of {TIME_CODE_LAYOUTS}, got {time_code_layout!r}")
+        self.width, self.time_code_layout = width, time_code_layout
         self.layer1 = EmbodimentLinear(num_embodiments, max_action_dim, width)
         self.layer2 = EmbodimentLinear(num_embodiments, 2 * width, width)
         self.layer3 = EmbodimentLinear(num_embodiments, width, width)
@@ -180,7 +202,7 @@ class ActionEncoder(nn.Module):
         # actions [B, H, A_max], time_bucket [B] (discretised flow time) -> [B, H, width]
         groups = as_groups(embodiment)
         a = self.layer1(actions, groups)  # [B, H, w]
-        tau = sinusoidal_embedding(time_bucket, self.width).to(a.dtype)[:, None].expand_as(a)  # [B, H, w]
+        tau = sinusoidal_embedding(time_bucket, self.width, layout=self.time_code_layout).to(a.dtype)[:, None].expand_as(a)  # [B, H, w]
         h = self.layer2(torch.cat([a, tau], dim=-1), groups)  # [B, H, w]
         return self.layer3(nn.functional.silu(h), groups)
 

@@ -7,6 +7,7 @@ from components.action_head import AdaLayerNorm, FlowMatchingActionHead
 from components.regression_head import RegressionActionHead
 
 SEED = 0  # thresholds below were calibrated over seeds 0, 1, 2
+N1_5 = dict(vl_layer_norm=True, vl_self_attention_layers=2, vl_self_attention_heads=4, num_future_tokens=3)
 
 
 @pytest.fixture(autouse=True)
@@ -105,9 +106,10 @@ def test_mixed_embodiment_batch_trains_both_embodiments():
         assert after[e] < 0.35 * before[e], (e, before, after)
 
 
-def test_padded_vl_tokens_do_not_change_the_output():
+@pytest.mark.parametrize("config", [{}, N1_5], ids=["n1", "n1_5"])
+def test_padded_vl_tokens_do_not_change_the_output(config):
     torch.manual_seed(SEED)
-    head = tiny_head().eval()
+    head = tiny_head(**config).eval()
     vl, mask, state, ids = random_inputs(head)
     mask[2] = False  # a sample with no valid VL token at all
     noisy, t = torch.randn(6, head.horizon, head.max_action_dim), torch.rand(6)
@@ -141,10 +143,12 @@ def test_head_without_state_ignores_the_state():
             assert moved == 0 and torch.equal(sampled[0], sampled[1])
 
 
-@pytest.mark.parametrize("interleave", [True, False])
-def test_kv_cache_gives_the_same_actions(interleave):
+@pytest.mark.parametrize("config", [dict(interleave=True), dict(interleave=False), dict(interleave=True, **N1_5)],
+                         ids=["interleave", "cross_only", "n1_5"])
+def test_kv_cache_gives_the_same_actions(config):
     torch.manual_seed(SEED)
-    head = tiny_head(interleave=interleave).eval()
+    interleave = config["interleave"]
+    head = tiny_head(**config).eval()
     assert sum(b.is_cross for b in head.blocks) == (2 if interleave else 4)
     vl, mask, state, ids = random_inputs(head)
     cached = head.sample(vl, mask, state, ids, generator=torch.Generator().manual_seed(5), use_kv_cache=True)
@@ -152,11 +156,11 @@ def test_kv_cache_gives_the_same_actions(interleave):
     torch.testing.assert_close(cached, uncached, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("use_kv_cache", [True, False])
-def test_sampling_is_euler_integration_of_the_forward_velocity(use_kv_cache):
+@pytest.mark.parametrize("use_kv_cache,config", [(True, {}), (False, {}), (True, N1_5)], ids=["cache", "no_cache", "n1_5"])
+def test_sampling_is_euler_integration_of_the_forward_velocity(use_kv_cache, config):
     """sample() precomputes the adaLN time conditioning of all K steps; it must equal K calls of forward()."""
     torch.manual_seed(SEED)
-    head = tiny_head().eval()
+    head = tiny_head(**config).eval()
     for module in head.modules():  # adaLN starts at zero (time would not matter): give it weights
         if isinstance(module, AdaLayerNorm):
             torch.nn.init.normal_(module.modulation.weight, std=0.3)
@@ -170,6 +174,9 @@ def test_sampling_is_euler_integration_of_the_forward_velocity(use_kv_cache):
     sampled = head.sample(vl, mask, state, ids, num_steps=K, generator=torch.Generator().manual_seed(5),
                           use_kv_cache=use_kv_cache)
     torch.testing.assert_close(sampled, x, rtol=1e-5, atol=1e-6)
+    x0 = torch.randn(B, head.horizon, head.max_action_dim, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(head.sample(vl, mask, state, ids, num_steps=K, initial_noise=x0, use_kv_cache=use_kv_cache),
+                       sampled)
     coarse = head.sample(vl, mask, state, ids, num_steps=2, generator=torch.Generator().manual_seed(5))
     assert (coarse - sampled).abs().max() > 1e-3, "the time conditioning should matter once adaLN has weights"
 
@@ -215,9 +222,10 @@ def test_masked_action_dims_and_steps_do_not_contribute_to_the_loss():
     assert head.loss(vl, mask, state, moved, action_mask, ids, noise=noise, t=t)["loss"] != out["loss"]
 
 
-def test_gradient_checkpointing_gives_the_same_gradients():
+@pytest.mark.parametrize("config", [{}, N1_5], ids=["n1", "n1_5"])
+def test_gradient_checkpointing_gives_the_same_gradients(config):
     torch.manual_seed(SEED)
-    head = tiny_head(dropout=0.2)  # dropout on: checkpointing must replay the same masks
+    head = tiny_head(dropout=0.2, **config)  # dropout on: checkpointing must replay the same masks
     vl, mask, state, ids = random_inputs(head)
     actions, action_mask = torch.randn(6, 4, 4), torch.ones(6, 4, 4, dtype=torch.bool)
     noise, t = torch.randn_like(actions), torch.rand(6)
@@ -280,3 +288,43 @@ def test_bad_inputs_name_the_problem():
         head.sample(vl, mask, state[:, :2], ids)
     with pytest.raises(IndexError, match="expand_embodiments"):
         head.sample(vl, mask, state, ids + 10)
+    with pytest.raises(ValueError, match=r"initial_noise must have shape \[B, horizon, max_action_dim\] = \[6, 4, 4\]"):
+        head.sample(vl, mask, state, ids, initial_noise=torch.zeros(6, 4, 3))
+    with pytest.raises(ValueError, match="max_seq_len"):
+        tiny_head(max_seq_len=2)
+
+
+def test_n1_5_options_add_their_modules_and_future_tokens_matter():
+    torch.manual_seed(SEED)
+    head = tiny_head(**N1_5).eval()
+    assert len(head.vl_blocks) == 2 and head.vl_norm is not None and head.future_tokens.shape == (3, 32)
+    assert not any(b.time_conditioned for b in head.vl_blocks)
+    vl, mask, state, ids = random_inputs(head)
+    noisy, t = torch.randn(6, 4, 4), torch.rand(6)
+    out = head(noisy, t, vl, mask, state, ids)
+    with torch.no_grad():
+        head.future_tokens.add_(torch.randn_like(head.future_tokens))  # not a constant: the norms would remove it
+    assert (head(noisy, t, vl, mask, state, ids) - out).abs().max() > 1e-3
+    # the defaults build none of it (the N1 head's parameters are unchanged)
+    assert not any(k.startswith(("vl_", "future_tokens")) for k in tiny_head().state_dict())
+
+
+def test_time_embedding_default_is_unchanged_and_old_checkpoints_load():
+    """The DiT time embedding is diffusers' Timesteps + TimestepEmbedding; by default it computes the code this head
+    always used (cos | sin, f_i = 10000^(-i/half)), and state dicts that name its MLP ``mlp.0``/``mlp.2`` load."""
+    import math
+
+    head = tiny_head().eval()
+    emb = head.timestep_embedding
+    buckets = torch.tensor([0, 1, 250, 999])
+    half = emb.frequency_dim // 2
+    angles = buckets.float()[:, None] * torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32) / half)
+    assert torch.equal(emb.time_proj(buckets), torch.cat([angles.cos(), angles.sin()], dim=-1))
+    old = {k.replace("timestep_embedding.timestep_embedder.linear_1.", "timestep_embedding.mlp.0.")
+            .replace("timestep_embedding.timestep_embedder.linear_2.", "timestep_embedding.mlp.2."): v
+           for k, v in head.state_dict().items()}
+    assert "timestep_embedding.mlp.0.weight" in old
+    torch.manual_seed(1)
+    other = tiny_head()
+    other.load_state_dict(old)
+    assert torch.equal(other.timestep_embedding(buckets), emb(buckets))
