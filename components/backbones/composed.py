@@ -7,6 +7,8 @@ LM's own chat format (when its tokenizer has one) with one block of image slots 
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoTokenizer
@@ -65,6 +67,9 @@ class ComposedBackbone(VisionLanguageBackbone):
             feature map (``SpatialSoftmaxKeypoints``), for precise object positions; 0 (default): none.
         coord_channels: random conv towers only: append two channels holding each pixel's (x, y) in [-1, 1] to the
             image (CoordConv, Liu et al. 2018), so a filter can read where a feature is, not only that it is there.
+        vision_config_overrides / lm_config_overrides: random builds only: further ``transformers`` config fields
+            (e.g. ``intermediate_size``, ``num_key_value_heads``, ``vocab_size``) over the ones derived from the
+            size arguments, so a random build can have a published architecture (``recipes/groot/``).
     """
 
     def __init__(
@@ -91,6 +96,8 @@ class ComposedBackbone(VisionLanguageBackbone):
         lm_heads: int = 4,
         keypoints: int = 0,
         coord_channels: bool = False,
+        vision_config_overrides: dict[str, Any] | None = None,
+        lm_config_overrides: dict[str, Any] | None = None,
     ) -> None:
         super().__init__(project_to, max_text_tokens)
         self.tokenizer = (
@@ -131,15 +138,15 @@ class ComposedBackbone(VisionLanguageBackbone):
                 if vision_model_type == naflex
                 else {"image_size": image_size}
             )
-            vision_config = AutoConfig.for_model(
-                vision_model_type,
-                hidden_size=vision_hidden_size,
-                intermediate_size=4 * vision_hidden_size,
-                num_hidden_layers=vision_layers,
-                num_attention_heads=vision_heads,
-                patch_size=patch_size,
+            vision_config = AutoConfig.for_model(vision_model_type, **{
+                "hidden_size": vision_hidden_size,
+                "intermediate_size": 4 * vision_hidden_size,
+                "num_hidden_layers": vision_layers,
+                "num_attention_heads": vision_heads,
+                "patch_size": patch_size,
                 **grid_size,
-            )
+                **(vision_config_overrides or {}),
+            })
             image_mean, image_std, rescale_factor = _SIGLIP_MEAN, _SIGLIP_STD, 1 / 255
         else:
             vision_config = AutoConfig.from_pretrained(vision_pretrained_path, local_files_only=True)
@@ -192,18 +199,18 @@ class ComposedBackbone(VisionLanguageBackbone):
 
         if lm_pretrained_path is None:
             tok = self.tokenizer
-            lm_config = AutoConfig.for_model(
-                lm_model_type,
-                vocab_size=len(tok),
-                hidden_size=lm_hidden_size,
-                intermediate_size=3 * lm_hidden_size,  # SmolLM2: 2.7x
-                num_hidden_layers=lm_layers,
-                num_attention_heads=lm_heads,
-                num_key_value_heads=lm_heads,
-                pad_token_id=tok.pad_token_id,
-                bos_token_id=tok.bos_token_id,
-                eos_token_id=tok.eos_token_id,
-            )
+            lm_config = AutoConfig.for_model(lm_model_type, **{
+                "vocab_size": len(tok),
+                "hidden_size": lm_hidden_size,
+                "intermediate_size": 3 * lm_hidden_size,  # SmolLM2: 2.7x
+                "num_hidden_layers": lm_layers,
+                "num_attention_heads": lm_heads,
+                "num_key_value_heads": lm_heads,
+                "pad_token_id": tok.pad_token_id,
+                "bos_token_id": tok.bos_token_id,
+                "eos_token_id": tok.eos_token_id,
+                **(lm_config_overrides or {}),
+            })
             lm_config = truncated_text_config(lm_config, select_layer)
             self.language_model = strip_final_norm(AutoModel.from_config(lm_config))
         else:
