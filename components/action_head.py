@@ -46,6 +46,10 @@ from components.embodiment import (
     StateEncoder,
     expand_embodiments,
 )
+from components.lora import LoRA, add_lora
+
+#: The DiT linears that ``lora`` wraps unless told otherwise: attention projections and the feed-forward.
+DIT_LORA_TARGETS = ("to_q", "to_kv", "to_out", "ff.0", "ff.3")
 
 
 class TimestepEmbedding(nn.Module):
@@ -179,6 +183,11 @@ class FlowMatchingActionHead(nn.Module):
     Isaac-GR00T numerics (defaults keep this head's own): ``time_code_layout="sin_cos"`` (action encoder's time code),
     ``time_frequency_shift=1`` (DiT time embedding), ``output_norm_eps=1e-6`` (output adaLN), ``max_seq_len``
     (rows of the action position table; default ``horizon``).
+
+    Fine-tuning, as Isaac-GR00T names it: ``tune_projector`` trains the embodiment adapters and the position table,
+    ``tune_diffusion_model`` the DiT (time embedding, blocks, output norm and projection); frozen parts stay in eval
+    mode. ``lora`` wraps the DiT blocks' linears with peft LoRA adapters (``components.lora``) and needs
+    ``tune_diffusion_model=False``: the adapters train, the DiT weights stay as loaded.
     """
 
     def __init__(
@@ -209,6 +218,9 @@ class FlowMatchingActionHead(nn.Module):
         time_frequency_shift: float = 0.0,
         output_norm_eps: float = 1e-5,
         max_seq_len: int | None = None,
+        tune_projector: bool = True,
+        tune_diffusion_model: bool = True,
+        lora: LoRA | None = None,
     ) -> None:
         super().__init__()
         if max_seq_len is not None and max_seq_len < horizon:
@@ -242,6 +254,34 @@ class FlowMatchingActionHead(nn.Module):
         self.norm_out = AdaLayerNorm(hidden_dim, eps=output_norm_eps)
         self.proj_out = nn.Linear(hidden_dim, embodiment_hidden_dim)
         self.action_decoder = ActionDecoder(num_embodiments, embodiment_hidden_dim, embodiment_hidden_dim, max_action_dim)
+
+        self.tune = {"projector": tune_projector, "diffusion_model": tune_diffusion_model}
+        for name, parts in self.tunable_parts().items():
+            for part in parts:
+                part.requires_grad_(self.tune[name])
+        if lora is not None:
+            if tune_diffusion_model:
+                raise ValueError("action head: lora trains adapters on frozen DiT weights; set tune_diffusion_model: "
+                                 "false with it (or drop lora to train the whole DiT)")
+            add_lora(self.blocks, lora, DIT_LORA_TARGETS)
+
+    def tunable_parts(self) -> dict[str, list[nn.Module | nn.Parameter]]:
+        """What ``tune_projector`` and ``tune_diffusion_model`` switch (the N1.5 VL layers and future tokens always
+        train, as in the reference)."""
+        return {
+            "projector": [self.state_encoder, self.action_encoder, self.action_decoder, self.position_embedding],
+            "diffusion_model": [self.timestep_embedding, self.blocks, self.norm_out, self.proj_out],
+        }
+
+    def train(self, mode: bool = True) -> FlowMatchingActionHead:
+        """Frozen parts without trainable parameters (no LoRA adapters) stay in eval mode: no dropout there."""
+        super().train(mode)
+        for name, parts in self.tunable_parts().items():
+            for part in parts:
+                if isinstance(part, nn.Module) and not self.tune[name] and not any(
+                        p.requires_grad for p in part.parameters()):
+                    part.eval()
+        return self
 
     @property
     def num_embodiments(self) -> int:

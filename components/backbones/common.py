@@ -19,6 +19,11 @@ from torch import nn
 from transformers import AutoModel
 from transformers.utils import logging as hf_logging
 
+from ..lora import LoRA, add_lora
+
+#: The LM linears that ``llm_lora`` wraps unless told otherwise (Llama / Qwen / Gemma / Mistral attention).
+LLM_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+
 
 def truncated_text_config(config, select_layer: int):
     """A copy of a decoder-only LM ``config`` keeping layers ``[0, select_layer)`` (negative counts from the end).
@@ -132,6 +137,7 @@ class VisionLanguageBackbone(nn.Module):
         tune_llm: bool,
         tune_visual: bool,
         tune_projector: bool,
+        llm_lora: LoRA | None = None,
     ) -> None:
         self.tokenizer = tokenizer
         self.image_size = image_size
@@ -154,6 +160,11 @@ class VisionLanguageBackbone(nn.Module):
         for name, modules in parts.items():
             for module in modules:
                 module.requires_grad_(self.tune[name])
+        if llm_lora is not None:
+            if tune_llm:
+                raise ValueError("backbone: llm_lora trains adapters on the frozen language model; set tune_llm: "
+                                 "false with it (or drop llm_lora to train the whole LM)")
+            add_lora(self._language_model(), llm_lora, LLM_LORA_TARGETS)
         owned = {id(p) for modules in parts.values() for m in modules for p in m.parameters()}
         stray = [n for n, p in self.named_parameters() if id(p) not in owned]
         assert not stray, f"parameters outside every tunable part: {stray}"
@@ -163,12 +174,14 @@ class VisionLanguageBackbone(nn.Module):
         raise NotImplementedError
 
     def train(self, mode: bool = True):
-        """Frozen parts stay in eval mode whatever the trainer asks, so forward never has to re-force it."""
+        """Frozen parts stay in eval mode whatever the trainer asks, so forward never has to re-force it; a frozen
+        part that carries LoRA adapters follows the trainer (its adapters' dropout)."""
         super().train(mode)
         for name, modules in self.tunable_parts().items():
             if not self.tune[name]:
                 for module in modules:
-                    module.eval()
+                    if not any(p.requires_grad for p in module.parameters()):
+                        module.eval()
         return self
 
     # --- prompts -------------------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from torch import nn
 from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoTokenizer
 
 from ..keypoints import SpatialSoftmaxKeypoints
+from ..lora import LoRA
 from ..mlp import MLP
 from .common import (
     OutputProjector,
@@ -70,6 +71,8 @@ class ComposedBackbone(VisionLanguageBackbone):
         vision_config_overrides / lm_config_overrides: random builds only: further ``transformers`` config fields
             (e.g. ``intermediate_size``, ``num_key_value_heads``, ``vocab_size``) over the ones derived from the
             size arguments, so a random build can have a published architecture (``recipes/groot/``).
+        llm_lora: peft LoRA adapters on the LM's attention projections (``components.lora.LoRA``); needs
+            ``tune_llm=False``: the adapters train, the LM stays as loaded.
     """
 
     def __init__(
@@ -98,6 +101,7 @@ class ComposedBackbone(VisionLanguageBackbone):
         coord_channels: bool = False,
         vision_config_overrides: dict[str, Any] | None = None,
         lm_config_overrides: dict[str, Any] | None = None,
+        llm_lora: LoRA | None = None,
     ) -> None:
         super().__init__(project_to, max_text_tokens)
         self.tokenizer = (
@@ -236,6 +240,7 @@ class ComposedBackbone(VisionLanguageBackbone):
             tune_llm=tune_llm,
             tune_visual=tune_visual,
             tune_projector=tune_projector,
+            llm_lora=llm_lora,
         )
 
     def tunable_parts(self) -> dict[str, list[nn.Module]]:

@@ -21,6 +21,7 @@ from transformers import (
     LlamaConfig,
 )
 
+from ..lora import LoRA
 from .common import (
     OutputProjector,
     VisionLanguageBackbone,
@@ -47,6 +48,8 @@ class SmolVLMBackbone(VisionLanguageBackbone):
         max_text_tokens: instructions are cut to this many tokens.
         image_size, patch_size, vision_*, lm_*, scale_factor: the random model; frames of any size are resized
             to ``image_size`` (or to the checkpoint's) in torch.
+        llm_lora: peft LoRA adapters on the LM's attention projections (``components.lora.LoRA``); needs
+            ``tune_llm=False``: the adapters train, the LM stays as loaded.
     """
 
     def __init__(
@@ -68,6 +71,7 @@ class SmolVLMBackbone(VisionLanguageBackbone):
         lm_hidden_size: int = 128,
         lm_layers: int = 4,
         lm_heads: int = 4,
+        llm_lora: LoRA | None = None,
     ) -> None:
         super().__init__(project_to, max_text_tokens)
         if pretrained_path is None:
@@ -108,6 +112,7 @@ class SmolVLMBackbone(VisionLanguageBackbone):
             tune_llm=tune_llm,
             tune_visual=tune_visual,
             tune_projector=tune_projector,
+            llm_lora=llm_lora,
         )
 
     @staticmethod
