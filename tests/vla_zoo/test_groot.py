@@ -27,6 +27,7 @@ from vla_zoo.groot import (
     reference_config,
     save_groot_action_head,
 )
+from vla_zoo.groot.cli import IMPORT_KEY, main
 from vla_zoo.groot.head import head_links
 
 REPO = Path(__file__).resolve().parents[2]
@@ -263,3 +264,82 @@ def test_export_refuses_a_head_with_the_zoos_own_numerics(tmp_path):
     with pytest.raises(GrootCheckpointError, match="time_code_layout='cos_sin'"):
         save_groot_action_head(FlowMatchingActionHead(**kwargs), kwargs, tmp_path / "out")
     assert not (tmp_path / "out").exists()  # nothing written
+
+
+# ------------------------------------------------------------------------------------- the command line
+def test_import_then_export_gives_the_checkpoint_back_bit_identically(tmp_path):
+    write_synthetic(tmp_path / "src", shards=2)
+    original = {}
+    for shard in (tmp_path / "src").glob("*.safetensors"):
+        original.update(load_file(str(shard)))
+    assert main(["import", str(tmp_path / "src"), str(tmp_path / "head.ckpt"), "--embodiment", "my_arm=1",
+                 "--embodiment", "other_arm=2"]) == 0
+    imported = torch.load(tmp_path / "head.ckpt", weights_only=True)  # tensors and plain data only
+    info = imported[IMPORT_KEY]
+    assert info["embodiments"] == {"my_arm": 1, "other_arm": 2}
+    head = FlowMatchingActionHead(**info["action_head"])  # what init_from loads into (init_from_parts: [action_head])
+    head.load_state_dict({k.removeprefix("action_head."): v for k, v in imported["state_dict"].items()})
+    assert main(["export", str(tmp_path / "head.ckpt"), str(tmp_path / "out")]) == 0
+    exported = load_file(str(tmp_path / "out" / "model.safetensors"))
+    assert exported.keys() == original.keys() and all(torch.equal(exported[k], original[k]) for k in original)
+    assert head_kwargs(read_config(tmp_path / "out")) == info["action_head"]
+
+
+def test_export_merges_lora_adapters_into_the_reference_weights(tmp_path):
+    from components.lora import LoRA
+
+    kwargs = head_kwargs(tiny_config())
+    torch.manual_seed(0)
+    head = FlowMatchingActionHead(**kwargs, tune_diffusion_model=False, lora=LoRA(rank=2, dropout=0.0)).eval()
+    with torch.no_grad():
+        for name, p in head.named_parameters():
+            if ".lora_B" in name:
+                p.normal_()
+    info = {"action_head": {**kwargs, "tune_diffusion_model": False, "lora": {"rank": 2, "alpha": 32.0, "dropout": 0.0}}}
+    torch.save({"state_dict": {"action_head." + k: v for k, v in head.state_dict().items()}, IMPORT_KEY: info},
+               tmp_path / "lora.ckpt")
+    assert main(["export", str(tmp_path / "lora.ckpt"), str(tmp_path / "out")]) == 0
+    merged = load_groot_action_head(tmp_path / "out")
+    g = torch.Generator().manual_seed(0)
+    vl, mask = torch.randn(2, 5, 10, generator=g), torch.ones(2, 5, dtype=torch.bool)
+    state, ids, x, t = torch.randn(2, 5, generator=g), torch.tensor([0, 2]), torch.randn(2, 4, 3, generator=g), torch.rand(2)
+    torch.testing.assert_close(merged(x, t, vl, mask, state, ids), head(x, t, vl, mask, state, ids), rtol=1e-5, atol=1e-5)
+
+
+def test_command_line_bad_input_exits_non_zero_and_writes_nothing(tmp_path, capsys):
+    write_synthetic(tmp_path / "src", shards=2)
+    out = tmp_path / "head.ckpt"
+    cases = [
+        (["import", str(tmp_path / "missing"), str(out)], "not a folder"),
+        (["import", str(tmp_path / "src"), str(out), "--embodiment", "unitree_g1"], "unknown embodiment tag 'unitree_g1'"),
+        (["import", str(tmp_path / "src"), str(out), "--embodiment", "new_embodiment"], "is slot 31, but this head has 3"),
+        (["import", str(tmp_path / "src"), str(tmp_path / "nowhere" / "head.ckpt")], "does not exist"),
+        (["export", str(tmp_path / "missing.ckpt"), str(tmp_path / "out")], "no such checkpoint file"),
+    ]
+    for argv, message in cases:
+        assert main(argv) == 1, argv
+        assert message in capsys.readouterr().err
+    (tmp_path / "src" / "model-00001-of-00002.safetensors").unlink()
+    assert main(["import", str(tmp_path / "src"), str(out)]) == 1
+    assert "shard 'model-00001-of-00002.safetensors'" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]  # nothing written, no partial file
+
+
+def test_embodiment_tags_map_to_the_released_slots():
+    from vla_zoo.groot.tags import embodiment_slot
+
+    assert [embodiment_slot(t) for t in ("new_embodiment", "gr1", "oxe_droid", "agibot_genie1")] == [31, 24, 17, 26]
+    assert embodiment_slot("my_robot=5") == 5
+    with pytest.raises(GrootCheckpointError, match=r"slot must be an integer in \[0, 32\)"):
+        embodiment_slot("my_robot=40")
+
+
+@pytest.mark.slow  # a fresh interpreter importing torch: ~10-25 s on a loaded 2-core machine
+def test_python_dash_m_reports_a_bad_folder_with_status_1(tmp_path):
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "vla_zoo.groot", "inspect", str(tmp_path)], capture_output=True,
+                          text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=300)
+    assert proc.returncode == 1
+    assert f"{tmp_path} is not an Isaac-GR00T checkpoint: config.json is missing" in proc.stderr

@@ -1,6 +1,10 @@
-"""Isaac-GR00T (N1 / N1.5) checkpoints in the zoo: read a released checkpoint folder into our classes, write back."""
+"""Isaac-GR00T (N1 / N1.5) checkpoints in the zoo: read a released checkpoint folder into our classes, write back.
+
+Command line: ``python -m vla_zoo.groot inspect|import|export`` (``vla_zoo/groot/cli.py``).
+"""
 
 from vla_zoo.groot.checkpoint import GrootCheckpointError, read_config, read_tensors, tensor_index
+from vla_zoo.groot.cli import export_checkpoint, import_checkpoint, inspect_checkpoint
 from vla_zoo.groot.head import (
     head_kwargs,
     head_state_from_reference,
@@ -9,9 +13,15 @@ from vla_zoo.groot.head import (
     reference_config,
     save_groot_action_head,
 )
+from vla_zoo.groot.tags import EMBODIMENT_TAG_SLOTS, embodiment_slot
 
 __all__ = [
+    "EMBODIMENT_TAG_SLOTS",
     "GrootCheckpointError",
+    "embodiment_slot",
+    "export_checkpoint",
+    "import_checkpoint",
+    "inspect_checkpoint",
     "head_kwargs",
     "head_state_from_reference",
     "head_state_to_reference",

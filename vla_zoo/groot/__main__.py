@@ -1,0 +1,5 @@
+import sys
+
+from vla_zoo.groot.cli import main
+
+sys.exit(main())
