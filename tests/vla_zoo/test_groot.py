@@ -343,3 +343,23 @@ def test_python_dash_m_reports_a_bad_folder_with_status_1(tmp_path):
                           text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=300)
     assert proc.returncode == 1
     assert f"{tmp_path} is not an Isaac-GR00T checkpoint: config.json is missing" in proc.stderr
+
+
+@needs_fixtures
+def test_imported_head_starts_a_lora_fit_through_init_from(tmp_path):
+    """``import`` writes what ``init_from`` (parts: action_head) loads, also into a head that wraps its DiT with LoRA:
+    the adapters start at the identity, so the policy's head computes the reference's velocity."""
+    from components.backbones import ComposedBackbone
+    from components.lora import LoRA
+    from lit_modules.vla_policy import VLAPolicy
+
+    name = "n1_5_head_tiny"
+    assert main(["import", str(FIXTURES / name), str(tmp_path / "head.ckpt")]) == 0
+    kwargs = head_kwargs(read_config(FIXTURES / name))
+    head = FlowMatchingActionHead(**kwargs, tune_diffusion_model=False, lora=LoRA(rank=2))
+    policy = VLAPolicy(ComposedBackbone(project_to=kwargs["cross_attention_dim"]), head,
+                       init_from=str(tmp_path / "head.ckpt"), init_from_parts=["action_head"])
+    policy._load_initial_weights(str(tmp_path / "head.ckpt"))
+    io = fixture_io(name)
+    torch.testing.assert_close(velocity(policy.action_head.eval(), io), io["expected_velocity"], rtol=0, atol=1e-5)
+    assert any(".lora_" in n for n, p in policy.action_head.named_parameters() if p.requires_grad)
