@@ -16,12 +16,13 @@ autoencoder). Anything with ``forward(z [B, N, D]) -> (z_q, indices[, aux_loss])
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from components.distributed import zero_loss
 from components.embodiment import EmbodimentLinear
 
 
@@ -391,6 +392,17 @@ class LatentActionModel(nn.Module):
         return (self.encode(x_t, x_tH) - self.target_mean) / self.target_std
 
 
+def frame_pair(images: torch.Tensor, view_indices: Sequence[int], owner: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch's ``images`` uint8 ``[B, 2, V, 3, h, w]`` (frames t and t+H) -> the views ``view_indices`` of each,
+    as float in [0, 1]: ``x_t``, ``x_tH`` ``[B, len(view_indices), 3, h, w]``. ``owner`` names the caller in errors."""
+    if images.dim() != 6 or images.shape[1] != 2:
+        raise ValueError(f"{owner}: batch images must be uint8 [B, 2, V, 3, h, w], got {tuple(images.shape)}")
+    if max(view_indices) >= images.shape[2]:
+        raise ValueError(f"{owner}: view_indices {list(view_indices)} but the batch has {images.shape[2]} views")
+    frames = images[:, :, list(view_indices)].float() / 255.0
+    return frames[:, 0], frames[:, 1]
+
+
 def change_weighted_mse(recon: torch.Tensor, x_t: torch.Tensor, x_tH: torch.Tensor, change_weight: float) -> torch.Tensor:
     """Pixel MSE weighted by ``1 + change_weight * d / mean(d)``, ``d`` = per-pixel change ``|x_tH - x_t|``.
 
@@ -479,7 +491,7 @@ class LatentActionObjective(nn.Module):
         if not bool(labelled.any()):
             # No labelled sample: a zero loss. Under DDP the readout then has unused parameters (as every
             # EmbodimentLinear slot absent from a batch does): the module owning it must allow them.
-            return z.sum() * 0.0
+            return zero_loss(z)
         actions, mask = actions[labelled], action_mask[labelled].float()  # [b, H, A]
         pred = self.action_readout(z[labelled].flatten(1), embodiment_id[labelled]).view_as(actions)
         return ((pred - actions).pow(2) * mask).sum() / mask.sum().clamp_min(1.0)
@@ -522,4 +534,4 @@ class LatentActionObjective(nn.Module):
         if self.training:
             n, d = model.num_latent_tokens, model.latent_dim
             model.track_target_stats(model.target_mean.new_zeros(0, n, d), self.stats_momentum)
-        return sum(p.sum() for p in [*model.parameters(), *self.parameters()]) * 0.0
+        return zero_loss(model, self)

@@ -35,7 +35,7 @@ import yaml
 from torch import nn
 
 from components.inverse_dynamics import InverseDynamicsModel
-from components.latent_action import LatentActionModel, LatentActionObjective
+from components.latent_action import LatentActionModel, LatentActionObjective, frame_pair
 from datamodules import schema
 from datamodules.labeling import label_episode
 from datamodules.normalization import Normalizer
@@ -220,9 +220,7 @@ class LatentActionLabeler(_Labeler):
             _freeze(model)
 
     def _frames(self, batch: dict, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        images = self._views(batch[schema.IMAGES][index], self.view_indices, "LatentActionLabeler")
-        frames = images.float() / 255.0  # [n, 2, V, 3, h, w]
-        return frames[:, 0], frames[:, 1]
+        return frame_pair(batch[schema.IMAGES][index], self.view_indices, "LatentActionLabeler")
 
     def _normalise(self, z: torch.Tensor) -> torch.Tensor:
         return (z - self.model.target_mean) / self.model.target_std

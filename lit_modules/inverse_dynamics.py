@@ -18,6 +18,7 @@ from lightning.pytorch.cli import OptimizerCallable
 from torch import nn
 from torchmetrics.regression import R2Score
 
+from components.distributed import zero_loss
 from datamodules import schema
 from lit_modules.optimization import check_schedule, configure_optimizers, paper_adamw
 
@@ -61,7 +62,7 @@ class InverseDynamicsModule(LightningModule):
         x_t, x_tH, actions, mask, embodiment = self._rows(batch)
         if not len(x_t):
             # Nothing to learn from; keep every parameter in the graph so that DDP does not hang.
-            loss = sum(p.sum() for p in self.parameters()) * 0.0
+            loss = zero_loss(self)
         else:
             loss = self.model.loss(x_t, x_tH, actions, mask, embodiment)["loss"]
         self.log("train/loss", loss, prog_bar=True, batch_size=max(1, len(x_t)))

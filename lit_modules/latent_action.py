@@ -28,7 +28,6 @@ the process group exists and told explicitly.
 from __future__ import annotations
 
 import inspect
-import math
 from collections.abc import Callable, Sequence
 
 import torch
@@ -38,9 +37,10 @@ from torch import nn
 from torchmetrics import MeanMetric
 
 from components.codebook_metrics import CodebookUsage, RidgeProbeR2
-from components.latent_action import LatentActionModel, LatentActionObjective
+from components.latent_action import LatentActionModel, LatentActionObjective, frame_pair
 from datamodules import schema
 from lit_modules.distributed import require_find_unused_parameters
+from lit_modules.optimization import configure_optimizers
 
 
 class LatentActionModule(LightningModule):
@@ -146,17 +146,6 @@ class LatentActionModule(LightningModule):
             )
 
     # ------------------------------------------------------------------ steps
-    def _frames(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        images = batch[schema.IMAGES]  # uint8 [B, 2, V, 3, h, w]
-        if images.dim() != 6 or images.shape[1] != 2:
-            raise ValueError(f"batch['{schema.IMAGES}'] must be uint8 [B, 2, V, 3, h, w], got {tuple(images.shape)}")
-        if max(self.view_indices) >= images.shape[2]:
-            raise ValueError(
-                f"LatentActionModule: view_indices {self.view_indices} but the batch has {images.shape[2]} views"
-            )
-        frames = images[:, :, self.view_indices].float() / 255.0
-        return frames[:, 0], frames[:, 1]  # [B, V, 3, h, w] each
-
     def _probe_update(self, stage: str, z: torch.Tensor, batch: dict) -> None:
         actions, mask = batch[schema.ACTIONS], batch[schema.ACTION_MASK]  # [B, H, A_max]
         expected = (self.hparams.horizon, self.hparams.max_action_dim)
@@ -174,7 +163,7 @@ class LatentActionModule(LightningModule):
         self.probes[f"{stage}_chunk"].update(features, chunk.flatten(1), has_action, episodes)
 
     def _shared_step(self, batch: dict, stage: str, diagnostics: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        x_t, x_tH = self._frames(batch)
+        x_t, x_tH = frame_pair(batch[schema.IMAGES], self.view_indices, "LatentActionModule")
         labelled = None
         if self.objective.action_readout is not None:
             labelled = self._labelled(batch)
@@ -261,15 +250,5 @@ class LatentActionModule(LightningModule):
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self):
         hp = self.hparams
-        optimizer = torch.optim.AdamW(self.parameters(), lr=hp.lr, betas=tuple(hp.betas), weight_decay=hp.weight_decay)
-        total = max(int(self.trainer.estimated_stepping_batches), 1)
-        warmup = min(hp.warmup_steps, total // 2)
-
-        def warmup_cosine(step: int) -> float:
-            if step < warmup:
-                return (step + 1) / warmup
-            progress = min((step - warmup) / max(total - warmup, 1), 1.0)
-            return 0.5 * (1 + math.cos(math.pi * progress))
-
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        adamw = lambda params: torch.optim.AdamW(params, lr=hp.lr, betas=tuple(hp.betas), weight_decay=hp.weight_decay)  # noqa: E731
+        return configure_optimizers(self, adamw, "cosine", warmup_ratio=0.0, warmup_steps=hp.warmup_steps)

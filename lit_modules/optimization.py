@@ -1,4 +1,4 @@
-"""The paper's optimisation (Table 6), shared by every LightningModule that trains an action head."""
+"""The paper's optimisation (Table 6) and the one warm-up + decay schedule every LightningModule here trains with."""
 
 from __future__ import annotations
 
@@ -23,14 +23,17 @@ def check_schedule(lr_schedule: str, warmup_ratio: float) -> None:
 
 
 def configure_optimizers(
-    module: LightningModule, optimizer_factory: Callable, lr_schedule: str, warmup_ratio: float
+    module: LightningModule, optimizer_factory: Callable, lr_schedule: str, warmup_ratio: float,
+    warmup_steps: int | None = None,
 ) -> dict[str, Any]:
-    """Optimiser over the trainable parameters + linear warm-up over ``warmup_ratio`` of the run, then
-    ``lr_schedule`` (transformers' schedulers), stepped every optimisation step."""
+    """Optimiser over the trainable parameters + linear warm-up over ``warmup_ratio`` of the run (or over
+    ``warmup_steps``, at most half the run, so that a short run still decays), then ``lr_schedule`` (transformers'
+    schedulers), stepped every optimisation step."""
     from transformers import get_scheduler
 
     optimizer = optimizer_factory([p for p in module.parameters() if p.requires_grad])
     total = max(1, int(module.trainer.estimated_stepping_batches))
-    scheduler = get_scheduler(LR_SCHEDULES[lr_schedule], optimizer,
-                              num_warmup_steps=int(warmup_ratio * total), num_training_steps=total)
+    warmup = int(warmup_ratio * total) if warmup_steps is None else min(warmup_steps, total // 2)
+    scheduler = get_scheduler(LR_SCHEDULES[lr_schedule], optimizer, num_warmup_steps=warmup,
+                              num_training_steps=total)
     return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

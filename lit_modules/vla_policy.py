@@ -24,6 +24,7 @@ from lightning.pytorch.cli import OptimizerCallable
 
 from torch import nn
 
+from components.distributed import zero_loss
 from components.embodiment import grow_embodiment_slots
 from components.pseudo_labels import PseudoTargets
 from datamodules import schema
@@ -228,7 +229,7 @@ class VLAPolicy(LightningModule):
         rows = [r for r in rows if r.index.numel()]
         if not rows:
             # Nothing to predict in this batch; keep every parameter in the graph so DDP does not hang.
-            loss = tokens.sum() * 0.0 + sum(aux, torch.zeros((), device=tokens.device))
+            loss = zero_loss(tokens) + sum(aux, torch.zeros((), device=tokens.device))
             self.log(f"{stage}/loss", loss, batch_size=batch_size)
             return loss
         index = torch.cat([r.index for r in rows])

@@ -14,6 +14,7 @@ from components.latent_action import (
     LatentActionObjective,
     MotionDecoder,
     change_weighted_mse,
+    frame_pair,
     move_by_kernels,
 )
 from datamodules.synthetic import moving_square_pairs
@@ -374,6 +375,17 @@ def test_change_weight_puts_each_windows_weight_on_its_changing_pixels():
     assert loss(miss_rail, 0.0) / loss(miss_small, 0.0) == pytest.approx(128)
     recon = torch.rand_like(x_t)
     assert loss(recon, 0.0) == pytest.approx(float(((recon - x_tH) ** 2).mean()))
+
+
+def test_frame_pair_selects_views_and_scales_to_unit_range():
+    images = torch.arange(2 * 2 * 3 * 3 * 2 * 2, dtype=torch.uint8).view(2, 2, 3, 3, 2, 2)  # [B, 2, V=3, 3, h, w]
+    x_t, x_tH = frame_pair(images, [2, 0], "Owner")
+    torch.testing.assert_close(x_t, images[:, 0, [2, 0]].float() / 255)
+    torch.testing.assert_close(x_tH, images[:, 1, [2, 0]].float() / 255)
+    with pytest.raises(ValueError, match=r"Owner: view_indices \[3\] but the batch has 3 views"):
+        frame_pair(images, [3], "Owner")
+    with pytest.raises(ValueError, match=r"Owner: batch images must be uint8 \[B, 2, V, 3, h, w\]"):
+        frame_pair(images[:, 0], [0], "Owner")
 
 
 def test_objective_sums_its_parts_and_tracks_target_stats_only_while_training():
