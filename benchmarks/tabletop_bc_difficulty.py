@@ -29,8 +29,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from envs.tabletop import WRIST_WINDOW
+from envs.tabletop.env import make_env as make_tabletop_env
 from envs.tabletop.tiers import generate_episodes
-from vla_zoo.evaluation import evaluate_closed_loop, make_tabletop_env
+from vla_zoo.evaluation import evaluate_closed_loop
 
 
 class Vocabulary:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import importlib
 import json
 import math
 import os
@@ -31,81 +30,18 @@ import numpy as np
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import WeightAveraging
 
+from envs.registry import ENVS, MakeEnv, expert, resolve_make_env, resolve_tasks
+
 #: A policy, or ``env -> policy`` for policies that need the env itself (scripted experts read simulator state).
 PolicyOrFactory = Any
-MakeEnv = Callable[[str, int], gym.Env]
 
 _EVAL_STREAM = zlib.crc32(b"closed-loop-evaluation")
-
-#: Env name -> import paths of ``make_env(task, seed, **kw)``, the scripted ``expert(env, noise=, horizon=, seed=)``
-#: and ``resolve_tasks(tasks | None) -> list[str]`` (``None``: the env's default task list).
-ENVS: dict[str, dict[str, str]] = {
-    "metaworld": {
-        "make_env": "envs.metaworld.env:make_env",
-        "expert": "envs.metaworld.experts:MetaWorldExpertPolicy",
-        "resolve_tasks": "envs.metaworld.tasks:resolve_tasks",
-    },
-    "tabletop": {
-        "make_env": "vla_zoo.evaluation:make_tabletop_env",
-        "expert": "vla_zoo.evaluation:tabletop_expert",
-        "resolve_tasks": "vla_zoo.evaluation:resolve_tabletop_tasks",
-    },
-}
-
-
-def make_tabletop_env(task: str, seed: int, embodiment: str = "point_gripper", **kwargs: Any) -> gym.Env:
-    """The embedded tabletop world restricted to one task family (``"pick_place"`` or ``"push"``)."""
-    from envs.tabletop import TabletopEnv
-
-    return TabletopEnv(embodiment=embodiment, task_families=(task,), **kwargs)
-
-
-def tabletop_expert(env: gym.Env, noise: float = 0.0, horizon: int = 1, seed: int = 0) -> Any:
-    from envs.tabletop import ExpertPolicy
-
-    if horizon != 1:
-        raise ValueError("the tabletop expert plans one step at a time: use --horizon 1")
-    return ExpertPolicy(env, noise=noise, seed=seed)
-
-
-def resolve_tabletop_tasks(tasks: Sequence[str] | str | None) -> list[str]:
-    from envs.tabletop import TASK_FAMILIES
-
-    names = TASK_FAMILIES if tasks is None else tasks.split(",") if isinstance(tasks, str) else tasks
-    unknown = sorted(set(names) - set(TASK_FAMILIES))
-    if unknown:
-        raise ValueError(f"unknown tabletop task families {unknown}; choose from {list(TASK_FAMILIES)}")
-    return list(names)
 
 
 def episode_seed(seed: int, task: str, episode: int) -> int:
     """Reset seed of evaluation episode ``episode`` of ``task``."""
     entropy = [seed, zlib.crc32(task.encode()), _EVAL_STREAM, episode]
     return int(np.random.SeedSequence(entropy).generate_state(1)[0])
-
-
-def _import(path: str) -> Any:
-    module, _, name = path.partition(":")
-    if not name:
-        raise ValueError(f"expected an import path 'package.module:name', got {path!r}")
-    return getattr(importlib.import_module(module), name)
-
-
-def resolve_make_env(make_env: MakeEnv | str, **env_kwargs: Any) -> MakeEnv:
-    """A ``make_env(task, seed)`` from a callable, a registered env name (``ENVS``) or ``"module:callable"``."""
-    if isinstance(make_env, str):
-        path = ENVS[make_env]["make_env"] if make_env in ENVS else make_env
-        make_env = _import(path)
-    return functools.partial(make_env, **env_kwargs) if env_kwargs else make_env
-
-
-def resolve_tasks(env: str, tasks: Sequence[str] | str | None) -> list[str]:
-    """Task list for a registered env (``None``: its default, e.g. MT10 for Meta-World) or as given."""
-    if env in ENVS:
-        return _import(ENVS[env]["resolve_tasks"])(tasks)
-    if tasks is None:
-        raise ValueError(f"tasks are required for env {env!r}")
-    return [t.strip() for t in tasks.split(",")] if isinstance(tasks, str) else list(tasks)
 
 
 def _rollout(
@@ -353,10 +289,9 @@ class ClosedLoopEvalCallback(Callback):
 
 def _load_policy(args: argparse.Namespace) -> PolicyOrFactory:
     if args.policy == "expert":
-        expert = _import(ENVS[args.env]["expert"]) if args.env in ENVS else None
-        if expert is None:
+        if args.env not in ENVS:
             raise SystemExit(f"--policy expert needs a registered env ({sorted(ENVS)}), got {args.env!r}")
-        return functools.partial(expert, noise=args.noise, horizon=args.horizon, seed=args.seed)
+        return functools.partial(expert(args.env), noise=args.noise, horizon=args.horizon, seed=args.seed)
     if args.checkpoint is None:
         raise SystemExit("pass --checkpoint CKPT (or --policy expert)")
     from vla_zoo.policy import Policy  # the trained-model policy; imported here so the experts need no model code

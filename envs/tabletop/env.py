@@ -9,6 +9,7 @@ builds, which is how recorded episodes (``metadata["seed"]``) are replayed.
 from __future__ import annotations
 
 import string
+from collections.abc import Sequence
 from typing import Any
 
 import gymnasium as gym
@@ -104,3 +105,18 @@ def register_envs() -> None:
     for embodiment, env_id in ENV_IDS.items():
         if env_id not in gym.registry:
             gym.register(id=env_id, entry_point=TabletopEnv, kwargs={"embodiment": embodiment})
+
+
+def make_env(task: str, seed: int, embodiment: str = "point_gripper", **kwargs: Any) -> TabletopEnv:
+    """The world restricted to one task family (``"pick_place"`` or ``"push"``), for closed-loop evaluation
+    (``envs.registry``); episodes are seeded by ``reset(seed=...)``, so ``seed`` is unused."""
+    return TabletopEnv(embodiment=embodiment, task_families=(task,), **kwargs)
+
+
+def resolve_tasks(tasks: Sequence[str] | str | None) -> list[str]:
+    """Task families to evaluate: ``None`` for all, or a list / comma-separated string of names."""
+    names = TASK_FAMILIES if tasks is None else tasks.split(",") if isinstance(tasks, str) else tasks
+    unknown = sorted(set(names) - set(TASK_FAMILIES))
+    if unknown:
+        raise ValueError(f"unknown tabletop task families {unknown}; choose from {list(TASK_FAMILIES)}")
+    return list(names)

@@ -119,3 +119,10 @@ class ExpertPolicy:
             },
             "horizon": 1,
         }
+
+
+def make_expert(env, noise: float = 0.0, horizon: int = 1, seed: int = 0) -> ExpertPolicy:
+    """The registry's expert factory (``envs.registry``): the scripted expert for ``env``, one step per chunk."""
+    if horizon != 1:
+        raise ValueError("the tabletop expert plans one step at a time: use --horizon 1")
+    return ExpertPolicy(env, noise=noise, seed=seed)
