@@ -11,9 +11,8 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoTokenizer
+from transformers import AutoConfig, AutoModel, AutoTokenizer
 
-from ..keypoints import SpatialSoftmaxKeypoints
 from ..lora import LoRA
 from ..mlp import MLP
 from .common import (
@@ -25,9 +24,7 @@ from .common import (
     truncated_text_config,
 )
 from .tokenizer import IMAGE_TOKEN, offline_tokenizer
-
-# SigLIP's normalisation, used by the random-weight default.
-_SIGLIP_MEAN = _SIGLIP_STD = (0.5, 0.5, 0.5)
+from .vision import SpatialSoftmaxKeypoints, build_vision_encoder
 
 
 class PixelShuffleConnector(nn.Module):
@@ -42,6 +39,28 @@ class PixelShuffleConnector(nn.Module):
 
     def forward(self, patches: torch.Tensor) -> torch.Tensor:
         return self.mlp(pixel_shuffle(patches, self.scale_factor))
+
+
+def _language_model(path: str | None, tokenizer, select_layer: int, model_type: str, hidden_size: int, layers: int,
+                    heads: int, config_overrides: dict[str, Any] | None = None) -> nn.Module:
+    """The LM's first ``select_layer`` decoder layers: from a local checkpoint, or random from the size arguments
+    (vocabulary and special tokens from ``tokenizer``) and ``config_overrides``."""
+    if path is not None:
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
+        return load_pretrained(path, truncated_text_config(config, select_layer), decoder_of=lambda model: model)
+    config = AutoConfig.for_model(model_type, **{
+        "vocab_size": len(tokenizer),
+        "hidden_size": hidden_size,
+        "intermediate_size": 3 * hidden_size,  # SmolLM2: 2.7x
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": heads,
+        "pad_token_id": tokenizer.pad_token_id,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        **(config_overrides or {}),
+    })
+    return strip_final_norm(AutoModel.from_config(truncated_text_config(config, select_layer)))
 
 
 class ComposedBackbone(VisionLanguageBackbone):
@@ -109,134 +128,32 @@ class ComposedBackbone(VisionLanguageBackbone):
             if lm_pretrained_path is None
             else AutoTokenizer.from_pretrained(lm_pretrained_path, local_files_only=True)
         )
-
-        # NaFlex encoders (SigLIP2) take patch sequences and resize their position grid to any image size.
-        naflex = "siglip2_vision_model"
-        if coord_channels and (vision_pretrained_path is not None or vision_model_type != "resnet"):
-            raise ValueError("coord_channels=True needs the random conv tower (vision_model_type: resnet, no "
-                             "vision_pretrained_path): a pretrained or ViT encoder takes 3-channel images")
-        self.coord_channels = coord_channels
-        conv_tower = vision_pretrained_path is None and vision_model_type == "resnet"
-        per_stage = isinstance(vision_hidden_size, (list, tuple))
-        if per_stage and (not conv_tower or len(vision_hidden_size) != vision_layers):
-            raise ValueError(
-                f"vision_hidden_size={list(vision_hidden_size)}: a list of channels per stage needs the random "
-                f"conv tower (vision_model_type: resnet, no vision_pretrained_path) and one entry per stage "
-                f"(vision_layers={vision_layers}); give one int otherwise")
-        if conv_tower:
-            stage_widths = list(vision_hidden_size) if per_stage else [vision_hidden_size] * vision_layers
-            # A conv tower: stem (stride 4) + `vision_layers` basic-block stages of `stage_widths` channels,
-            # every stage after the first halving the grid; its feature map becomes the patch tokens.
-            vision_config = AutoConfig.for_model(
-                "resnet",
-                embedding_size=stage_widths[0] // 2,
-                hidden_sizes=stage_widths,
-                depths=[1] * vision_layers,
-                layer_type="basic",
-                num_channels=5 if coord_channels else 3,
-            )
-            image_mean, image_std, rescale_factor = _SIGLIP_MEAN, _SIGLIP_STD, 1 / 255
-        elif vision_pretrained_path is None:
-            grid_size = (
-                {"num_patches": (image_size // patch_size) ** 2}
-                if vision_model_type == naflex
-                else {"image_size": image_size}
-            )
-            vision_config = AutoConfig.for_model(vision_model_type, **{
-                "hidden_size": vision_hidden_size,
-                "intermediate_size": 4 * vision_hidden_size,
-                "num_hidden_layers": vision_layers,
-                "num_attention_heads": vision_heads,
-                "patch_size": patch_size,
-                **grid_size,
-                **(vision_config_overrides or {}),
-            })
-            image_mean, image_std, rescale_factor = _SIGLIP_MEAN, _SIGLIP_STD, 1 / 255
-        else:
-            vision_config = AutoConfig.from_pretrained(vision_pretrained_path, local_files_only=True)
-            vision_config = getattr(vision_config, "vision_config", vision_config)
-            try:
-                image_processor = AutoImageProcessor.from_pretrained(vision_pretrained_path, local_files_only=True)
-            except OSError as err:
-                raise FileNotFoundError(
-                    f"{vision_pretrained_path}: no preprocessor_config.json (needed for the image mean/std); save the "
-                    "checkpoint's image processor there with save_pretrained"
-                ) from err
-            image_mean, image_std = image_processor.image_mean, image_processor.image_std
-            rescale_factor = image_processor.rescale_factor
-        self._naflex = vision_config.model_type == naflex
-        # Conv encoders (ResNet, ConvNeXt, ...) have no patch size or fixed resolution: they return a feature map
-        # [N, C, g, g] whose cells are the patch tokens.
-        self._feature_map = hasattr(vision_config, "hidden_sizes")
-        if not (self._naflex or self._feature_map):
-            image_size = vision_config.image_size
-        # The attention-pooling head makes a single image embedding for contrastive training; we use patch tokens.
-        if hasattr(vision_config, "vision_use_head"):
-            vision_config.vision_use_head = False
-        self.vision_model = (
-            AutoModel.from_config(vision_config)
-            if vision_pretrained_path is None
-            else load_pretrained(vision_pretrained_path, vision_config)
+        self.vision_model, self.vision = build_vision_encoder(
+            vision_pretrained_path, image_size=image_size, model_type=vision_model_type, patch_size=patch_size,
+            hidden_size=vision_hidden_size, layers=vision_layers, heads=vision_heads, coord_channels=coord_channels,
+            config_overrides=vision_config_overrides,
         )
-        if self._feature_map:
-            # oneDNN's convolutions run ~1.5x faster forward + backward in channels-last (NHWC) layout on this
-            # CPU (benchmarks/train_step_speed.py), as cuDNN's do on tensor cores; parameters keep their layout
-            # through .to(device), load_state_dict and EMA copies, and _embed_images feeds NHWC pixels.
-            self.vision_model.to(memory_format=torch.channels_last)
-            vision_dim = vision_config.hidden_sizes[-1]
-            with torch.no_grad():  # the grid follows from the strides; one probe is simpler than summing them
-                probe = self.vision_model(pixel_values=self._with_coords(torch.zeros(1, 3, image_size, image_size)))
-            self.grid = probe.last_hidden_state.shape[-1]
-            self.patch_size = image_size // self.grid
-            if self.grid % scale_factor:
-                raise ValueError(f"the vision encoder's {self.grid}x{self.grid} feature map at image_size={image_size} "
-                                 f"is not a multiple of scale_factor={scale_factor}; change one of them")
-        else:
-            vision_dim = vision_config.hidden_size
-            self.patch_size = vision_config.patch_size
-            self.grid = image_size // self.patch_size
-            if image_size % self.patch_size or self.grid % scale_factor:
-                raise ValueError(
-                    f"image_size={image_size} must be a multiple of the patch size ({self.patch_size}) and the patch "
-                    f"grid ({self.grid}) a multiple of scale_factor={scale_factor}"
-                )
-
-        if lm_pretrained_path is None:
-            tok = self.tokenizer
-            lm_config = AutoConfig.for_model(lm_model_type, **{
-                "vocab_size": len(tok),
-                "hidden_size": lm_hidden_size,
-                "intermediate_size": 3 * lm_hidden_size,  # SmolLM2: 2.7x
-                "num_hidden_layers": lm_layers,
-                "num_attention_heads": lm_heads,
-                "num_key_value_heads": lm_heads,
-                "pad_token_id": tok.pad_token_id,
-                "bos_token_id": tok.bos_token_id,
-                "eos_token_id": tok.eos_token_id,
-                **(lm_config_overrides or {}),
-            })
-            lm_config = truncated_text_config(lm_config, select_layer)
-            self.language_model = strip_final_norm(AutoModel.from_config(lm_config))
-        else:
-            lm_config = AutoConfig.from_pretrained(lm_pretrained_path, local_files_only=True)
-            self.language_model = load_pretrained(
-                lm_pretrained_path, truncated_text_config(lm_config, select_layer), decoder_of=lambda model: model
-            )
+        if self.vision.grid % scale_factor:
+            raise ValueError(f"the vision encoder's {self.vision.grid}x{self.vision.grid} patch grid at image_size="
+                             f"{self.vision.image_size} is not a multiple of scale_factor={scale_factor}; change one "
+                             "of them")
+        self.language_model = _language_model(lm_pretrained_path, self.tokenizer, select_layer, lm_model_type,
+                                              lm_hidden_size, lm_layers, lm_heads, lm_config_overrides)
         lm_dim = self.language_model.config.hidden_size
 
-        self.connector = PixelShuffleConnector(vision_dim, lm_dim, scale_factor)
-        if keypoints < 0 or (keypoints and not self._feature_map):
+        self.connector = PixelShuffleConnector(self.vision.dim, lm_dim, scale_factor)
+        if keypoints < 0 or (keypoints and not self.vision.feature_map):
             raise ValueError(f"keypoints={keypoints}: spatial-softmax keypoints need a conv vision encoder (a feature "
                              "map, e.g. vision_model_type: resnet) and a count >= 0; set keypoints: 0 for this encoder")
-        self.keypoint_reader = SpatialSoftmaxKeypoints(vision_dim, keypoints, lm_dim) if keypoints else None
+        self.keypoint_reader = SpatialSoftmaxKeypoints(self.vision.dim, keypoints, lm_dim) if keypoints else None
         self.projector = OutputProjector(lm_dim, project_to)
         self._finish_init(
             tokenizer=self.tokenizer,
-            image_size=image_size,
-            image_mean=image_mean,
-            image_std=image_std,
-            rescale_factor=rescale_factor,
-            tokens_per_image=(self.grid // scale_factor) ** 2 + (1 if keypoints else 0),
+            image_size=self.vision.image_size,
+            image_mean=self.vision.image_mean,
+            image_std=self.vision.image_std,
+            rescale_factor=self.vision.rescale_factor,
+            tokens_per_image=(self.vision.grid // scale_factor) ** 2 + (1 if keypoints else 0),
             tune_llm=tune_llm,
             tune_visual=tune_visual,
             tune_projector=tune_projector,
@@ -274,37 +191,11 @@ class ComposedBackbone(VisionLanguageBackbone):
         return ids, is_image
 
     def _embed_images(self, pixels: torch.Tensor) -> torch.Tensor:
-        n, g, p = pixels.shape[0], self.grid, self.patch_size
-        if self._naflex:
-            patches = pixels.view(n, 3, g, p, g, p).permute(0, 2, 4, 3, 5, 1).reshape(n, g * g, p * p * 3)
-            out = self.vision_model(
-                pixel_values=patches,
-                pixel_attention_mask=torch.ones(n, g * g, dtype=torch.long, device=pixels.device),
-                spatial_shapes=torch.tensor([[g, g]] * n, device=pixels.device),
-            )
-        elif self._feature_map:
-            nhwc = self._with_coords(pixels).contiguous(memory_format=torch.channels_last)
-            out = self.vision_model(pixel_values=nhwc)
-        else:
-            out = self.vision_model(pixel_values=self._with_coords(pixels))
-        if self._feature_map:
-            feature_map = out.last_hidden_state  # [N, C, g, g]
-            tokens = self.connector(feature_map.flatten(2).transpose(1, 2))  # [N, (g/s)^2, D_lm]
-            if self.keypoint_reader is None:
-                return tokens
-            return torch.cat([tokens, self.keypoint_reader(feature_map)], dim=1)  # [N, (g/s)^2 + 1, D_lm]
-        # Encoders with a CLS token (CLIP) or registers put them first; the patch grid is the last g*g tokens.
-        return self.connector(out.last_hidden_state[:, -g * g :])  # [N, T, D_lm]
-
-    def _with_coords(self, pixels: torch.Tensor) -> torch.Tensor:
-        """``[N, 3, h, w]`` -> ``[N, 5, h, w]`` with x and y in [-1, 1] when ``coord_channels``, else unchanged."""
-        if not self.coord_channels:
-            return pixels
-        n, _, h, w = pixels.shape
-        ys = torch.linspace(-1.0, 1.0, h, device=pixels.device, dtype=pixels.dtype)
-        xs = torch.linspace(-1.0, 1.0, w, device=pixels.device, dtype=pixels.dtype)
-        grid = torch.stack(torch.meshgrid(xs, ys, indexing="xy"))  # [2, h, w]: channel 0 is x, channel 1 is y
-        return torch.cat([pixels, grid.expand(n, 2, h, w)], dim=1)
+        patches, feature_map = self.vision.features(self.vision_model, pixels)  # [N, g*g, D_v], [N, D_v, g, g]
+        tokens = self.connector(patches)  # [N, (g/s)^2, D_lm]
+        if self.keypoint_reader is None:
+            return tokens
+        return torch.cat([tokens, self.keypoint_reader(feature_map)], dim=1)  # [N, (g/s)^2 + 1, D_lm]
 
     def _embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
         return self.language_model.get_input_embeddings()(ids)

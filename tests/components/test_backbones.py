@@ -16,7 +16,7 @@ from transformers import (
 
 from components.backbones import ComposedBackbone, SmolVLMBackbone
 from components.backbones.common import pixel_shuffle
-from components.keypoints import SpatialSoftmaxKeypoints
+from components.backbones.vision import SpatialSoftmaxKeypoints
 from components.backbones.tokenizer import SPECIAL_TOKENS, _trained_tokenizer_json, offline_tokenizer
 
 ADAPTERS = [SmolVLMBackbone, ComposedBackbone]
@@ -313,7 +313,7 @@ def test_coord_channels_break_the_conv_towers_translation_equivariance():
     for coords in (False, True):
         backbone = _build(ComposedBackbone, vision_model_type="resnet", image_size=256, coord_channels=coords).eval()
         with torch.no_grad():
-            fmap = backbone.vision_model(pixel_values=backbone._with_coords(backbone._pixels(image))).last_hidden_state
+            fmap = backbone.vision_model(pixel_values=backbone.vision.with_coords(backbone._pixels(image))).last_hidden_state
         interior = fmap[0, :, 12:20, 12:20].flatten(1)  # [C, 64 cells]
         spread[coords] = (interior - interior[:, :1]).abs().amax().item()
     assert spread[False] < 1e-5 and spread[True] > 1e-2, spread
