@@ -19,6 +19,7 @@ import numpy as np
 import torch
 import yaml
 
+from datamodules.spec import DataSpec, EmbodimentSpec
 from lit_modules.vla_policy import VLAPolicy
 from vla_zoo.policy import Policy
 from vla_zoo.machine import describe
@@ -51,12 +52,12 @@ def main() -> None:
     head_args = recipe["action_head"]["init_args"]
     model = VLAPolicy(backbone=build(recipe["backbone"]), action_head=build(recipe["action_head"]))
     stats = {"min": [-1.0] * 3, "max": [1.0] * 3}
-    model.data_spec = {
-        "embodiments": {"point_gripper": {"id": 0, "state_dim": 3, "action_dim": 3, "has_action": True,
-                                          "normalizer": {"mode": "min_max", "stats": {"state": stats, "actions": stats}}}},
-        "views": ["scene", "wrist"], "image_size": [64, 64], "horizon": head_args["horizon"],
-        "max_state_dim": head_args["max_state_dim"], "max_action_dim": head_args["max_action_dim"],
-    }
+    model.data_spec = DataSpec(
+        embodiments={"point_gripper": EmbodimentSpec(id=0, state_dim=3, action_dim=3, has_action=True, normalizer={
+            "mode": "min_max", "stats": {"state": stats, "actions": stats}})},
+        views=["scene", "wrist"], image_size=[64, 64], horizon=head_args["horizon"],
+        max_state_dim=head_args["max_state_dim"], max_action_dim=head_args["max_action_dim"],
+    )
     rng = np.random.default_rng(0)
     obs = {"embodiment": "point_gripper", "instruction": "put the red cube in the blue bowl", "state": np.zeros(3),
            "images": {v: rng.integers(0, 256, (64, 64, 3), dtype=np.uint8) for v in ("scene", "wrist")}}

@@ -47,6 +47,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from datamodules import schema
 from datamodules.normalization import MODES, Normalizer, combine_stats
 from datamodules.shards import SampleError, decode_sample, iter_raw_samples, load_sidecars
+from datamodules.spec import DataSpec, EmbodimentSpec
 
 log = logging.getLogger(__name__)
 
@@ -644,7 +645,7 @@ class MixtureDataModule(LightningDataModule):
                             dict(self.error_counts))
         return batch
 
-    def data_spec(self) -> dict[str, Any]:
+    def data_spec(self) -> DataSpec:
         """What inference needs from the data side, stored by the policy in its checkpoints: per embodiment its
         action-head slot, dims, normaliser and modality; the camera views, image size and horizon."""
         self.setup()
@@ -654,25 +655,25 @@ class MixtureDataModule(LightningDataModule):
             normalizer = self.normalizers.get(name)
             if normalizer is None:  # a slot no source feeds (e.g. filled by pseudo-labels)
                 continue
-            embodiments[name] = {
-                "id": slot,
-                "state_dim": normalizer.dim("state"),
-                "action_dim": normalizer.dim("actions"),
-                "has_action": normalizer.dim("actions") > 0,
-                "normalizer": normalizer.to_dict(),
-                "modality": self.modalities.get(name),
-            }
+            embodiments[name] = EmbodimentSpec(
+                id=slot,
+                state_dim=normalizer.dim("state"),
+                action_dim=normalizer.dim("actions"),
+                has_action=normalizer.dim("actions") > 0,
+                normalizer=normalizer.to_dict(),
+                modality=self.modalities.get(name),
+            )
         size = [self.image_size] * 2 if self.image_size else list(first.meta["image_size"])
-        return {
-            "embodiments": embodiments,
-            "views": list(first.views),
-            "image_size": size,
-            "horizon": self.horizon,
-            "max_state_dim": self.max_state_dim,
-            "max_action_dim": self.max_action_dim,
-            "sources": self.source_names,
-            "source_targets": [self.source_targets(cfg) for cfg in self.sources],
-        }
+        return DataSpec(
+            embodiments=embodiments,
+            views=list(first.views),
+            image_size=size,
+            horizon=self.horizon,
+            max_state_dim=self.max_state_dim,
+            max_action_dim=self.max_action_dim,
+            sources=self.source_names,
+            source_targets=[self.source_targets(cfg) for cfg in self.sources],
+        )
 
     @staticmethod
     def source_targets(cfg: SourceConfig) -> list[str]:

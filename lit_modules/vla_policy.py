@@ -28,6 +28,7 @@ from components.distributed import zero_loss
 from components.embodiment import grow_embodiment_slots
 from components.pseudo_labels import PseudoTargets
 from datamodules import schema
+from datamodules.spec import DataSpec
 from lit_modules.distributed import require_find_unused_parameters
 from lit_modules.optimization import check_schedule, configure_optimizers, paper_adamw
 
@@ -115,7 +116,7 @@ class VLAPolicy(LightningModule):
         self.pseudo_labelers = nn.ModuleList(pseudo_labelers)
         self.image_augmentation = image_augmentation
         self.privileged_head = privileged_head
-        self.data_spec: dict[str, Any] | None = None  # normalisers + embodiment map, set from the datamodule
+        self.data_spec: DataSpec | None = None  # normalisers + embodiment map, set from the datamodule
 
     # ------------------------------------------------------------------ construction
     def configure_model(self) -> None:
@@ -161,7 +162,8 @@ class VLAPolicy(LightningModule):
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         spec = getattr(datamodule, "data_spec", None)
         if callable(spec):
-            self.data_spec = spec()
+            spec = spec()
+            self.data_spec = DataSpec.from_dict(spec) if isinstance(spec, dict) else spec
             self._check_label_slots()
 
     def on_fit_start(self) -> None:
@@ -172,7 +174,7 @@ class VLAPolicy(LightningModule):
 
     def _check_label_slots(self) -> None:
         """A pseudo-label kind needs its own action-head slot: sharing a real embodiment's would mix the targets."""
-        real = {e["id"]: name for name, e in self.data_spec["embodiments"].items() if e.get("has_action", True)}
+        real = self.data_spec.real_slots()
         for labeler in self.pseudo_labelers:
             slot = getattr(labeler, "embodiment_id", None)
             if slot in real:
@@ -189,7 +191,7 @@ class VLAPolicy(LightningModule):
 
     def _source_declares(self, batch: dict, kind: str) -> torch.Tensor:
         """[B] bool: the sample's source lists ``kind`` among its targets (``SourceConfig.targets``)."""
-        per_source = (self.data_spec or {}).get("source_targets")
+        per_source = self.data_spec.source_targets if self.data_spec is not None else None
         if per_source is None:  # a datamodule without declarations: real actions wherever they exist
             return batch[schema.HAS_ACTION].clone() if kind == "action" else torch.ones_like(batch[schema.HAS_ACTION])
         table = torch.tensor([kind in t for t in per_source], device=batch[schema.SOURCE_ID].device)
@@ -272,9 +274,9 @@ class VLAPolicy(LightningModule):
             n = r.index.numel()
             self.log(f"{stage}/loss_{r.name}", per_sample[start:start + n].mean(), batch_size=n)
             start += n
-        spec = self.data_spec or {}
-        source_names = spec.get("sources", [])
-        slot_names = {e["id"]: name for name, e in spec.get("embodiments", {}).items()}
+        spec = self.data_spec
+        source_names = spec.sources if spec is not None else []
+        slot_names = {e.id: name for name, e in spec.embodiments.items()} if spec is not None else {}
         for key, ids, names in (
             ("source", batch[schema.SOURCE_ID][index], dict(enumerate(source_names))),
             ("embodiment", embodiment_id, slot_names),
@@ -297,10 +299,11 @@ class VLAPolicy(LightningModule):
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.data_spec is not None:
-            checkpoint[DATA_SPEC_KEY] = self.data_spec
+            checkpoint[DATA_SPEC_KEY] = self.data_spec.to_dict()  # plain data: loads with weights_only
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self.data_spec = checkpoint.get(DATA_SPEC_KEY)
+        spec = checkpoint.get(DATA_SPEC_KEY)
+        self.data_spec = DataSpec.from_dict(spec) if spec is not None else None
         if self.privileged_head is None:  # a training-only readout: inference can load without it
             state = checkpoint["state_dict"]
             for key in [k for k in state if k.startswith("privileged_head.")]:
@@ -319,17 +322,15 @@ class VLAPolicy(LightningModule):
         if self.data_spec is None:
             raise RuntimeError("this model has no data spec (normalisers, embodiment map): train it with a "
                                "datamodule that provides `data_spec()`, e.g. datamodules.mixture.MixtureDataModule")
-        spec = self.data_spec["embodiments"].get(embodiment)
-        if spec is None:
-            raise KeyError(f"unknown embodiment {embodiment!r}; this model knows {sorted(self.data_spec['embodiments'])}")
+        spec = self.data_spec.embodiment(embodiment)
         cache = self.__dict__.setdefault("_normalizers", {})
         if embodiment not in cache:
-            cache[embodiment] = Normalizer.from_dict(spec["normalizer"])
+            cache[embodiment] = Normalizer.from_dict(spec.normalizer)
         return spec, cache[embodiment]
 
     def observation_images(self, observation: dict[str, Any]) -> torch.Tensor:
         """``observation["images"][view]`` uint8 ``[h, w, 3]`` for the trained views -> ``[1, V, 3, h, w]``."""
-        views = self.data_spec["views"]
+        views = self.data_spec.views
         images = observation.get("images", {})
         missing = [v for v in views if v not in images]
         if missing:
@@ -364,18 +365,18 @@ class VLAPolicy(LightningModule):
             raise ValueError(f"num_samples must be >= 1, got {num_samples}")
         spec, normalizer = self._normalizer(embodiment)
         state = torch.as_tensor(np.asarray(state, dtype=np.float32)).reshape(vl_tokens.shape[0], -1)
-        if state.shape[1] != spec["state_dim"]:
-            raise ValueError(f"state has {state.shape[1]} dims; embodiment {embodiment!r} expects {spec['state_dim']}")
-        padded = torch.zeros(state.shape[0], self.data_spec["max_state_dim"])
-        padded[:, : spec["state_dim"]] = normalizer.normalize(state, "state")
-        embodiment_id = torch.full((state.shape[0] * num_samples,), spec["id"], dtype=torch.long, device=self.device)
+        if state.shape[1] != spec.state_dim:
+            raise ValueError(f"state has {state.shape[1]} dims; embodiment {embodiment!r} expects {spec.state_dim}")
+        padded = torch.zeros(state.shape[0], self.data_spec.max_state_dim)
+        padded[:, : spec.state_dim] = normalizer.normalize(state, "state")
+        embodiment_id = torch.full((state.shape[0] * num_samples,), spec.id, dtype=torch.long, device=self.device)
         # [B, ...] -> [B * n, ...], each observation's n copies adjacent, so the mean is over dim 1 of [B, n, H, A].
         actions = self.action_head.sample(vl_tokens.repeat_interleave(num_samples, 0),
                                           vl_mask.repeat_interleave(num_samples, 0),
                                           padded.to(self.device).repeat_interleave(num_samples, 0), embodiment_id,
                                           num_steps=num_steps, generator=generator)
         actions = actions.unflatten(0, (state.shape[0], num_samples)).float().mean(1)  # [B, H, A]; the norm is affine
-        return normalizer.unnormalize(actions[..., : spec["action_dim"]].cpu(), "actions")
+        return normalizer.unnormalize(actions[..., : spec.action_dim].cpu(), "actions")
 
     @torch.no_grad()
     def predict_action(

@@ -68,15 +68,15 @@ class Policy:
         return {
             "embodiments": {
                 name: {
-                    "state_dim": e["state_dim"],
-                    "action_dim": e["action_dim"],
-                    "image_keys": list(self.spec["views"]),
-                    "image_size": list(self.spec["image_size"]),
+                    "state_dim": e.state_dim,
+                    "action_dim": e.action_dim,
+                    "image_keys": list(self.spec.views),
+                    "image_size": list(self.spec.image_size),
                 }
-                for name, e in self.spec["embodiments"].items()
-                if e.get("has_action", True)
+                for name, e in self.spec.embodiments.items()
+                if e.has_action
             },
-            "horizon": int(self.spec["horizon"]),
+            "horizon": int(self.spec.horizon),
         }
 
     def reset(self) -> None:

@@ -82,7 +82,7 @@ def test_latent_rows_only_for_sources_that_declare_latent(pyramid) -> None:
     model.data_spec = data.data_spec()
     batch = batch_of(data)
     rows = {r.name: r for r in model._training_rows(batch)}
-    declares = {i for i, t in enumerate(data.data_spec()["source_targets"]) if "latent" in t}
+    declares = {i for i, t in enumerate(data.data_spec().source_targets) if "latent" in t}
     source = batch[schema.SOURCE_ID]
     expected = sorted(i for i in range(len(source)) if int(source[i]) in declares)
     assert rows["latent"].index.tolist() == expected and len(expected) < len(source)

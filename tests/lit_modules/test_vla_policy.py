@@ -372,7 +372,7 @@ def test_privileged_head_trains_the_backbone_and_stays_out_of_inference(pyramid)
     torch.manual_seed(1)
     assert float(model.training_step(batch, 0)) == pytest.approx(without + losses[-1], rel=0.2)
     # A policy built without the head (deployment) loads the checkpoint and drops the readout's weights.
-    checkpoint = {"state_dict": model.state_dict(), DATA_SPEC_KEY: model.data_spec}
+    checkpoint = {"state_dict": model.state_dict(), DATA_SPEC_KEY: model.data_spec.to_dict()}
     deployed = tiny_policy()
     deployed.configure_model()
     deployed.on_load_checkpoint(checkpoint)
