@@ -8,43 +8,33 @@ declares this kind among its ``targets``), it returns action-chunk-shaped target
 Two labelers, as in GR00T N1 (paper Sec. 2.2):
 
 - ``LatentActionLabeler`` (kind ``latent``): the pre-quantisation latent ``[N, D]`` of a latent-action model for
-  the frame pair (t, t+H), laid into the first N steps and D dims of the chunk. Either frozen (a trained model, or a
-  ``LatentActionModule`` checkpoint) or co-trained inside the policy's fit (``co_train``): then its own loss (the
-  standalone model's, ``components.latent_action.LatentActionObjective``) is returned as ``aux_loss`` and its latent,
-  detached, is the target, so the action head's loss never shapes the latent space it is asked to predict.
-- ``IDMLabeler`` (kind ``idm``): a frozen inverse dynamics model (an ``InverseDynamicsModule`` checkpoint) samples
-  the H actions between frames t and t+H with a fixed noise seed.
+  the frame pair (t, t+H), laid into the first N steps and D dims of the chunk. Either frozen (a trained model) or
+  co-trained inside the policy's fit (``co_train``): then its own loss (the standalone model's,
+  ``components.latent_action.LatentActionObjective``) is returned as ``aux_loss`` and its latent, detached, is the
+  target, so the action head's loss never shapes the latent space it is asked to predict.
+- ``IDMLabeler`` (kind ``idm``): a frozen inverse dynamics model samples the H actions between frames t and t+H with
+  a fixed noise seed.
 
-Both also label whole episodes step by step (``label_steps``) for offline labelling into new shards
-(``lit_modules/labeling.py``).
-
-Checkpoints are read without Lightning (components stay framework-free): ``torch.load`` of the state dict plus the
-component's config, which the vla-zoo CLI embeds in every checkpoint, instantiated with jsonargparse.
+Both also label whole episodes step by step (``label_steps``; IDM chunks through ``label_episode``, which puts
+every chunk prediction on its own step) for offline labelling into new shards. Labellers read from checkpoints
+and the offline writer are the Lightning side of labelling: ``lit_modules/labeling.py``.
 """
 
 from __future__ import annotations
 
-import os
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import NamedTuple
 
 import numpy as np
 import torch
-import yaml
 from torch import nn
 
 from components.inverse_dynamics import InverseDynamicsModel
 from components.latent_action import LatentActionModel, LatentActionObjective, frame_pair
 from datamodules import schema
-from datamodules.labeling import label_episode
+from datamodules.episode import episode_frames
 from datamodules.normalization import Normalizer
-
-#: Where ``vla_zoo.cli`` embeds the run's resolved YAML in a checkpoint (``vla_zoo.cli.CHECKPOINT_CONFIG_KEY``;
-#: repeated here because the CLI module imports Lightning).
-CHECKPOINT_CONFIG_KEY = "vla_zoo_config"
-#: Where Lightning stores ``MixtureDataModule.state_dict()`` (normalisers, embodiment map, modalities).
-MIXTURE_STATE_KEY = "MixtureDataModule"
 
 
 @dataclass
@@ -58,50 +48,6 @@ class PseudoTargets:
     state: torch.Tensor | None = None  # [N, S_max]; None -> zeros
     name: str = "pseudo"  # for logging
     aux_loss: torch.Tensor | None = None  # the labeler's own training loss when it is co-trained
-
-
-# ---------------------------------------------------------------------------------------------- checkpoints
-def _instantiate(config: Any, base: Any, where: str) -> Any:
-    """A ``{class_path, init_args}`` config (nested ones too) -> the object, the way LightningCLI builds it."""
-    from jsonargparse import ArgumentParser
-
-    parser = ArgumentParser(exit_on_error=False)
-    parser.add_subclass_arguments(base, "part", fail_untyped=False)  # as LightningCLI does for its model
-    try:
-        return parser.instantiate_classes(parser.parse_object({"part": config})).part
-    except Exception as e:
-        raise ValueError(f"{where}: cannot rebuild the component from its stored config: {e}") from e
-
-
-def load_component(path: str, attribute: str = "model") -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
-    """A LightningModule checkpoint -> (the config of its ``attribute`` component, that component's state dict,
-    the module's other init arguments). Needs only torch: the config comes from the recipe the vla-zoo CLI
-    embedded (or, failing that, from the hyper-parameters Lightning saved)."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"labeler checkpoint {path!r} not found: train it first (recipes/lam.yaml, "
-                                "recipes/idm.yaml) or point `checkpoint` at an existing .ckpt")
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    init_args: dict[str, Any] = {}
-    if CHECKPOINT_CONFIG_KEY in ckpt:
-        init_args = (yaml.safe_load(ckpt[CHECKPOINT_CONFIG_KEY]).get("model") or {}).get("init_args") or {}
-    hparams = dict(ckpt.get("hyper_parameters") or {})
-    init_args = {**hparams, **init_args}
-    if init_args.get(attribute) is None:
-        raise KeyError(f"checkpoint {path!r} holds no config for its `{attribute}`: train it with the vla-zoo CLI "
-                       "(`lightning fit --config ...`), which embeds the recipe in every checkpoint")
-    prefix = f"{attribute}."
-    state = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
-    return init_args[attribute], state, {**init_args, MIXTURE_STATE_KEY: ckpt.get(MIXTURE_STATE_KEY)}
-
-
-def _load_latent_action_model(path: str) -> tuple[LatentActionModel, dict[str, Any]]:
-    config, state, init_args = load_component(path, "model")
-    model = config if isinstance(config, nn.Module) else _instantiate(config, LatentActionModel, path)
-    quantizer = init_args.get("quantizer")  # a factory given to LatentActionModule, built in its configure_model
-    if model.quantizer is None and quantizer is not None:
-        model.quantizer = (quantizer() if callable(quantizer) else _instantiate(quantizer, nn.Module, path)).float()
-    model.load_state_dict(state)
-    return model, init_args
 
 
 def _freeze(module: nn.Module) -> None:
@@ -141,15 +87,110 @@ class _Labeler(nn.Module):
         return actions, mask
 
 
+# ---------------------------------------------------------------------------------------------- episodes
+def anchor_pairs(frames: torch.Tensor, anchors: torch.Tensor, horizon: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Frames ``[T, ...]`` at each anchor t and at ``min(t + horizon, T - 1)``: the pairs a labeller sees (the shard
+    writer's pairing, clipped at the episode's last frame)."""
+    return frames[anchors], frames[(anchors + horizon).clamp(max=frames.shape[0] - 1)]
+
+
+#: ``(frames_t uint8 [N, V, 3, h, w], frames_tH uint8 [N, V, 3, h, w], anchors long [N]) -> chunk [N, H, >= A]``
+ChunkPredictor = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], "torch.Tensor | np.ndarray"]
+
+
+class EpisodeLabels(NamedTuple):
+    actions: np.ndarray  # float32 [T, A]: mean of the overlapping predictions (NaN on steps no anchor covers)
+    spread: np.ndarray  # float32 [T, A]: their standard deviation (0 where a single prediction covers the step)
+    counts: np.ndarray  # int64 [T]: how many chunk predictions cover each step
+
+
+def label_episode(
+    predict_chunk: ChunkPredictor,
+    frames: Mapping[str, np.ndarray] | np.ndarray | torch.Tensor,
+    horizon: int,
+    *,
+    stride: int = 1,
+    anchors: Iterable[int] | None = None,
+    batch_size: int = 64,
+    action_dim: int | None = None,
+    normalizer: Normalizer | None = None,
+    views: Sequence[str] | None = None,
+) -> EpisodeLabels:
+    """Label every step of one episode with overlapping IDM chunk predictions.
+
+    Anchored at every step t, the IDM predicts the chunk a_t .. a_{t+H-1} from frames t and min(t + H, T - 1)
+    (``anchor_pairs``). Step s is then covered by up to H chunks (anchors s - H + 1 .. s); its label is the mean of
+    those predictions and its spread their standard deviation, a per-step confidence. Every prediction is stored at
+    its explicit step ``anchor + k``, taken from the anchors handed to the predictor, never from the order in which
+    results come back (GR00T's public labeller gathers chunks in completion order, so labels can land on the wrong
+    steps).
+
+    Args:
+        predict_chunk: the IDM as a function of a batch of frame pairs and their anchor steps, e.g.
+            ``lambda x_t, x_tH, t: idm.predict(x_t, x_tH)``; returns chunks ``[N, H, A_max]``.
+        frames: the episode's frames (see ``episode_frames``).
+        horizon: H, the chunk length the IDM was trained with (frame t+H is clipped to the last frame).
+        stride: anchor every ``stride`` steps (1 = every step); must be <= H so that every step is covered.
+        anchors: explicit anchor steps, in any order (overrides ``stride``).
+        batch_size: anchors per ``predict_chunk`` call.
+        action_dim: real action dims to keep (default: the normaliser's, else all the predictor returns).
+        normalizer: the embodiment's normaliser; predictions are un-normalised (to its units) before averaging.
+        views: view order when ``frames`` is an ``Episode.frames`` mapping.
+    """
+    frames = episode_frames(frames, views)
+    T = frames.shape[0]
+    if horizon < 1:
+        raise ValueError(f"horizon must be >= 1, got {horizon}")
+    if anchors is None:
+        if not 1 <= stride <= horizon:
+            raise ValueError(f"stride must be in [1, horizon={horizon}] so that every step is labelled, got {stride}")
+        anchors = range(0, T, stride)
+    anchors = torch.as_tensor(list(anchors), dtype=torch.long)
+    if anchors.numel() and (anchors.min() < 0 or anchors.max() >= T):
+        raise ValueError(f"anchors must lie in [0, {T - 1}] for an episode of {T} steps")
+    if anchors.unique().numel() != anchors.numel():
+        raise ValueError("anchors contain duplicates: each anchor step's chunk is predicted once")
+    if action_dim is None and normalizer is not None and normalizer.dim("actions"):
+        action_dim = normalizer.dim("actions")
+
+    # by_offset[s, k] = the prediction for step s made by the chunk anchored at s - k (NaN: no such chunk)
+    by_offset: np.ndarray | None = None
+    for start in range(0, anchors.numel(), batch_size):
+        t = anchors[start:start + batch_size]  # [N]
+        chunk = predict_chunk(*anchor_pairs(frames, t, horizon), t)
+        chunk = chunk.detach().cpu().float().numpy() if isinstance(chunk, torch.Tensor) else np.asarray(chunk, np.float32)
+        if chunk.ndim != 3 or chunk.shape[0] != t.numel() or chunk.shape[1] < horizon:
+            raise ValueError(f"predict_chunk must return [N={t.numel()}, H={horizon}, A], got {chunk.shape}")
+        chunk = chunk[:, :horizon, :action_dim]  # [N, H, A]
+        if normalizer is not None:
+            chunk = normalizer.unnormalize(chunk, "actions")
+        if by_offset is None:
+            by_offset = np.full((T, horizon, chunk.shape[2]), np.nan)
+        step = t.numpy()[:, None] + np.arange(horizon)  # [N, H]: the explicit step of every prediction
+        offset = np.broadcast_to(np.arange(horizon), step.shape)
+        inside = step < T  # predictions past the episode end have no step to label
+        by_offset[step[inside], offset[inside]] = chunk[inside]
+    if by_offset is None:
+        raise ValueError("no anchors to label: the episode is empty or `anchors` is")
+
+    counts = (~np.isnan(by_offset[..., 0])).sum(1)  # [T]
+    covered = counts > 0
+    labels = np.full(by_offset[:, 0].shape, np.nan)
+    spread = np.full(by_offset[:, 0].shape, np.nan)
+    labels[covered] = np.nanmean(by_offset[covered], axis=1)
+    spread[covered] = np.nanstd(by_offset[covered], axis=1)
+    return EpisodeLabels(labels.astype(np.float32), spread.astype(np.float32), counts.astype(np.int64))
+
+
 # ---------------------------------------------------------------------------------------------- latent actions
 class LatentActionLabeler(_Labeler):
     """Latent actions of a LAM as targets of the ``latent`` embodiment slot.
 
     Args:
-        model: a ``LatentActionModel`` (fresh when co-trained; trained, with fitted target statistics, when frozen).
-        checkpoint: alternatively a ``LatentActionModule`` checkpoint, loaded frozen.
+        model: a ``LatentActionModel`` (fresh when co-trained; trained, with fitted target statistics, when frozen;
+            ``lit_modules.labeling.CheckpointLatentActionLabeler`` reads one from a ``LatentActionModule`` checkpoint).
         embodiment_id: the action-head slot of latent actions (must not be a real embodiment's slot).
-        view_indices: the batch views the LAM sees (default: the checkpoint's, else ``[0]``).
+        view_indices: the batch views the LAM sees (default ``[0]``).
         co_train: train the LAM inside the policy's fit, on the rows whose source declares ``latent``, with the
             standalone model's objective (``LatentActionObjective``; the arguments below): its loss times
             ``loss_weight`` becomes ``aux_loss``, and the targets are normalised by the statistics it tracks (kept
@@ -158,7 +199,7 @@ class LatentActionLabeler(_Labeler):
         quantizer_loss_weight, change_weight, stats_momentum, action_loss_weight, num_embodiments,
             labelled_fraction, max_action_dim: ``LatentActionObjective``'s (co-training only; the readout's chunk
             length is ``horizon``).
-        horizon: H of the frame pairs (offline labelling, ``label_steps``; default: the checkpoint's).
+        horizon: H of the frame pairs (offline labelling, ``label_steps``).
         label_embodiment: embodiment name of offline-labelled shards.
     """
 
@@ -166,8 +207,7 @@ class LatentActionLabeler(_Labeler):
 
     def __init__(
         self,
-        model: LatentActionModel | None = None,
-        checkpoint: str | None = None,
+        model: LatentActionModel,
         embodiment_id: int = 2,
         view_indices: Sequence[int] | None = None,
         co_train: bool = False,
@@ -183,17 +223,11 @@ class LatentActionLabeler(_Labeler):
         label_embodiment: str = "latent",
     ) -> None:
         super().__init__()
-        if (model is None) == (checkpoint is None):
-            raise ValueError("LatentActionLabeler: give exactly one of `model` (a LatentActionModel) and "
-                             "`checkpoint` (a LatentActionModule checkpoint)")
-        stored: dict[str, Any] = {}
-        if checkpoint is not None:
-            model, stored = _load_latent_action_model(checkpoint)
         self.model = model
-        self.checkpoint = checkpoint
+        self.checkpoint: str | None = None  # where the model was read from (offline labels' provenance)
         self.embodiment_id = embodiment_id
-        self.view_indices = list(view_indices if view_indices is not None else stored.get("view_indices", [0]))
-        self.horizon = horizon if horizon is not None else stored.get("horizon")
+        self.view_indices = list(view_indices if view_indices is not None else [0])
+        self.horizon = horizon
         self.co_train, self.frozen = co_train, not co_train
         self.loss_weight = loss_weight
         self.label_embodiment = label_embodiment
@@ -214,8 +248,9 @@ class LatentActionLabeler(_Labeler):
         if self.frozen:
             if not bool(model.target_stats_fitted):
                 raise ValueError(
-                    "LatentActionLabeler: the frozen LAM has no fitted target statistics; use a checkpoint of a "
-                    "trained recipes/lam.yaml run, call model.fit_target_stats(...), or set co_train"
+                    "LatentActionLabeler: the frozen LAM has no fitted target statistics; read a trained "
+                    "recipes/lam.yaml checkpoint (lit_modules.labeling.CheckpointLatentActionLabeler), call "
+                    "model.fit_target_stats(...), or set co_train"
                 )
             _freeze(model)
 
@@ -277,14 +312,12 @@ class LatentActionLabeler(_Labeler):
         latent of the pair (s, min(s + H, T - 1)), flattened) and their names."""
         if self.horizon is None:
             raise ValueError("LatentActionLabeler.label_steps needs the LAM's frame gap: set `horizon`")
-        T = frames.shape[0]
         frames = self._views(frames, self.view_indices, "LatentActionLabeler")
-        steps = torch.arange(T)
+        device = self.model.target_mean.device
         out = []
-        for s in steps.split(batch_size):
-            x_t = frames[s].float() / 255.0
-            x_tH = frames[(s + self.horizon).clamp(max=T - 1)].float() / 255.0
-            out.append(self.model.encode(x_t.to(self.model.target_mean.device), x_tH.to(self.model.target_mean.device)))
+        for steps in torch.arange(frames.shape[0]).split(batch_size):
+            x_t, x_tH = anchor_pairs(frames, steps, self.horizon)
+            out.append(self.model.encode(x_t.to(device).float() / 255.0, x_tH.to(device).float() / 255.0))
         z = torch.cat(out).flatten(1).cpu().numpy().astype(np.float32)
         names = [f"latent_{i}_{j}" for i in range(self.model.num_latent_tokens) for j in range(self.model.latent_dim)]
         return z, names
@@ -295,21 +328,21 @@ class IDMLabeler(_Labeler):
     """A frozen inverse dynamics model's action chunks as targets of its own embodiment slot (e.g. ``idm``).
 
     Args:
-        checkpoint: an ``InverseDynamicsModule`` checkpoint (vla-zoo CLI); its embedded data state gives the IDM's
-            action dims, embodiment slot and normaliser.
-        model: alternatively an ``InverseDynamicsModel`` (then give ``action_dim``).
-        embodiment: the embodiment the IDM was trained on (a key of its training mixture's ``embodiments``).
+        model: an ``InverseDynamicsModel`` (``lit_modules.labeling.CheckpointIDMLabeler`` reads one, with its action
+            dims, slot and normaliser, from an ``InverseDynamicsModule`` checkpoint).
+        action_dim: real action dims of the IDM's embodiment (default: the normaliser's).
+        embodiment: the embodiment the IDM was trained on (names the offline labels' embodiment).
         embodiment_id: the policy's action-head slot of these labels.
-        action_dim: real action dims of the IDM's embodiment (default: from the checkpoint).
-        idm_embodiment_id: the IDM head's own slot for ``embodiment`` (default: from the checkpoint, else 0).
+        idm_embodiment_id: the IDM head's own slot for ``embodiment``.
         view_indices: the batch views passed to the IDM (default: all, in the batch's order, which must then be the
             order the IDM was trained with).
         num_steps: Euler steps of the IDM's flow head (default: the head's).
         num_samples: flow samples averaged into each label (their mean estimates E[a | frames], the least-squared-
             error label); 1 = a single draw.
         seed: the fixed noise seed: a frame pair always gets the same label.
-        normalizer: the IDM embodiment's normaliser as a dict (default: from the checkpoint); ``label_steps``
-            un-normalises with it. Targets for the policy stay in the IDM's normalised units.
+        normalizer: the IDM embodiment's normaliser as a dict; ``label_steps`` un-normalises with it. Targets for
+            the policy stay in the IDM's normalised units.
+        action_names: names of the action dims in offline labels (default ``action_<i>``).
         label_embodiment: embodiment name of offline-labelled shards (default ``idm_<embodiment>``).
     """
 
@@ -317,49 +350,32 @@ class IDMLabeler(_Labeler):
 
     def __init__(
         self,
-        checkpoint: str | None = None,
-        model: InverseDynamicsModel | None = None,
+        model: InverseDynamicsModel,
+        action_dim: int | None = None,
         embodiment: str = "point_gripper",
         embodiment_id: int = 4,
-        action_dim: int | None = None,
-        idm_embodiment_id: int | None = None,
+        idm_embodiment_id: int = 0,
         view_indices: Sequence[int] | None = None,
         num_steps: int | None = None,
         num_samples: int = 1,
         seed: int = 0,
         normalizer: dict | None = None,
+        action_names: Sequence[str] | None = None,
         label_embodiment: str | None = None,
     ) -> None:
         super().__init__()
-        if (model is None) == (checkpoint is None):
-            raise ValueError("IDMLabeler: give exactly one of `checkpoint` (an InverseDynamicsModule checkpoint) and "
-                             "`model` (an InverseDynamicsModel)")
-        data_state: dict[str, Any] = {}
-        if checkpoint is not None:
-            config, state, init_args = load_component(checkpoint, "model")
-            model = config if isinstance(config, nn.Module) else _instantiate(config, InverseDynamicsModel, checkpoint)
-            model.load_state_dict(state)
-            data_state = init_args.get(MIXTURE_STATE_KEY) or {}
-            known = data_state.get("embodiments", {})
-            if known and embodiment not in known:
-                raise ValueError(f"IDMLabeler: `embodiment` {embodiment!r} is not one the IDM in {checkpoint!r} was "
-                                 f"trained on ({sorted(known)})")
-            if idm_embodiment_id is None:
-                idm_embodiment_id = known.get(embodiment)
-            if normalizer is None:
-                normalizer = data_state.get("normalizers", {}).get(embodiment)
         self.model = model
-        self.checkpoint, self.embodiment, self.embodiment_id = checkpoint, embodiment, embodiment_id
+        self.checkpoint: str | None = None  # where the model was read from (offline labels' provenance)
+        self.embodiment, self.embodiment_id = embodiment, embodiment_id
         self.normalizer = Normalizer.from_dict(normalizer) if normalizer is not None else None
         if action_dim is None and self.normalizer is not None:
             action_dim = self.normalizer.dim("actions")
         if not action_dim:
-            raise ValueError("IDMLabeler: `action_dim` is unknown; give it, or a checkpoint trained with a "
-                             "MixtureDataModule (whose normalisers it carries)")
+            raise ValueError("IDMLabeler: `action_dim` is unknown; give it, or a normalizer (a checkpoint of a run with "
+                             "a MixtureDataModule carries both: lit_modules.labeling.CheckpointIDMLabeler)")
         self.action_dim = int(action_dim)
-        self.idm_embodiment_id = int(idm_embodiment_id or 0)
-        modality = (data_state.get("modalities") or {}).get(embodiment) or {}
-        self.action_names = list(modality.get("action_names") or [f"action_{i}" for i in range(self.action_dim)])
+        self.idm_embodiment_id = int(idm_embodiment_id)
+        self.action_names = list(action_names or [f"action_{i}" for i in range(self.action_dim)])
         self.view_indices = list(view_indices) if view_indices is not None else None
         if num_samples < 1:
             raise ValueError(f"IDMLabeler: num_samples must be >= 1 (1: one flow sample per label), got {num_samples}")

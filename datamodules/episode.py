@@ -7,10 +7,12 @@ sample per anchor step. Actionless video (human / neural tiers) has ``state = ac
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import torch
 
 
 @dataclass
@@ -96,3 +98,19 @@ class Episode:
     @property
     def has_action(self) -> bool:
         return self.actions is not None
+
+
+def episode_frames(frames: Mapping[str, np.ndarray] | np.ndarray | torch.Tensor,
+                   views: Sequence[str] | None = None) -> torch.Tensor:
+    """Frames of one episode as uint8 ``[T, V, 3, h, w]``: from ``Episode.frames`` (view -> ``[T, h, w, 3]``, stacked
+    in ``views`` order, default the mapping's order) or an array already ``[T, V, 3, h, w]``."""
+    if isinstance(frames, Mapping):
+        names = list(views) if views is not None else list(frames)
+        missing = [v for v in names if v not in frames]
+        if missing:
+            raise KeyError(f"episode has no view(s) {missing}; it has {list(frames)}")
+        frames = np.stack([frames[v] for v in names], axis=1).transpose(0, 1, 4, 2, 3)  # [T, V, 3, h, w]
+    frames = torch.as_tensor(np.ascontiguousarray(frames) if isinstance(frames, np.ndarray) else frames)
+    if frames.dim() != 5 or frames.shape[2] != 3 or frames.dtype != torch.uint8:
+        raise ValueError(f"episode frames must be uint8 [T, V, 3, h, w], got {frames.dtype} {tuple(frames.shape)}")
+    return frames

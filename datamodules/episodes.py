@@ -15,7 +15,7 @@ from typing import Any, Optional
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, IterableDataset
 
-from datamodules.labeling import episode_frames
+from datamodules.episode import episode_frames
 from datamodules.shards import load_sidecars, read_episodes
 
 

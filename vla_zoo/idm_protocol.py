@@ -11,6 +11,8 @@ from torchmetrics.regression import R2Score
 
 from components.action_head import FlowMatchingActionHead
 from components.inverse_dynamics import FramePairEncoder, InverseDynamicsModel
+from components.pseudo_labels import anchor_pairs
+from datamodules.episode import episode_frames
 from datamodules.normalization import Normalizer, compute_stats
 from envs.tabletop import generate_episodes
 
@@ -34,17 +36,17 @@ def frame_pairs(episodes, normalizer: Normalizer):
     """Every anchor step of every episode as (x_t, x_tH, actions, mask), paired like the shard writer does."""
     x_t, x_tH, actions, mask = [], [], [], []
     for ep in episodes:
-        frames = np.stack([ep.frames["scene"], ep.frames["wrist"]], 1).transpose(0, 1, 4, 2, 3)  # [T, V, 3, h, w]
         T, A = ep.actions.shape
+        pair = anchor_pairs(episode_frames(ep.frames, ["scene", "wrist"]), torch.arange(T), H)  # [T, V, 3, h, w] each
+        x_t.append(pair[0])
+        x_tH.append(pair[1])
         padded = np.concatenate([normalizer.normalize(ep.actions), np.zeros((H, A), np.float32)])
         for t in range(T):
-            x_t.append(frames[t])
-            x_tH.append(frames[min(t + H, T - 1)])
             chunk, m = np.zeros((H, A_MAX), np.float32), np.zeros((H, A_MAX), bool)
             chunk[:, :A], m[:, :A] = padded[t:t + H], (np.arange(t, t + H) < T)[:, None]
             actions.append(chunk)
             mask.append(m)
-    return tuple(torch.from_numpy(np.stack(x)) for x in (x_t, x_tH, actions, mask))
+    return torch.cat(x_t), torch.cat(x_tH), torch.from_numpy(np.stack(actions)), torch.from_numpy(np.stack(mask))
 
 
 def heldout_r2(model: InverseDynamicsModel, data, num_samples: int = 1) -> float:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from datamodules.labeling import label_episode
+from components.pseudo_labels import label_episode
 from vla_zoo.idm_protocol import (A_MAX, EPISODES, H, R2_THRESHOLD, STEPS, heldout_r2, make_idm, robot_splits,
                                   train_idm)
 

@@ -1,6 +1,6 @@
 """Pseudo-labelers wired into VLAPolicy: a co-trained latent-action model trains on its own loss only and gives
-latent targets to exactly the sources that ask for them; frozen labelers stay untouched; checkpoints load without
-Lightning; configuration mistakes name the key to fix."""
+latent targets to exactly the sources that ask for them; frozen labelers stay untouched; configuration mistakes name
+the key to fix. (Labellers read from checkpoints: tests/lit_modules/test_labeling.py.)"""
 
 from __future__ import annotations
 
@@ -9,15 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import yaml
 from lightning.pytorch import Callback, Trainer, seed_everything
 from vector_quantize_pytorch import FSQ
 
 from components.action_head import FlowMatchingActionHead
 from components.backbones import SmolVLMBackbone
-from components.inverse_dynamics import FramePairEncoder, InverseDynamicsModel
 from components.latent_action import LatentActionModel
-from components.pseudo_labels import IDMLabeler, LatentActionLabeler
+from components.pseudo_labels import LatentActionLabeler
 from datamodules import schema
 from datamodules.mixture import MixtureDataModule
 from envs.tabletop import TabletopPyramid
@@ -185,72 +183,6 @@ def test_policy_checkpoint_loads_for_inference_without_its_labelers(pyramid, tmp
     assert torch.equal(loaded.action_head.state_dict()["proj_out.weight"], model.action_head.state_dict()["proj_out.weight"])
 
 
-# ---------------------------------------------------------------------------------------------- checkpoints
-def _cli_like_checkpoint(path: Path, module_class: str, model_config: dict, model: torch.nn.Module, extra: dict) -> None:
-    """What the vla-zoo CLI writes: the state dict and the resolved recipe embedded as YAML."""
-    config = {"model": {"class_path": module_class, "init_args": {"model": model_config, **extra.pop("init_args", {})}}}
-    torch.save({"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
-                "hyper_parameters": {}, "vla_zoo_config": yaml.safe_dump(config), **extra}, path)
-
-
-def test_frozen_lam_loads_from_a_lam_checkpoint(tmp_path) -> None:
-    torch.manual_seed(0)
-    init = dict(image_size=32, patch_size=8, num_views=1, width=32, depth=1, heads=2, num_latent_tokens=8, latent_dim=4)
-    lam = LatentActionModel(**init, quantizer=FSQ(levels=[5, 5, 5, 5]))
-    lam.fit_target_stats(torch.randn(16, 8, 4))
-    _cli_like_checkpoint(tmp_path / "lam.ckpt", "lit_modules.latent_action.LatentActionModule",
-                         {"class_path": "components.latent_action.LatentActionModel", "init_args": init}, lam,
-                         {"init_args": {"quantizer": {"class_path": "vector_quantize_pytorch.FSQ",
-                                                      "init_args": {"levels": [5, 5, 5, 5]}},
-                                        "view_indices": [1], "horizon": H}})
-    labeler = LatentActionLabeler(checkpoint=str(tmp_path / "lam.ckpt"), embodiment_id=LATENT_SLOT)
-    assert labeler.view_indices == [1] and labeler.horizon == H and labeler.model.quantizer is not None
-    images = torch.randint(0, 256, (3, 2, 2, 3, 32, 32), dtype=torch.uint8)
-    batch = {schema.IMAGES: images, schema.ACTIONS: torch.zeros(3, H, A)}
-    out = labeler.targets(batch, torch.tensor([True, False, True]))
-    frames = images[[0, 2]][:, :, 1].float() / 255
-    with torch.no_grad():
-        expected = lam.eval().latent_action_target(frames[:, 0], frames[:, 1])
-    assert torch.allclose(out.actions, expected, atol=1e-5)
-
-
-def test_idm_labeler_loads_from_an_idm_checkpoint(tmp_path) -> None:
-    torch.manual_seed(0)
-    enc = dict(image_size=32, patch_size=8, num_views=2, width=32, num_layers=1, num_heads=2)
-    head = dict(num_embodiments=1, max_state_dim=4, max_action_dim=A, horizon=H, hidden_dim=32, num_layers=1,
-                num_heads=2, cross_attention_dim=32, embodiment_hidden_dim=32)
-    idm = InverseDynamicsModel(FramePairEncoder(**enc), FlowMatchingActionHead(**head)).eval()
-    config = {"class_path": "components.inverse_dynamics.InverseDynamicsModel", "init_args": {
-        "encoder": {"class_path": "components.inverse_dynamics.FramePairEncoder", "init_args": enc},
-        "action_head": {"class_path": "components.action_head.FlowMatchingActionHead", "init_args": head}}}
-    stats = {"min": [-1, -1, 0], "max": [1, 1, 1], "mean": [0, 0, .5], "std": [1, 1, .5], "q01": [-1, -1, 0],
-             "q99": [1, 1, 1]}
-    from datamodules.normalization import Normalizer
-
-    normalizer = Normalizer({"state": None, "actions": stats}).to_dict()
-    _cli_like_checkpoint(tmp_path / "idm.ckpt", "lit_modules.inverse_dynamics.InverseDynamicsModule", config, idm,
-                         {"MixtureDataModule": {"embodiments": {"point_gripper": 0},
-                                                "normalizers": {"point_gripper": normalizer},
-                                                "modalities": {"point_gripper": {"action_names": ["dx", "dy", "grip"]}}}})
-    labeler = IDMLabeler(checkpoint=str(tmp_path / "idm.ckpt"), embodiment="point_gripper", embodiment_id=3, num_steps=2)
-    assert labeler.action_dim == 3 and labeler.action_names == ["dx", "dy", "grip"]
-    images = torch.randint(0, 256, (2, 2, 2, 3, 32, 32), dtype=torch.uint8)
-    out = labeler.targets({schema.IMAGES: images, schema.ACTIONS: torch.zeros(2, H, A)}, torch.tensor([True, True]))
-    expected = idm.predict(images[:, 0], images[:, 1], num_steps=2, generator=torch.Generator().manual_seed(0))
-    assert torch.allclose(out.actions[..., :3], expected[..., :3]) and (out.actions[..., 3] == 0).all()
-    assert out.action_mask[..., :3].all() and not out.action_mask[..., 3].any()
-    again = labeler.targets({schema.IMAGES: images, schema.ACTIONS: torch.zeros(2, H, A)}, torch.tensor([True, True]))
-    assert torch.equal(out.actions, again.actions), "labels must not depend on the call (fixed noise seed)"
-    averaged = IDMLabeler(checkpoint=str(tmp_path / "idm.ckpt"), embodiment="point_gripper", embodiment_id=3,
-                          num_steps=2, num_samples=4)
-    mean = averaged.targets({schema.IMAGES: images, schema.ACTIONS: torch.zeros(2, H, A)}, torch.tensor([True, True]))
-    expected = idm.predict(images[:, 0], images[:, 1], num_steps=2, generator=torch.Generator().manual_seed(0),
-                           num_samples=4)  # the labels are the mean of 4 flow draws
-    assert torch.allclose(mean.actions[..., :3], expected[..., :3]) and not torch.allclose(mean.actions, out.actions)
-    with pytest.raises(ValueError, match="IDMLabeler: num_samples must be >= 1"):
-        IDMLabeler(checkpoint=str(tmp_path / "idm.ckpt"), embodiment="point_gripper", num_samples=0)
-
-
 # ---------------------------------------------------------------------------------------------- errors
 def test_config_errors_name_the_key(pyramid) -> None:
     images = torch.zeros(2, 2, 1, 3, 32, 32, dtype=torch.uint8)
@@ -262,8 +194,6 @@ def test_config_errors_name_the_key(pyramid) -> None:
         LatentActionLabeler(model=tiny_lam(), embodiment_id=LATENT_SLOT)
     with pytest.raises(ValueError, match="num_views"):
         LatentActionLabeler(model=tiny_lam(), view_indices=[0, 1], co_train=True)
-    with pytest.raises(FileNotFoundError, match="recipes/lam.yaml"):
-        LatentActionLabeler(checkpoint="missing.ckpt")
     model = tiny_policy([LatentActionLabeler(model=tiny_lam(), embodiment_id=0, co_train=True)])
     model.data_spec = mixture(pyramid).data_spec()
     with pytest.raises(ValueError, match="embodiment_id"):

@@ -1,4 +1,5 @@
-"""The labeller puts every chunk prediction on its own step, whatever the batching or anchor order."""
+"""label_episode (components/pseudo_labels.py) puts every chunk prediction on its own step, whatever the batching or
+anchor order."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from datamodules.labeling import label_episode
+from components.pseudo_labels import label_episode
 from datamodules.normalization import Normalizer, compute_stats
 
 T, H, V, A = 23, 5, 2, 3
