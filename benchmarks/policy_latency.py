@@ -66,7 +66,7 @@ def main() -> None:
     system1 = Policy(model, system2_period=10**9)
     system1.get_action(obs)  # fills the System 2 cache once
     head = model.action_head
-    tokens, mask = model.encode_observation(model.observation_images(obs), [obs["instruction"]])
+    tokens, mask = full.encode_observation(full.observation_images(obs), [obs["instruction"]])
     state = torch.zeros(1, head_args["max_state_dim"])
     eid = torch.zeros(1, dtype=torch.long)
     results = {

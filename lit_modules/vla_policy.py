@@ -10,6 +10,9 @@ Training rows. Each sample whose source trains on real actions gives one row for
 each a target for its own embodiment slot of the action head, for the samples whose source declares that kind in
 its ``targets``; so actionless video trains the head without this module knowing how the labels are made. A
 labeler that trains itself (a co-trained latent-action model) returns its own loss as ``aux_loss``.
+
+Deployment inference (observation in, action chunk in robot units out) is ``vla_zoo.policy.Policy``'s; this module
+trains and keeps the data contract (``data_spec``) in its checkpoints for it.
 """
 
 from __future__ import annotations
@@ -17,7 +20,6 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import numpy as np
 import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import OptimizerCallable
@@ -314,77 +316,3 @@ class VLAPolicy(LightningModule):
             state = checkpoint["state_dict"]
             for key in [k for k in state if k.startswith("pseudo_labelers.")]:
                 del state[key]
-
-    # ------------------------------------------------------------------ inference
-    def _normalizer(self, embodiment: str):
-        from datamodules.normalization import Normalizer
-
-        if self.data_spec is None:
-            raise RuntimeError("this model has no data spec (normalisers, embodiment map): train it with a "
-                               "datamodule that provides `data_spec()`, e.g. datamodules.mixture.MixtureDataModule")
-        spec = self.data_spec.embodiment(embodiment)
-        cache = self.__dict__.setdefault("_normalizers", {})
-        if embodiment not in cache:
-            cache[embodiment] = Normalizer.from_dict(spec.normalizer)
-        return spec, cache[embodiment]
-
-    def observation_images(self, observation: dict[str, Any]) -> torch.Tensor:
-        """``observation["images"][view]`` uint8 ``[h, w, 3]`` for the trained views -> ``[1, V, 3, h, w]``."""
-        views = self.data_spec.views
-        images = observation.get("images", {})
-        missing = [v for v in views if v not in images]
-        if missing:
-            raise KeyError(f"observation['images'] lacks views {missing}; this model expects {list(views)}")
-        frames = [torch.as_tensor(np.ascontiguousarray(images[v])).permute(2, 0, 1) for v in views]
-        return torch.stack(frames)[None].to(self.device)
-
-    @torch.no_grad()
-    def encode_observation(self, images: torch.Tensor, instructions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """System 2: uint8 images ``[B, V, 3, h, w]`` + instructions -> VL tokens ``[B, S, D]`` and mask ``[B, S]``."""
-        tokens, mask = self.backbone(images, instructions)
-        return tokens, (mask if self.hparams.use_vl_mask else torch.ones_like(mask))
-
-    @torch.no_grad()
-    def act(
-        self,
-        vl_tokens: torch.Tensor,
-        vl_mask: torch.Tensor,
-        state: np.ndarray | torch.Tensor,
-        embodiment: str,
-        num_steps: int | None = None,
-        generator: torch.Generator | None = None,
-        num_samples: int = 1,
-    ) -> torch.Tensor:
-        """System 1 from cached VL tokens: raw state ``[B, S]`` -> raw action chunk ``[B, H, A]`` in the
-        embodiment's own units and dimension (K Euler steps, cross-attention K/V computed once).
-
-        ``num_samples`` > 1 draws that many chunks per observation in one batch and returns their mean: an estimate
-        of E[a | o] with 1/sqrt(n) of a single draw's sampling noise (it would blend the modes of a multimodal
-        action distribution, so it is an evaluation option, off by default)."""
-        if num_samples < 1:
-            raise ValueError(f"num_samples must be >= 1, got {num_samples}")
-        spec, normalizer = self._normalizer(embodiment)
-        state = torch.as_tensor(np.asarray(state, dtype=np.float32)).reshape(vl_tokens.shape[0], -1)
-        if state.shape[1] != spec.state_dim:
-            raise ValueError(f"state has {state.shape[1]} dims; embodiment {embodiment!r} expects {spec.state_dim}")
-        padded = torch.zeros(state.shape[0], self.data_spec.max_state_dim)
-        padded[:, : spec.state_dim] = normalizer.normalize(state, "state")
-        embodiment_id = torch.full((state.shape[0] * num_samples,), spec.id, dtype=torch.long, device=self.device)
-        # [B, ...] -> [B * n, ...], each observation's n copies adjacent, so the mean is over dim 1 of [B, n, H, A].
-        actions = self.action_head.sample(vl_tokens.repeat_interleave(num_samples, 0),
-                                          vl_mask.repeat_interleave(num_samples, 0),
-                                          padded.to(self.device).repeat_interleave(num_samples, 0), embodiment_id,
-                                          num_steps=num_steps, generator=generator)
-        actions = actions.unflatten(0, (state.shape[0], num_samples)).float().mean(1)  # [B, H, A]; the norm is affine
-        return normalizer.unnormalize(actions[..., : spec.action_dim].cpu(), "actions")
-
-    @torch.no_grad()
-    def predict_action(
-        self, observation: dict[str, Any], num_steps: int | None = None, generator: torch.Generator | None = None
-    ) -> np.ndarray:
-        """One raw observation (``{"embodiment", "instruction", "images": {view: [h, w, 3]}, "state"}``) -> the
-        action chunk ``[H, A]`` in robot units. VL tokens are computed once per chunk."""
-        self._normalizer(observation.get("embodiment"))  # clear error on an unknown embodiment before any work
-        tokens, mask = self.encode_observation(self.observation_images(observation), [observation["instruction"]])
-        actions = self.act(tokens, mask, observation["state"], observation["embodiment"], num_steps, generator)
-        return actions[0].numpy()

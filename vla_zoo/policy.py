@@ -7,7 +7,7 @@ training run stored beside the weights.
 Dual-rate control (paper Sec. 2.1: System 2 at ~10 Hz, System 1 at ~120 Hz): ``system2_period`` is the number of
 ``get_action`` calls that reuse one set of vision-language tokens; 1 recomputes them on every call. A new
 instruction or embodiment always refreshes them. ``num_samples`` > 1 returns the mean of that many flow samples
-per chunk (``VLAPolicy.act``).
+per chunk (``Policy.act``).
 """
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from datamodules.normalization import Normalizer
+from datamodules.spec import EmbodimentSpec
 from vla_zoo.cli import load_run_config
 from vla_zoo.deploy.validation import validate_observation
 
@@ -32,6 +34,9 @@ class Policy:
     """Implements the policy contract: ``get_action(observation) -> {"actions": [H, A]}``, ``metadata()``, ``reset()``.
 
     ``observation = {"embodiment": str, "instruction": str, "images": {view: uint8 [h, w, 3]}, "state": [S]}``.
+
+    ``module`` is a trained ``VLAPolicy``: its ``backbone`` (System 2), ``action_head`` (System 1) and ``data_spec``
+    (normalisers, views, embodiment slots) are all inference needs.
     """
 
     def __init__(
@@ -55,6 +60,7 @@ class Policy:
         self.device = torch.device(device)
         self.system2_period, self.num_steps, self.seed = system2_period, num_steps, seed
         self.num_samples = num_samples
+        self._normalizers: dict[str, Normalizer] = {}
         self.reset()
 
     @classmethod
@@ -91,14 +97,83 @@ class Policy:
         embodiment = observation["embodiment"]
         key = (embodiment, observation["instruction"])
         if self._cache is None or self._cache[0] != key or self._calls_since_system2 >= self.system2_period:
-            images = self.module.observation_images(observation)
-            tokens, mask = self.module.encode_observation(images, [observation["instruction"]])
+            images = self.observation_images(observation)
+            tokens, mask = self.encode_observation(images, [observation["instruction"]])
             self._cache, self._calls_since_system2 = (key, tokens, mask), 0
         self._calls_since_system2 += 1
         _, tokens, mask = self._cache
-        actions = self.module.act(tokens, mask, observation["state"], embodiment, self.num_steps, self._generator,
-                                  num_samples=self.num_samples)
+        actions = self.act(tokens, mask, observation["state"], embodiment, self.num_steps, self._generator,
+                           num_samples=self.num_samples)
         return {"actions": actions[0].numpy().astype(np.float32)}
+
+    # ------------------------------------------------------------------ the two systems
+    def _normalizer(self, embodiment: str) -> tuple[EmbodimentSpec, Normalizer]:
+        spec = self.spec.embodiment(embodiment)
+        if embodiment not in self._normalizers:
+            self._normalizers[embodiment] = Normalizer.from_dict(spec.normalizer)
+        return spec, self._normalizers[embodiment]
+
+    def observation_images(self, observation: dict[str, Any]) -> torch.Tensor:
+        """``observation["images"][view]`` uint8 ``[h, w, 3]`` for the trained views -> ``[1, V, 3, h, w]``."""
+        views = self.spec.views
+        images = observation.get("images", {})
+        missing = [v for v in views if v not in images]
+        if missing:
+            raise KeyError(f"observation['images'] lacks views {missing}; this model expects {list(views)}")
+        frames = [torch.as_tensor(np.ascontiguousarray(images[v])).permute(2, 0, 1) for v in views]
+        return torch.stack(frames)[None].to(self.device)
+
+    @torch.no_grad()
+    def encode_observation(self, images: torch.Tensor, instructions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """System 2: uint8 images ``[B, V, 3, h, w]`` + instructions -> VL tokens ``[B, S, D]`` and mask ``[B, S]``."""
+        tokens, mask = self.module.backbone(images, instructions)
+        return tokens, (mask if self.module.hparams.use_vl_mask else torch.ones_like(mask))
+
+    @torch.no_grad()
+    def act(
+        self,
+        vl_tokens: torch.Tensor,
+        vl_mask: torch.Tensor,
+        state: np.ndarray | torch.Tensor,
+        embodiment: str,
+        num_steps: int | None = None,
+        generator: torch.Generator | None = None,
+        num_samples: int = 1,
+    ) -> torch.Tensor:
+        """System 1 from cached VL tokens: raw state ``[B, S]`` -> raw action chunk ``[B, H, A]`` in the
+        embodiment's own units and dimension (K Euler steps, cross-attention K/V computed once).
+
+        ``num_samples`` > 1 draws that many chunks per observation in one batch and returns their mean: an estimate
+        of E[a | o] with 1/sqrt(n) of a single draw's sampling noise (it would blend the modes of a multimodal
+        action distribution, so it is an evaluation option, off by default)."""
+        if num_samples < 1:
+            raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+        spec, normalizer = self._normalizer(embodiment)
+        state = torch.as_tensor(np.asarray(state, dtype=np.float32)).reshape(vl_tokens.shape[0], -1)
+        if state.shape[1] != spec.state_dim:
+            raise ValueError(f"state has {state.shape[1]} dims; embodiment {embodiment!r} expects {spec.state_dim}")
+        padded = torch.zeros(state.shape[0], self.spec.max_state_dim)
+        padded[:, : spec.state_dim] = normalizer.normalize(state, "state")
+        embodiment_id = torch.full((state.shape[0] * num_samples,), spec.id, dtype=torch.long, device=self.device)
+        # [B, ...] -> [B * n, ...], each observation's n copies adjacent, so the mean is over dim 1 of [B, n, H, A].
+        actions = self.module.action_head.sample(vl_tokens.repeat_interleave(num_samples, 0),
+                                                 vl_mask.repeat_interleave(num_samples, 0),
+                                                 padded.to(self.device).repeat_interleave(num_samples, 0),
+                                                 embodiment_id, num_steps=num_steps, generator=generator)
+        actions = actions.unflatten(0, (state.shape[0], num_samples)).float().mean(1)  # [B, H, A]; the norm is affine
+        return normalizer.unnormalize(actions[..., : spec.action_dim].cpu(), "actions")
+
+    @torch.no_grad()
+    def predict_action(
+        self, observation: dict[str, Any], num_steps: int | None = None, generator: torch.Generator | None = None
+    ) -> np.ndarray:
+        """One raw observation -> the action chunk ``[H, A]`` in robot units, with no token cache and one flow draw
+        (``generator``: its noise; default: the policy's own)."""
+        self._normalizer(observation.get("embodiment"))  # clear error on an unknown embodiment before any work
+        tokens, mask = self.encode_observation(self.observation_images(observation), [observation["instruction"]])
+        actions = self.act(tokens, mask, observation["state"], observation["embodiment"], num_steps,
+                           generator if generator is not None else self._generator)
+        return actions[0].numpy()
 
 
 def policy_from_module(module: Any, **kwargs: Any) -> Policy:

@@ -104,11 +104,11 @@ def test_checkpoint_restores_policy_that_reproduces_actions(trained) -> None:
     assert DATA_SPEC_KEY in torch.load(ckpt, map_location="cpu", weights_only=False)
     env = TabletopEnv("two_link_arm", image_size=32)
     obs = _observation(env, 3)
-    expected = model.eval().predict_action(obs, generator=torch.Generator().manual_seed(7))
+    expected = Policy(model.eval()).predict_action(obs, generator=torch.Generator().manual_seed(7))
     # Restored through the checkpoint alone: VLAPolicy.load_from_checkpoint inside Policy.from_checkpoint.
     restored = VLAPolicy.load_from_checkpoint(ckpt, backbone=model._backbone_factory, action_head=model._head_factory)
     assert torch.equal(restored.action_head.position_embedding, model.action_head.position_embedding)
-    got = restored.eval().predict_action(obs, generator=torch.Generator().manual_seed(7))
+    got = Policy(restored.eval()).predict_action(obs, generator=torch.Generator().manual_seed(7))
     np.testing.assert_allclose(got, expected, atol=1e-5)
     # Actions come back in the arm's own dimension and units (joint deltas in [-1, 1], grip in [0, 1]).
     assert got.shape == (8, 3)
@@ -118,9 +118,10 @@ def test_checkpoint_restores_policy_that_reproduces_actions(trained) -> None:
 def test_sampling_is_deterministic_given_a_seeded_generator(trained) -> None:
     model, _, _ = trained
     obs = _observation(TabletopEnv("point_gripper", image_size=32), 5)
-    a = model.eval().predict_action(obs, generator=torch.Generator().manual_seed(1))
-    b = model.predict_action(obs, generator=torch.Generator().manual_seed(1))
-    c = model.predict_action(obs, generator=torch.Generator().manual_seed(2))
+    policy = Policy(model.eval())
+    a = policy.predict_action(obs, generator=torch.Generator().manual_seed(1))
+    b = policy.predict_action(obs, generator=torch.Generator().manual_seed(1))
+    c = policy.predict_action(obs, generator=torch.Generator().manual_seed(2))
     np.testing.assert_array_equal(a, b)
     assert not np.allclose(a, c), "different noise seeds should give different samples of the flow"
 
@@ -129,16 +130,16 @@ def test_averaging_flow_samples_shrinks_sampling_noise(trained) -> None:
     """``num_samples=n`` returns the mean of n draws: across noise seeds its chunks spread ~1/sqrt(n) as much as
     single draws do, around the same centre; n=1 is exactly the single draw."""
     model, _, _ = trained
-    model.eval()
+    policy = Policy(model.eval())
     obs = _observation(TabletopEnv("point_gripper", image_size=32), 5)
-    tokens, mask = model.encode_observation(model.observation_images(obs), [obs["instruction"]])
+    tokens, mask = policy.encode_observation(policy.observation_images(obs), [obs["instruction"]])
 
     def chunks(n: int) -> torch.Tensor:  # [seeds, H, A]
-        return torch.cat([model.act(tokens, mask, obs["state"], "point_gripper",
-                                    generator=torch.Generator().manual_seed(s), num_samples=n) for s in range(24)])
+        return torch.cat([policy.act(tokens, mask, obs["state"], "point_gripper",
+                                     generator=torch.Generator().manual_seed(s), num_samples=n) for s in range(24)])
 
     single, averaged = chunks(1), chunks(8)
-    np.testing.assert_array_equal(single[3].numpy(), model.predict_action(obs, generator=torch.Generator().manual_seed(3)))
+    np.testing.assert_array_equal(single[3].numpy(), policy.predict_action(obs, generator=torch.Generator().manual_seed(3)))
     spread_1, spread_8 = single.std(0).mean().item(), averaged.std(0).mean().item()
     assert spread_1 > 1e-3, "the trained flow should still sample: no spread to shrink"
     assert spread_8 < 0.6 * spread_1, f"spread {spread_1:.4f} -> {spread_8:.4f}; expected ~1/sqrt(8) = 0.35x"
