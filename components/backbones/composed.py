@@ -29,25 +29,31 @@ from .vision import SpatialSoftmaxKeypoints, build_vision_encoder
 
 class PixelShuffleConnector(nn.Module):
     """Patch features ``[N, g*g, D_v]`` -> ``[N, (g/s)^2, D_lm]``: pixel shuffle, then LayerNorm + 2-layer MLP
-    (Eagle-2's ``mlp1``)."""
+    (Eagle-2's ``mlp1``), or one Linear (``layers=1``: Eagle 2.5's ``mlp1`` in GR00T N1.5, with ``s = 1``)."""
 
-    def __init__(self, vision_dim: int, lm_dim: int, scale_factor: int) -> None:
+    def __init__(self, vision_dim: int, lm_dim: int, scale_factor: int, layers: int = 2) -> None:
         super().__init__()
+        if layers not in (1, 2):
+            raise ValueError(f"connector layers must be 1 (Linear) or 2 (LayerNorm + MLP), got {layers}")
         self.scale_factor = scale_factor
         in_dim = vision_dim * scale_factor**2
-        self.mlp = nn.Sequential(nn.LayerNorm(in_dim), MLP(in_dim, [lm_dim], lm_dim))
+        self.mlp = (nn.Sequential(nn.LayerNorm(in_dim), MLP(in_dim, [lm_dim], lm_dim)) if layers == 2
+                    else nn.Sequential(nn.Linear(in_dim, lm_dim)))
 
     def forward(self, patches: torch.Tensor) -> torch.Tensor:
         return self.mlp(pixel_shuffle(patches, self.scale_factor))
 
 
 def _language_model(path: str | None, tokenizer, select_layer: int, model_type: str, hidden_size: int, layers: int,
-                    heads: int, config_overrides: dict[str, Any] | None = None) -> nn.Module:
+                    heads: int, config_overrides: dict[str, Any] | None = None,
+                    keep_final_norm: bool = False) -> nn.Module:
     """The LM's first ``select_layer`` decoder layers: from a local checkpoint, or random from the size arguments
-    (vocabulary and special tokens from ``tokenizer``) and ``config_overrides``."""
+    (vocabulary and special tokens from ``tokenizer``) and ``config_overrides``; its final norm stripped unless
+    ``keep_final_norm``."""
     if path is not None:
         config = AutoConfig.from_pretrained(path, local_files_only=True)
-        return load_pretrained(path, truncated_text_config(config, select_layer), decoder_of=lambda model: model)
+        return load_pretrained(path, truncated_text_config(config, select_layer),
+                               decoder_of=None if keep_final_norm else lambda model: model)
     config = AutoConfig.for_model(model_type, **{
         "vocab_size": len(tokenizer),
         "hidden_size": hidden_size,
@@ -60,7 +66,22 @@ def _language_model(path: str | None, tokenizer, select_layer: int, model_type: 
         "eos_token_id": tokenizer.eos_token_id,
         **(config_overrides or {}),
     })
-    return strip_final_norm(AutoModel.from_config(truncated_text_config(config, select_layer)))
+    model = AutoModel.from_config(truncated_text_config(config, select_layer))
+    return model if keep_final_norm else strip_final_norm(model)
+
+
+def output_projector(kind: str, lm_dim: int, project_to: int) -> nn.Module:
+    """LM width -> ``project_to``: LayerNorm + Linear, a Linear, or nothing (the widths must then agree)."""
+    if kind == "norm_linear":
+        return OutputProjector(lm_dim, project_to)
+    if kind == "linear":
+        return nn.Linear(lm_dim, project_to)
+    if kind == "identity":
+        if project_to != lm_dim:
+            raise ValueError(f"projector='identity' passes the LM's width ({lm_dim}) on, but project_to={project_to}; "
+                             f"set project_to: {lm_dim} or choose projector 'linear'")
+        return nn.Identity()
+    raise ValueError(f"projector={kind!r}: use 'norm_linear', 'linear' or 'identity'")
 
 
 class ComposedBackbone(VisionLanguageBackbone):
@@ -92,6 +113,15 @@ class ComposedBackbone(VisionLanguageBackbone):
             size arguments, so a random build can have a published architecture (``recipes/groot/``).
         llm_lora: peft LoRA adapters on the LM's attention projections (``components.lora.LoRA``); needs
             ``tune_llm=False``: the adapters train, the LM stays as loaded.
+        keep_final_norm: keep the LM's final norm on the output of layer ``select_layer`` (Isaac-GR00T reads the
+            LM's last hidden state of its truncated LM, which is normed). Default: stripped (see ``strip_final_norm``).
+        connector: ``"mlp"`` (LayerNorm + 2-layer MLP after the pixel shuffle) or ``"linear"`` (one Linear: GR00T
+            N1.5's connector, with ``scale_factor: 1``).
+        projector: the output projector: ``"norm_linear"`` (LayerNorm + Linear), ``"linear"`` (GR00T N1's
+            ``backbone.linear``) or ``"identity"`` (GR00T N1.5: the LM's width goes to the head; ``project_to`` must
+            equal it).
+        tokenizer_path: a local tokenizer directory for an LM built from its config (weights loaded afterwards,
+            e.g. an imported checkpoint); default: the LM checkpoint's tokenizer, or the offline one.
     """
 
     def __init__(
@@ -121,12 +151,17 @@ class ComposedBackbone(VisionLanguageBackbone):
         vision_config_overrides: dict[str, Any] | None = None,
         lm_config_overrides: dict[str, Any] | None = None,
         llm_lora: LoRA | None = None,
+        keep_final_norm: bool = False,
+        connector: str = "mlp",
+        projector: str = "norm_linear",
+        tokenizer_path: str | None = None,
     ) -> None:
         super().__init__(project_to, max_text_tokens)
+        tokenizer_path = tokenizer_path or lm_pretrained_path
         self.tokenizer = (
             offline_tokenizer()
-            if lm_pretrained_path is None
-            else AutoTokenizer.from_pretrained(lm_pretrained_path, local_files_only=True)
+            if tokenizer_path is None
+            else AutoTokenizer.from_pretrained(tokenizer_path, local_files_only=True)
         )
         self.vision_model, self.vision = build_vision_encoder(
             vision_pretrained_path, image_size=image_size, model_type=vision_model_type, patch_size=patch_size,
@@ -138,15 +173,19 @@ class ComposedBackbone(VisionLanguageBackbone):
                              f"{self.vision.image_size} is not a multiple of scale_factor={scale_factor}; change one "
                              "of them")
         self.language_model = _language_model(lm_pretrained_path, self.tokenizer, select_layer, lm_model_type,
-                                              lm_hidden_size, lm_layers, lm_heads, lm_config_overrides)
+                                              lm_hidden_size, lm_layers, lm_heads, lm_config_overrides,
+                                              keep_final_norm=keep_final_norm)
         lm_dim = self.language_model.config.hidden_size
 
-        self.connector = PixelShuffleConnector(self.vision.dim, lm_dim, scale_factor)
+        if connector not in ("mlp", "linear"):
+            raise ValueError(f"connector={connector!r}: use 'mlp' (LayerNorm + 2-layer MLP) or 'linear' (one Linear)")
+        self.connector = PixelShuffleConnector(self.vision.dim, lm_dim, scale_factor,
+                                               layers=2 if connector == "mlp" else 1)
         if keypoints < 0 or (keypoints and not self.vision.feature_map):
             raise ValueError(f"keypoints={keypoints}: spatial-softmax keypoints need a conv vision encoder (a feature "
                              "map, e.g. vision_model_type: resnet) and a count >= 0; set keypoints: 0 for this encoder")
         self.keypoint_reader = SpatialSoftmaxKeypoints(self.vision.dim, keypoints, lm_dim) if keypoints else None
-        self.projector = OutputProjector(lm_dim, project_to)
+        self.projector = output_projector(projector, lm_dim, project_to)
         self._finish_init(
             tokenizer=self.tokenizer,
             image_size=self.vision.image_size,

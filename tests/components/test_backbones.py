@@ -473,3 +473,26 @@ def test_conv_tower_stage_widths_narrow_the_costly_first_stage_only():
         ComposedBackbone(vision_model_type="resnet", vision_hidden_size=[32, 64, 64])
     with pytest.raises(ValueError, match="needs the random conv tower"):
         ComposedBackbone(vision_hidden_size=[32, 64])
+
+
+def test_composed_gr00t_options_keep_the_final_norm_and_pass_the_lm_width_on():
+    """``keep_final_norm`` gives the LM's normed output at ``select_layer``; the 1-layer connector and the
+    identity / linear projectors have the module layout of Isaac-GR00T's ``mlp1`` and ``eagle_linear``."""
+    torch.manual_seed(0)
+    kept = ComposedBackbone(keep_final_norm=True, connector="linear", scale_factor=1, projector="identity",
+                            project_to=128).eval()
+    stripped = ComposedBackbone(scale_factor=1, connector="linear").eval()
+    stripped.load_state_dict({k: v for k, v in kept.state_dict().items() if not k.startswith("language_model.norm")},
+                             strict=False)
+    assert isinstance(kept.projector, nn.Identity) and sorted(kept.connector.state_dict()) == ["mlp.0.bias", "mlp.0.weight"]
+    assert kept.tokens_per_image == (64 // 8) ** 2  # no pixel shuffle: one token per patch
+    with torch.no_grad():
+        normed, mask = kept.features(_images(2), INSTRUCTIONS[:2])
+        raw, _ = stripped.features(_images(2), INSTRUCTIONS[:2])
+        torch.testing.assert_close(normed, kept.language_model.norm(raw), rtol=1e-5, atol=1e-5)
+        assert torch.equal(kept(_images(2), INSTRUCTIONS[:2])[0], normed)
+    assert isinstance(ComposedBackbone(projector="linear", project_to=16).projector, nn.Linear)
+    with pytest.raises(ValueError, match="projector='identity' passes the LM's width \\(128\\) on, but project_to=16"):
+        ComposedBackbone(projector="identity", project_to=16)
+    with pytest.raises(ValueError, match="connector='conv'"):
+        ComposedBackbone(connector="conv")
