@@ -242,12 +242,12 @@ def head_state_from_reference(head: FlowMatchingActionHead, theirs: dict[str, to
     return state
 
 
-def load_groot_action_head(path: str | Path, dtype: torch.dtype = torch.float32) -> FlowMatchingActionHead:
+def load_groot_action_head(path: str | Path, dtype: torch.dtype | None = torch.float32) -> FlowMatchingActionHead:
     """The action head of an Isaac-GR00T N1 / N1.5 checkpoint folder as a ``FlowMatchingActionHead`` in eval mode.
 
     ``path`` holds ``config.json`` and ``model.safetensors`` (or ``model.safetensors.index.json`` and its shards);
     only the ``action_head.`` tensors are read. The head is built on the meta device and takes the checkpoint's
-    tensors (cast to ``dtype``), so no memory goes to a random initialisation first.
+    tensors (cast to ``dtype``; None keeps the checkpoint's), so no memory goes to a random initialisation first.
     """
     path = Path(path)
     config = read_config(path)
@@ -256,7 +256,7 @@ def load_groot_action_head(path: str | Path, dtype: torch.dtype = torch.float32)
     with torch.device("meta"):
         head = FlowMatchingActionHead(**kwargs)
     state = head_state_from_reference(head, theirs, files, path)
-    head.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=True, assign=True)
+    head.load_state_dict({k: v if dtype is None else v.to(dtype) for k, v in state.items()}, strict=True, assign=True)
     return head.eval()
 
 
