@@ -40,3 +40,23 @@ def test_recipe_head_is_the_released_head(name, model_type):
     rebuilt = head_kwargs(config)
     assert {k: rebuilt[k] for k in head if k != "gradient_checkpointing"} == {
         k: v for k, v in head.items() if k != "gradient_checkpointing"}
+
+
+@pytest.mark.parametrize("name, model_type, backbone_cfg", [
+    ("n1", "gr00t_n1", {"select_layer": 12, "projector_dim": 2048}),
+    ("n1_5", "gr00t_n1_5", {"select_layer": 12, "project_to_dim": None}),  # nvidia/GR00T-N1.5-3B's config.json
+])
+def test_recipe_backbone_is_the_released_eagle_backbone(name, model_type, backbone_cfg):
+    """The recipe's backbone is what `python -m vla_zoo.groot import` builds for the released checkpoint, so the
+    imported weights load into it (init_from) and compute what the reference computes."""
+    from vla_zoo.groot.backbone import RELEASED_EAGLE, backbone_kwargs
+
+    init_args = yaml.safe_load(RECIPES[name].read_text())["model"]["init_args"]
+    head, backbone = init_args["action_head"]["init_args"], init_args["backbone"]["init_args"]
+    config = {**reference_config(head), "backbone_cfg": backbone_cfg}
+    imported = backbone_kwargs(config, RELEASED_EAGLE[model_type], head_kwargs(config))
+    training = ("tune_llm", "tune_visual", "tune_projector")  # how it trains, not what it computes
+    assert {k: v for k, v in imported.items() if k not in training and k != "vision_config_overrides"} == {
+        k: backbone[k] for k in imported if k not in training and k != "vision_config_overrides"}
+    assert {k: v for k, v in imported["vision_config_overrides"].items() if k != "num_channels"} == \
+        backbone["vision_config_overrides"]
