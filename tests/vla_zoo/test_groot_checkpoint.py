@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from components.action_head import FlowMatchingActionHead
 from components.backbones import ComposedBackbone
+from vla_zoo.groot import head_kwargs
 from vla_zoo.groot.cli import IMPORT_KEY, main
 from vla_zoo.groot.metadata import METADATA
 
@@ -205,6 +206,7 @@ def test_init_from_an_imported_checkpoint_starts_a_lora_fit_and_exports_merged(i
     mine["modality"] = {k: v for k, v in mine["modality"].items() if k != "groot"}  # as datamodules.lerobot writes it
     spec["embodiments"] = {"so100": mine}
     recipe_text = yaml.safe_dump({"model": {"class_path": "lit_modules.vla_policy.VLAPolicy", "init_args": {
+        "init_from": str(ckpt),
         "backbone": {"class_path": "components.backbones.ComposedBackbone",
                      "init_args": {**backbone_kw, "llm_lora": {"rank": 2, "alpha": 32.0, "dropout": 0.05}}},
         "action_head": {"class_path": "components.action_head.FlowMatchingActionHead", "init_args": {
@@ -215,6 +217,14 @@ def test_init_from_an_imported_checkpoint_starts_a_lora_fit_and_exports_merged(i
     metadata = json.loads((tmp_path / "out" / METADATA).read_text())
     assert list(metadata) == ["new_embodiment"] and list(metadata["new_embodiment"]["statistics"]["action"]) == [
         "single_arm", "gripper"]
+    # what the fit does not hold (SigLIP's pooling head, the LM head) and config.json's other settings come from the
+    # imported checkpoint it started from
+    source = ckpt.parent / "gr00t_n1_5"
+    assert sorted(load_file(str(tmp_path / "out" / "model.safetensors"))) == sorted(_reference_tensors(source))
+    exported, original = (json.loads((folder / "config.json").read_text()) for folder in (tmp_path / "out", source))
+    assert head_kwargs(exported) == head_kwargs(original) and exported["backbone_cfg"] == original["backbone_cfg"]
+    assert {k: v for k, v in exported.items() if k != "action_head_cfg"} == {
+        k: v for k, v in original.items() if k != "action_head_cfg"}
     (tmp_path / "out" / "eagle_config.json").write_text((ckpt.parent / "gr00t_n1_5" / "eagle_config.json").read_text())
     assert main(["import", str(tmp_path / "out"), str(tmp_path / "again.ckpt"), "--eagle-config",
                  str(tmp_path / "out" / "eagle_config.json")]) == 0

@@ -213,6 +213,24 @@ def _arguments(checkpoint: dict[str, Any], path: Path, part: str) -> dict[str, A
     return dict(component.get("init_args", {}))
 
 
+def _import_record(checkpoint: dict[str, Any]) -> dict[str, Any]:
+    """What ``import`` recorded for this checkpoint, or for the imported checkpoint its fit started from
+    (``init_from``): the reference config and the tensors the model does not hold."""
+    if IMPORT_KEY in checkpoint:
+        return checkpoint[IMPORT_KEY]
+    from vla_zoo.cli import CHECKPOINT_CONFIG_KEY
+
+    if CHECKPOINT_CONFIG_KEY not in checkpoint:
+        return {}
+    init_from = (yaml.safe_load(checkpoint[CHECKPOINT_CONFIG_KEY])["model"].get("init_args") or {}).get("init_from")
+    if not init_from or not Path(init_from).is_file():
+        return {}
+    start = torch.load(init_from, map_location="cpu", weights_only=False, mmap=True)
+    record = dict(start.get(IMPORT_KEY, {}))
+    return {"base_config": record["config"], **{k: record[k] for k in ("unused", "aliases") if k in record}} \
+        if record.get("config") else {}
+
+
 def _export_backbone(kwargs: dict[str, Any], state: dict[str, torch.Tensor], ckpt: Path, model_type: str,
                      aliases: dict[str, str]) -> dict[str, torch.Tensor]:
     defaults = {"keep_final_norm": False, "vision_model_type": "siglip_vision_model", "vision_pretrained_path": None,
@@ -244,7 +262,7 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, dtype: torch.dtype | No
         raise GrootCheckpointError(f"{ckpt}: no such checkpoint file")
     # our own checkpoint format (Lightning's), read as the project's other loaders read it
     checkpoint = torch.load(ckpt, map_location="cpu", weights_only=False, mmap=True)
-    info = checkpoint.get(IMPORT_KEY, {})
+    info = _import_record(checkpoint)
     kwargs = _arguments(checkpoint, ckpt, "action_head")
     lora = kwargs.get("lora")
     build = {**kwargs, "lora": LoRA(**lora) if isinstance(lora, dict) else lora}
@@ -271,6 +289,10 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, dtype: torch.dtype | No
         config["backbone_cfg"] = backbone_cfg(model_type, bb_kw)
     if info.get("config") is not None:
         config = info["config"]  # as imported: what the architecture checks above agreed with
+    elif info.get("base_config") is not None:  # trained from an imported checkpoint: its other settings kept
+        base = info["base_config"]
+        config = {**base, **config, **{key: {**base.get(key, {}), **config[key]}
+                                       for key in ("action_head_cfg", "backbone_cfg") if key in config}}
     if dtype is not None:
         tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
     from lit_modules.vla_policy import DATA_SPEC_KEY
