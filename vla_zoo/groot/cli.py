@@ -11,8 +11,8 @@ released one of the model type unless ``--eagle-config`` gives Isaac-GR00T's ``e
 of ``--modality``'s keys when given). The result is a checkpoint that ``Policy.from_checkpoint`` and
 ``python -m vla_zoo.deploy.server --checkpoint`` serve, and that a fit starts from with
 ``--model.init_args.init_from=OUT.ckpt`` (with the recipe ``--recipe`` writes, or ``recipes/groot/*.yaml``). The
-LM's tokenizer is not part of a GR00T folder: ``--tokenizer`` names one (Isaac-GR00T's ``eagle2_hg_model`` folder,
-or the LM's own download); without it the offline tokenizer stands in, which only suits tests.
+LM's tokenizer is not part of a GR00T folder: ``--tokenizer`` names one (the LM's own download); without it the
+offline tokenizer stands in, which only suits tests.
 
 ``export`` writes a vla-zoo checkpoint (imported, or trained from one; LoRA adapters merged) back as
 ``config.json`` + ``model.safetensors`` + ``experiment_cfg/metadata.json`` under the reference names; an imported
@@ -188,7 +188,7 @@ def import_checkpoint(src: str | Path, out: str | Path, embodiments: list[str] =
                            f"no {METADATA}: weights for init_from only, no statistics for a policy")
     if bb_kw is not None and tokenizer is None:
         summary["tokenizer"] = ("none given: the offline test tokenizer stands in, which the released LM cannot "
-                                "read; pass --tokenizer (Isaac-GR00T's eagle2_hg_model folder or the LM's download)")
+                                "read; pass --tokenizer (the LM's download, e.g. Qwen/Qwen3-1.7B for N1.5)")
     return summary
 
 
@@ -350,8 +350,8 @@ def main(argv: list[str] | None = None) -> int:
                      help="an embodiment tag of metadata.json to import (default: all), with its slot for a tag "
                           "outside the released table (e.g. new_embodiment, my_robot=30); repeatable")
     imp.add_argument("--tokenizer", type=Path, default=None,
-                     help="the LM's tokenizer folder (Isaac-GR00T's gr00t/model/backbone/eagle2_hg_model, or the LM's "
-                          "own download); default: the offline test tokenizer")
+                     help="the LM's tokenizer folder (a download of Qwen/Qwen3-1.7B for N1.5, "
+                          "HuggingFaceTB/SmolLM2-1.7B-Instruct for N1); default: the offline test tokenizer")
     imp.add_argument("--eagle-config", type=Path, default=None,
                      help="the Eagle VLM's config.json (default: the released N1 / N1.5 one of config.json's model_type)")
     imp.add_argument("--modality", type=Path, default=None,
