@@ -174,8 +174,8 @@ def import_checkpoint(src: str | Path, out: str | Path, embodiments: list[str] =
             "_class_path": POLICY, **init_args, "_instantiator": "lightning.pytorch.cli.instantiate_module"}})
         if spec is not None:
             payload[DATA_SPEC_KEY] = spec
-    if recipe is not None and Path(recipe).exists():
-        raise GrootCheckpointError(f"{recipe} already exists; remove it or choose another path")
+    if recipe is not None and (Path(recipe).exists() or not Path(recipe).parent.is_dir()):
+        raise GrootCheckpointError(f"{recipe}: it exists already, or its folder does not; choose another path")
     _replace_atomically(out, lambda tmp: torch.save(payload, tmp))
     if recipe is not None:
         model_recipe["model"]["init_args"]["init_from"] = str(out)
