@@ -147,14 +147,13 @@ def test_policy_from_an_imported_checkpoint_acts_in_robot_units(imported):
     actions = policy.get_action(observation)["actions"]
     assert actions.shape == (4, 4) and actions.dtype == np.float32
 
-    module = policy.module
     lo, hi = concat("state", "min"), concat("state", "max")
     padded = torch.zeros(1, 6)
     padded[0, :4] = torch.as_tensor(np.clip(2 * (state - lo) / (hi - lo) - 1, -1, 1))  # GR00T's min_max
     with torch.no_grad():
-        tokens, mask = module.encode_observation(module.observation_images(observation), [observation["instruction"]])
-        y = module.action_head.sample(tokens, mask, padded, torch.tensor([31]),
-                                      generator=torch.Generator().manual_seed(0))[0, :, :4].clamp(-1, 1).numpy()
+        tokens, mask = policy.encode_observation(policy.observation_images(observation), [observation["instruction"]])
+        y = policy.module.action_head.sample(tokens, mask, padded, torch.tensor([31]),
+                                             generator=torch.Generator().manual_seed(0))[0, :, :4].clamp(-1, 1).numpy()
     lo, hi = concat("action", "min"), concat("action", "max")
     np.testing.assert_allclose(actions, (y + 1) / 2 * (hi - lo) + lo, rtol=1e-5, atol=1e-5)
     assert (actions >= lo - 1e-5).all() and (actions <= hi + 1e-5).all()
