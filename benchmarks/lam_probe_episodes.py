@@ -34,7 +34,7 @@ from torchmetrics.functional import r2_score  # noqa: E402
 from components.codebook_metrics import ridge_probe_r2  # noqa: E402
 from envs.tabletop import generate_episodes  # noqa: E402
 from lit_modules.latent_action import LatentActionModule  # noqa: E402
-from vla_zoo.cli import load_run_config  # noqa: E402
+from lit_modules.checkpoint import load_module, load_run_config, read_checkpoint  # noqa: E402
 from vla_zoo.evaluation import trained_wrist_window  # noqa: E402
 
 HELD_OUT = 100
@@ -78,7 +78,7 @@ def untrained_model(checkpoint: str) -> torch.nn.Module:
     """The checkpoint's architecture with fresh weights, built by its constructor from the saved hyperparameters."""
     from lightning.pytorch.cli import instantiate_module
 
-    hparams = torch.load(checkpoint, map_location="cpu", weights_only=False)["hyper_parameters"]
+    hparams = read_checkpoint(checkpoint, mmap=True)["hyper_parameters"]
     torch.manual_seed(0)
     module = instantiate_module(LatentActionModule, {k: v for k, v in hparams.items() if k != "_instantiator"})
     return module.model.eval()
@@ -144,7 +144,7 @@ def main() -> None:
     if args.episodes <= HELD_OUT or max(args.fit_episodes) > args.episodes - HELD_OUT:
         parser.error(f"--episodes must exceed {HELD_OUT} (held out) + the largest --fit-episodes")
 
-    trained = LatentActionModule.load_from_checkpoint(args.checkpoint, map_location="cpu").model.eval()
+    trained = load_module(LatentActionModule, args.checkpoint, map_location="cpu").model.eval()
     views, wrist_window = trained_cameras(args.checkpoint)
     args.views = views if args.views is None else args.views
     args.wrist_window = wrist_window if args.wrist_window is None else args.wrist_window

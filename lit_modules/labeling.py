@@ -47,11 +47,7 @@ from components.latent_action import LatentActionModel
 from components.pseudo_labels import IDMLabeler, LatentActionLabeler
 from datamodules.episode import Episode, Modality
 from datamodules.shards import load_sidecars, read_episodes, write_source
-
-#: Where ``vla_zoo.cli`` embeds the run's resolved YAML in a checkpoint (``vla_zoo.cli.CHECKPOINT_CONFIG_KEY``).
-CHECKPOINT_CONFIG_KEY = "vla_zoo_config"
-#: Where Lightning stores ``MixtureDataModule.state_dict()`` (normalisers, embodiment map, modalities).
-MIXTURE_STATE_KEY = "MixtureDataModule"
+from lit_modules.checkpoint import CONFIG_KEY, MIXTURE_STATE_KEY, read_checkpoint
 
 
 # ---------------------------------------------------------------------------------------------- checkpoints
@@ -74,10 +70,10 @@ def load_component(path: str, attribute: str = "model") -> tuple[dict[str, Any],
     if not os.path.isfile(path):
         raise FileNotFoundError(f"labeler checkpoint {path!r} not found: train it first (recipes/lam.yaml, "
                                 "recipes/idm.yaml) or point `checkpoint` at an existing .ckpt")
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    ckpt = read_checkpoint(path)  # weights_only: a crafted checkpoint is refused before it can run code
     init_args: dict[str, Any] = {}
-    if CHECKPOINT_CONFIG_KEY in ckpt:
-        init_args = (yaml.safe_load(ckpt[CHECKPOINT_CONFIG_KEY]).get("model") or {}).get("init_args") or {}
+    if CONFIG_KEY in ckpt:
+        init_args = (yaml.safe_load(ckpt[CONFIG_KEY]).get("model") or {}).get("init_args") or {}
     hparams = dict(ckpt.get("hyper_parameters") or {})
     init_args = {**hparams, **init_args}
     if init_args.get(attribute) is None:

@@ -31,11 +31,9 @@ from components.embodiment import grow_embodiment_slots
 from components.pseudo_labels import PseudoTargets
 from datamodules import schema
 from datamodules.spec import DataSpec
+from lit_modules.checkpoint import DATA_SPEC_KEY, read_checkpoint
 from lit_modules.distributed import require_find_unused_parameters
 from lit_modules.optimization import check_schedule, configure_optimizers, paper_adamw
-
-#: Checkpoint key holding what inference needs from the data side (normalisers, embodiment map, modalities).
-DATA_SPEC_KEY = "vla_zoo_data_spec"
 
 
 
@@ -143,7 +141,7 @@ class VLAPolicy(LightningModule):
                 "point init_from at an existing .ckpt)"
             )
         parts = tuple(f"{p}." for p in self.hparams.init_from_parts)
-        state = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+        state = read_checkpoint(path)["state_dict"]
         state = {k: v for k, v in state.items() if k.startswith(parts)}
         grow_embodiment_slots(self, state)
         missing, unexpected = self.load_state_dict(state, strict=False)

@@ -13,23 +13,22 @@ Three ways to run it, all equivalent::
 from __future__ import annotations
 
 import os
+import pickle
 import warnings
 from typing import Any
 
-import yaml
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
-#: Key under which the resolved run config (YAML text) is stored inside every checkpoint.
-CHECKPOINT_CONFIG_KEY = "vla_zoo_config"
+from lit_modules.checkpoint import CONFIG_KEY, refusal, safe_unpickling
 
 
 class SaveConfigToLogDirAndCheckpoints(SaveConfigCallback):
     """Writes ``config.yaml`` next to the run's checkpoints and embeds the same text in every checkpoint.
 
     Lightning's callback only writes the file. A checkpoint copied away from its log dir would then lose the
-    recipe that built it, so we also put the resolved YAML inside the checkpoint: ``load_run_config(ckpt)``
-    gets it back and a checkpoint rebuilds its model alone.
+    recipe that built it, so we also put the resolved YAML inside the checkpoint:
+    ``lit_modules.checkpoint.load_run_config(ckpt)`` gets it back and a checkpoint rebuilds its model alone.
     """
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -44,26 +43,7 @@ class SaveConfigToLogDirAndCheckpoints(SaveConfigCallback):
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
         text = getattr(self, "_config_text", None)
         if text is not None:
-            checkpoint[CHECKPOINT_CONFIG_KEY] = text
-
-
-def load_run_config(checkpoint: str | os.PathLike | dict[str, Any]) -> dict[str, Any]:
-    """The resolved config (as a plain dict) that produced a checkpoint, read from the checkpoint alone."""
-    import torch
-
-    if not isinstance(checkpoint, dict):
-        path = os.fspath(checkpoint)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"checkpoint not found: {path}")
-        # Memory-mapped: only the pickle is parsed and no tensor is read, so callers that also load the weights
-        # (Policy.from_checkpoint, the evaluator, the probes) do not pay for reading the file twice.
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    if CHECKPOINT_CONFIG_KEY not in checkpoint:
-        raise KeyError(
-            f"checkpoint has no '{CHECKPOINT_CONFIG_KEY}' entry: it was not written by the vla-zoo CLI "
-            "(train with `vla-zoo fit --config ...` to embed the recipe)"
-        )
-    return yaml.safe_load(checkpoint[CHECKPOINT_CONFIG_KEY])
+            checkpoint[CONFIG_KEY] = text
 
 
 class VLAZooCLI(LightningCLI):
@@ -77,6 +57,28 @@ class VLAZooCLI(LightningCLI):
         # Recipes set `seed_everything` themselves; an unset seed must still be reproducible from the saved config.
         kwargs.setdefault("seed_everything_default", True)
         super().__init__(LightningModule, LightningDataModule, args=args, run=run, **kwargs)
+
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI reads `--ckpt_path`'s hyper-parameters before building the model: with our allow-list too.
+        try:
+            with safe_unpickling():
+                super()._parse_ckpt_path()
+        except pickle.UnpicklingError as e:
+            raise refusal(self.config[self.config.subcommand].get("ckpt_path"), e) from None
+
+    def _prepare_subcommand_kwargs(self, subcommand: str) -> dict[str, Any]:
+        kwargs = super()._prepare_subcommand_kwargs(subcommand)
+        # `--ckpt_path` is read like every other checkpoint: weights_only, so a crafted file cannot run code.
+        if "weights_only" in self._subcommand_method_arguments[subcommand] and kwargs.get("weights_only") is None:
+            kwargs["weights_only"] = True
+        return kwargs
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        try:
+            with safe_unpickling():
+                super()._run_subcommand(subcommand)
+        except pickle.UnpicklingError as e:
+            raise refusal(self.config_init[subcommand].get("ckpt_path"), e) from None
 
 
 def main(args: list[str] | None = None) -> None:

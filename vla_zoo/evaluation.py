@@ -301,7 +301,7 @@ def _load_policy(args: argparse.Namespace) -> PolicyOrFactory:
 
 def trained_wrist_window(run_config: dict[str, Any]) -> float:
     """The wrist-camera width (table units) of the tabletop pyramid a run trained on, from its resolved config
-    (``vla_zoo.cli.load_run_config``); the world's default when the run prepared no pyramid or left it unset."""
+    (``lit_modules.checkpoint.load_run_config``); the world's default when the run prepared no pyramid or left it unset."""
     from envs.tabletop import WRIST_WINDOW
 
     prepare = (run_config.get("data") or {}).get("init_args", {}).get("prepare") or {}
@@ -313,7 +313,7 @@ def _checkpoint_wrist_window(checkpoint: str | None) -> float | None:
     None if it has none (not written by the CLI)."""
     if checkpoint is None:
         return None
-    from vla_zoo.cli import load_run_config
+    from lit_modules.checkpoint import load_run_config
 
     try:
         return trained_wrist_window(load_run_config(checkpoint))

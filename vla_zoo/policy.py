@@ -18,10 +18,11 @@ from typing import Any
 
 import numpy as np
 import torch
+from lightning.pytorch import LightningModule
 
 from datamodules.normalization import Normalizer
 from datamodules.spec import EmbodimentSpec
-from vla_zoo.cli import load_run_config
+from lit_modules.checkpoint import load_module, load_run_config
 from vla_zoo.deploy.validation import validate_observation
 
 
@@ -66,8 +67,12 @@ class Policy:
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike, device: str = "cpu", **kwargs: Any) -> "Policy":
         path = os.fspath(path)
-        module_cls = _import(load_run_config(path)["model"]["class_path"])
-        module = module_cls.load_from_checkpoint(path, map_location=device, weights_only=False)
+        class_path = load_run_config(path)["model"]["class_path"]
+        module_cls = _import(class_path)
+        if not (isinstance(module_cls, type) and issubclass(module_cls, LightningModule)):
+            raise ValueError(f"checkpoint {path!r}: its recipe's model.class_path {class_path!r} is not a "
+                             "LightningModule, so this file was not written by `vla-zoo fit`")
+        module = load_module(module_cls, path, map_location=device)
         return cls(module, device=device, **kwargs)
 
     def metadata(self) -> dict[str, Any]:

@@ -58,7 +58,7 @@ def test_checkpoint_holds_mixture_state_and_resume_continues_the_epoch_counter(t
     assert trainer.callback_metrics["data/frac_arm"] > 0.5 and trainer.callback_metrics["data/frac_hand"] > 0.05
     assert sum(dm.drawn_counts.values()) == 6 * 16 and dm.epochs_started == 2
 
-    ckpt = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)
+    ckpt = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
     assert ckpt["MixtureDataModule"]["epochs_started"] == 2
     norms = normalizers_from_state(ckpt)  # a whole checkpoint un-normalises on its own
     assert norms["arm"].dim("actions") == 2 and norms["arm"].mode == "min_max"

@@ -16,7 +16,8 @@ from components.backbones import SmolVLMBackbone
 from components.embodiment import EmbodimentLinear
 from datamodules.mixture import MixtureDataModule
 from envs.tabletop import TabletopEnv, TabletopPyramid
-from lit_modules.vla_policy import DATA_SPEC_KEY, VLAPolicy, shuffled_vl_loss
+from lit_modules.checkpoint import DATA_SPEC_KEY, read_checkpoint
+from lit_modules.vla_policy import VLAPolicy, shuffled_vl_loss
 from tests.lit_modules.test_latent_action import OneThread
 from vla_zoo.policy import Policy
 
@@ -101,7 +102,7 @@ def _observation(env: TabletopEnv, seed: int) -> dict:
 
 def test_checkpoint_restores_policy_that_reproduces_actions(trained) -> None:
     model, _, ckpt = trained
-    assert DATA_SPEC_KEY in torch.load(ckpt, map_location="cpu", weights_only=False)
+    assert DATA_SPEC_KEY in read_checkpoint(ckpt)
     env = TabletopEnv("two_link_arm", image_size=32)
     obs = _observation(env, 3)
     expected = Policy(model.eval()).predict_action(obs, generator=torch.Generator().manual_seed(7))

@@ -9,7 +9,8 @@ import torch
 import yaml
 
 from tests.conftest import REPO_ROOT, run_cli
-from vla_zoo.cli import CHECKPOINT_CONFIG_KEY, load_run_config, main
+from lit_modules.checkpoint import CONFIG_KEY, load_run_config, read_checkpoint
+from vla_zoo.cli import main
 
 MINIMAL = str(REPO_ROOT / "recipes" / "minimal.yaml")
 
@@ -37,7 +38,7 @@ def test_fit_writes_checkpoint_and_config(entry: str, tmp_path: Path) -> None:
     from lit_modules.chunk_regressor import StateChunkRegressor
 
     model = StateChunkRegressor.load_from_checkpoint(ckpt)
-    state = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
+    state = read_checkpoint(ckpt)["state_dict"]
     assert torch.equal(model.state_dict()["net.0.weight"], state["net.0.weight"])
 
 
@@ -151,7 +152,7 @@ def test_nested_class_path_typo_names_the_class(tmp_path: Path) -> None:
 def test_checkpoint_without_embedded_config_is_reported(tmp_path: Path) -> None:
     path = tmp_path / "foreign.ckpt"
     torch.save({"state_dict": {}}, path)
-    with pytest.raises(KeyError, match=CHECKPOINT_CONFIG_KEY):
+    with pytest.raises(KeyError, match=CONFIG_KEY):
         load_run_config(path)
 
 

@@ -301,11 +301,11 @@ def test_tabletop_wrist_camera_follows_the_checkpoint_unless_the_flag_overrides(
     reads ``wrist_window`` from the run config embedded in the checkpoint; ``--wrist-window`` overrides it."""
     from envs.tabletop import WRIST_WINDOW
     from vla_zoo import evaluation
-    from vla_zoo.cli import CHECKPOINT_CONFIG_KEY
+    from lit_modules.checkpoint import CONFIG_KEY
 
     def checkpoint(name: str, config: dict | None) -> str:
         path = tmp_path / name
-        torch.save({} if config is None else {CHECKPOINT_CONFIG_KEY: yaml.safe_dump(config)}, path)
+        torch.save({} if config is None else {CONFIG_KEY: yaml.safe_dump(config)}, path)
         return str(path)
 
     pyramid = {"class_path": "envs.tabletop.TabletopPyramid", "init_args": {"root": "r", "wrist_window": 1.0}}

@@ -37,6 +37,7 @@ import yaml
 
 from components.action_head import FlowMatchingActionHead
 from components.lora import LoRA, merge_lora
+from lit_modules.checkpoint import CONFIG_KEY, DATA_SPEC_KEY, read_checkpoint
 from vla_zoo.groot.backbone import (
     PREFIX as BACKBONE,
     backbone_cfg,
@@ -163,13 +164,11 @@ def import_checkpoint(src: str | Path, out: str | Path, embodiments: list[str] =
     if bb_kw is not None:
         import lightning
 
-        from lit_modules.vla_policy import DATA_SPEC_KEY
-        from vla_zoo.cli import CHECKPOINT_CONFIG_KEY
 
         # What Lightning's load_from_checkpoint needs to rebuild the policy from the recipe (as LightningCLI saves
         # it), and the recipe itself for load_run_config.
         init_args = model_recipe["model"]["init_args"]
-        payload.update({"pytorch-lightning_version": lightning.__version__, CHECKPOINT_CONFIG_KEY: yaml.safe_dump(
+        payload.update({"pytorch-lightning_version": lightning.__version__, CONFIG_KEY: yaml.safe_dump(
             model_recipe, sort_keys=False), "hyper_parameters": {
             "_class_path": POLICY, **init_args, "_instantiator": "lightning.pytorch.cli.instantiate_module"}})
         if spec is not None:
@@ -193,17 +192,23 @@ def import_checkpoint(src: str | Path, out: str | Path, embodiments: list[str] =
 
 
 # ------------------------------------------------------------------------------------------------------ export
+def _read(path: Path) -> dict[str, Any]:
+    """A vla-zoo checkpoint, memory-mapped and read with weights_only (a crafted file is refused, naming it)."""
+    try:
+        return read_checkpoint(path, mmap=True)
+    except ValueError as err:
+        raise GrootCheckpointError(str(err)) from None
+
+
 def _arguments(checkpoint: dict[str, Any], path: Path, part: str) -> dict[str, Any] | None:
     """The recorded arguments of ``part`` (``action_head`` / ``backbone``): from ``import`` or the embedded recipe."""
     if IMPORT_KEY in checkpoint:
         kwargs = checkpoint[IMPORT_KEY].get(part)
         return dict(kwargs) if kwargs is not None else None
-    from vla_zoo.cli import CHECKPOINT_CONFIG_KEY
-
-    if CHECKPOINT_CONFIG_KEY not in checkpoint:
+    if CONFIG_KEY not in checkpoint:
         raise GrootCheckpointError(f"{path}: neither a `python -m vla_zoo.groot import` checkpoint nor one written by "
                                    "the vla-zoo CLI (no embedded recipe to rebuild its model from)")
-    component = yaml.safe_load(checkpoint[CHECKPOINT_CONFIG_KEY])["model"]["init_args"].get(part)
+    component = yaml.safe_load(checkpoint[CONFIG_KEY])["model"]["init_args"].get(part)
     if component is None:
         return None
     expected = HEAD_CLASS if part == "action_head" else BACKBONE_CLASS
@@ -218,14 +223,12 @@ def _import_record(checkpoint: dict[str, Any]) -> dict[str, Any]:
     (``init_from``): the reference config and the tensors the model does not hold."""
     if IMPORT_KEY in checkpoint:
         return checkpoint[IMPORT_KEY]
-    from vla_zoo.cli import CHECKPOINT_CONFIG_KEY
-
-    if CHECKPOINT_CONFIG_KEY not in checkpoint:
+    if CONFIG_KEY not in checkpoint:
         return {}
-    init_from = (yaml.safe_load(checkpoint[CHECKPOINT_CONFIG_KEY])["model"].get("init_args") or {}).get("init_from")
+    init_from = (yaml.safe_load(checkpoint[CONFIG_KEY])["model"].get("init_args") or {}).get("init_from")
     if not init_from or not Path(init_from).is_file():
         return {}
-    start = torch.load(init_from, map_location="cpu", weights_only=False, mmap=True)
+    start = _read(Path(init_from))
     record = dict(start.get(IMPORT_KEY, {}))
     return {"base_config": record["config"], **{k: record[k] for k in ("unused", "aliases") if k in record}} \
         if record.get("config") else {}
@@ -260,8 +263,7 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, dtype: torch.dtype | No
     ckpt, out = Path(ckpt), Path(out)
     if not ckpt.is_file():
         raise GrootCheckpointError(f"{ckpt}: no such checkpoint file")
-    # our own checkpoint format (Lightning's), read as the project's other loaders read it
-    checkpoint = torch.load(ckpt, map_location="cpu", weights_only=False, mmap=True)
+    checkpoint = _read(ckpt)
     info = _import_record(checkpoint)
     kwargs = _arguments(checkpoint, ckpt, "action_head")
     lora = kwargs.get("lora")
