@@ -139,6 +139,14 @@ class Normalizer:
         y = (x - center) / divisor
         return y.clip(-1.0, 1.0) if clip else y
 
+    def clip_range(self, key: str) -> tuple[np.ndarray, np.ndarray] | None:
+        """The raw-unit ``(low, high)`` that ``normalize`` clips ``key`` to; None where it does not clip
+        (``mean_std``, or a key without statistics)."""
+        if key not in self._affine or not self._affine[key][3]:
+            return None
+        center, _, multiplier, _ = self._affine[key]
+        return center - multiplier, center + multiplier
+
     def unnormalize(self, y, key: str = "actions"):
         if key not in self._affine:
             return y

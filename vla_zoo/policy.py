@@ -8,12 +8,19 @@ Dual-rate control (paper Sec. 2.1: System 2 at ~10 Hz, System 1 at ~120 Hz): ``s
 ``get_action`` calls that reuse one set of vision-language tokens; 1 recomputes them on every call. A new
 instruction or embodiment always refreshes them. ``num_samples`` > 1 returns the mean of that many flow samples
 per chunk (``Policy.act``).
+
+Inputs out of the training data's range: a state holding NaN or inf is refused (``ObservationError`` naming the
+key and dims), as the server does. A finite state outside the range its embodiment's normaliser was fitted on
+(``min_max``: the training min and max; ``q01_q99``: the 1st and 99th percentiles) is clipped to that range, as in
+training, with one warning per embodiment and key per policy; ``mean_std`` statistics define no range and pass
+such values through unchanged.
 """
 
 from __future__ import annotations
 
 import importlib
 import os
+import warnings
 from typing import Any
 
 import numpy as np
@@ -62,6 +69,7 @@ class Policy:
         self.system2_period, self.num_steps, self.seed = system2_period, num_steps, seed
         self.num_samples = num_samples
         self._normalizers: dict[str, Normalizer] = {}
+        self._warned_out_of_range: set[tuple[str, str]] = set()
         self.reset()
 
     @classmethod
@@ -95,11 +103,33 @@ class Policy:
         self._calls_since_system2 = 0
         self._generator = torch.Generator(device=self.device).manual_seed(self.seed)
 
+    def _warn_out_of_range(self, embodiment: str, normalizer: Any, state: Any) -> None:
+        """One warning per (embodiment, key) per policy when a state value lies outside what ``normalize`` keeps."""
+        bounds = normalizer.clip_range("state")
+        if bounds is None or (embodiment, "state") in self._warned_out_of_range:
+            return
+        low, high = bounds
+        x = np.asarray(state, dtype=np.float64).reshape(-1)
+        if x.shape != low.shape:
+            return  # the model's own check names the dimension mismatch
+        tolerance = 1e-5 * (1.0 + np.abs(low) + np.abs(high))  # float32 statistics round the bounds
+        outside = np.flatnonzero((x < low - tolerance) | (x > high + tolerance))
+        if outside.size:
+            self._warned_out_of_range.add((embodiment, "state"))
+            warnings.warn(
+                f"observation['state'] of embodiment {embodiment!r}: dims {outside.tolist()} "
+                f"(values {x[outside].tolist()}) lie outside the range the policy was trained on "
+                f"(low {low[outside].tolist()}, high {high[outside].tolist()}); they are clipped to it, as in "
+                "training. Warned once per embodiment for this policy.",
+                stacklevel=3,
+            )
+
     def get_action(self, observation: dict[str, Any]) -> dict[str, np.ndarray]:
         # The server's check, so a bad observation fails here as it would over the network, naming the key, before
         # any work; frames of another size than the metadata's are fine in process (the backbone resizes them).
         validate_observation(observation, self.metadata(), any_image_size=True)
         embodiment = observation["embodiment"]
+        self._warn_out_of_range(embodiment, self._normalizer(embodiment)[1], observation["state"])
         key = (embodiment, observation["instruction"])
         if self._cache is None or self._cache[0] != key or self._calls_since_system2 >= self.system2_period:
             images = self.observation_images(observation)

@@ -103,6 +103,9 @@ def test_validation_names_key_and_expectation() -> None:
         validate_observation(bad, policy.metadata())
     with pytest.raises(ObservationError, match=r"unknown embodiment 'ufo'; this policy serves \['point_gripper'"):
         validate_observation({**obs, "embodiment": "ufo"}, policy.metadata())
+    for bad in (np.nan, np.inf, -np.inf):
+        with pytest.raises(ObservationError, match=r"observation\['state'\] holds NaN or inf at dims \[2\]"):
+            validate_observation({**obs, "state": np.array([0, 0, bad], np.float32)}, policy.metadata())
 
 
 def _fuzz_messages(rng: np.random.Generator) -> list[tuple[bytes | str, str]]:

@@ -32,6 +32,20 @@ def _describe(value: Any) -> str:
     return type(value).__name__
 
 
+def require_finite(value: Any, key: str) -> None:
+    """Raise :class:`ObservationError` naming ``observation[key]`` and its dims if ``value`` holds NaN or inf.
+
+    A non-finite input poisons every output of the network (one NaN state dim gives NaN in the whole chunk), so it
+    is refused rather than passed on."""
+    array = np.asarray(value, dtype=np.float64)
+    bad = np.flatnonzero(~np.isfinite(array))
+    if bad.size:
+        raise ObservationError(
+            f"observation[{key!r}] holds NaN or inf at dims {bad.tolist()} (values {array.ravel()[bad].tolist()}); "
+            "a policy cannot act on non-finite inputs: check the sensor or the code that fills this field"
+        )
+
+
 def check_metadata(metadata: Mapping[str, Any]) -> None:
     """Raise ``ValueError`` if a policy's ``metadata()`` does not follow the policy contract."""
     embodiments = metadata.get("embodiments") if isinstance(metadata, Mapping) else None
@@ -129,8 +143,7 @@ def validate_observation(observation: Any, metadata: Mapping[str, Any], *, any_i
             f"observation['state'] must be a float32 (or float64) array of shape [{state_dim}] for embodiment "
             f"{embodiment!r}, got {_describe(state)}"
         )
-    if not np.isfinite(state).all():
-        raise ObservationError(f"observation['state'] contains NaN or inf: {state.tolist()}")
+    require_finite(state, "state")
 
     instruction = observation["instruction"]
     if not isinstance(instruction, str):
