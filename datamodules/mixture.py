@@ -45,7 +45,7 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from datamodules import schema
-from datamodules.normalization import MODES, Normalizer, combine_stats
+from datamodules.normalization import MODES, Normalizer, combine_stats, non_finite_stats
 from datamodules.shards import SampleError, decode_sample, iter_raw_samples, load_sidecars
 from datamodules.spec import DataSpec, EmbodimentSpec
 
@@ -504,6 +504,12 @@ class MixtureDataModule(LightningDataModule):
         except FileNotFoundError as e:
             raise FileNotFoundError(f"source {cfg.name!r}: {e}") from None
         meta = side["source"]
+        bad_stats = non_finite_stats(side["stats"])
+        if bad_stats:
+            shown = "; ".join(bad_stats[:4]) + (f"; and {len(bad_stats) - 4} more" if len(bad_stats) > 4 else "")
+            raise ValueError(f"source {cfg.name!r}: {Path(urls[0]).parent / 'stats.json'} holds non-finite statistics "
+                             f"({shown}): normalising with them would make every loss NaN. Run `python -m "
+                             "datamodules.validate` on the source to find the non-finite samples, and rewrite it")
         if cfg.has_action and not meta["has_action"]:
             raise ValueError(f"source {cfg.name!r}: declared has_action: true but its shards have no actions")
         if cfg.has_action and (side["stats"].get("actions") is None or

@@ -24,6 +24,21 @@ QUANTILE_LEVELS = np.linspace(0.0, 1.0, 101)
 _EPS = 1e-6
 
 
+def non_finite_stats(stats: Any, prefix: str = "") -> list[str]:
+    """Where a ``stats.json``-style tree holds NaN, inf or a non-number among its statistics: one
+    ``"key.stat[i] = value"`` entry each (``[]`` when all are finite). JSON admits ``NaN`` and ``Infinity``, and one
+    of them in a normaliser makes every normalised value, and so every loss, NaN."""
+    if stats is None:
+        return []
+    if isinstance(stats, dict):
+        return [bad for key, value in stats.items() for bad in non_finite_stats(value, f"{prefix}.{key}".lstrip("."))]
+    if isinstance(stats, (list, tuple)):
+        return [bad for i, value in enumerate(stats) for bad in non_finite_stats(value, f"{prefix}[{i}]")]
+    if isinstance(stats, bool) or not isinstance(stats, (int, float)) or not np.isfinite(stats):
+        return [f"{prefix} = {stats!r}"]
+    return []
+
+
 def compute_stats(values: np.ndarray) -> dict[str, Any]:
     """Raw-unit statistics per dimension of ``values`` [N, D] as JSON-ready lists."""
     values = np.asarray(values, dtype=np.float64)

@@ -1,9 +1,9 @@
 """Check shard sources end to end: ``python -m datamodules.validate DIR [DIR ...]``.
 
 Reads every sample of every shard listed in each source's ``index.json`` and reports, with file and key, truncated
-tars, undecodable images, missing members, wrong shapes, non-finite values, sample keys that appear twice in the source
-and members that appear twice in a sample, missing sidecars and sample counts or checksums that disagree with the
-index. Exits 1 if anything is wrong, 0 otherwise.
+tars, undecodable images, missing members, wrong shapes, non-finite values, non-finite statistics in ``stats.json``,
+sample keys that appear twice in the source and members that appear twice in a sample, missing sidecars and sample
+counts or checksums that disagree with the index. Exits 1 if anything is wrong, 0 otherwise.
 """
 
 from __future__ import annotations
@@ -13,7 +13,20 @@ import hashlib
 import sys
 from pathlib import Path
 
+from datamodules.normalization import non_finite_stats
 from datamodules.shards import SampleError, decode_sample, iter_raw_samples, load_sidecars
+
+
+def stats_problems(path: Path, stats: dict) -> list[str]:
+    """One line per statistic (``actions.mean``, ``state.quantiles``...) holding NaN, inf or a non-number."""
+    grouped: dict[str, list[str]] = {}
+    for bad in non_finite_stats(stats):
+        key, _, value = bad.partition(" = ")
+        stem, bracket, index = key.partition("[")
+        grouped.setdefault(stem, []).append(f"{bracket}{index}={value}" if bracket else value)
+    return [f"{path}: {key}: non_finite_stats: {', '.join(values[:5])}{' ...' if len(values) > 5 else ''} "
+            "(normalising with it makes every loss NaN; find the non-finite samples it was computed from and rewrite "
+            "the source)" for key, values in grouped.items()]
 
 
 def validate_source(source_dir: str | Path, checksums: bool = True) -> tuple[list[str], int]:
@@ -23,7 +36,7 @@ def validate_source(source_dir: str | Path, checksums: bool = True) -> tuple[lis
         side = load_sidecars(d)
     except (FileNotFoundError, ValueError) as e:
         return [f"{d}: missing_sidecar: {e}"], 0
-    problems: list[str] = []
+    problems: list[str] = stats_problems(d / "stats.json", side["stats"])
     total = 0
     first_shard: dict[str, Path] = {}  # sample key -> the shard it was first read from
     for entry in side["index"]["shards"]:

@@ -21,6 +21,7 @@ from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
 from lit_modules.checkpoint import CONFIG_KEY, refusal, safe_unpickling
+from vla_zoo.callbacks import StopOnNonFiniteLoss
 
 
 class SaveConfigToLogDirAndCheckpoints(SaveConfigCallback):
@@ -57,6 +58,10 @@ class VLAZooCLI(LightningCLI):
         # Recipes set `seed_everything` themselves; an unset seed must still be reproducible from the saved config.
         kwargs.setdefault("seed_everything_default", True)
         super().__init__(LightningModule, LightningDataModule, args=args, run=run, **kwargs)
+
+    def add_arguments_to_parser(self, parser: Any) -> None:
+        # Every run stops at its first NaN/inf training loss; a recipe opts out with `non_finite_loss: {enabled: false}`.
+        parser.add_lightning_class_args(StopOnNonFiniteLoss, "non_finite_loss")
 
     def _parse_ckpt_path(self) -> None:
         # LightningCLI reads `--ckpt_path`'s hyper-parameters before building the model: with our allow-list too.

@@ -180,6 +180,18 @@ def test_missing_stats_names_the_source(pool, tmp_path):
         datamodule(pool, sources=cfg)
 
 
+def test_non_finite_statistics_are_refused_naming_file_and_key(pool, tmp_path):
+    import json
+
+    src = make_source(tmp_path / "x", "x", 2, embodiment="arm")
+    stats = json.loads((src / "stats.json").read_text())
+    stats["actions"]["mean"][1] = float("nan")
+    (src / "stats.json").write_text(json.dumps(stats))  # json writes NaN, and reads it back
+    cfg = sources(pool, ["a"]) + [dict(name="x", shards=str(src), embodiment="arm")]
+    with pytest.raises(ValueError, match=r"source 'x': .*x/stats.json holds non-finite .*actions\.mean\[1\] = nan"):
+        datamodule(pool, sources=cfg)
+
+
 def test_mismatched_views_or_image_size_fail_at_startup(pool, tmp_path):
     make_source(tmp_path / "big", "big", 2, embodiment="arm", size=24)
     cfg = sources(pool, ["a"]) + [dict(name="big", shards=str(tmp_path / "big"), embodiment="arm")]

@@ -36,3 +36,18 @@ def test_checksum_and_missing_sidecar_are_reported(tmp_path, capsys):
     assert main([str(src), str(tmp_path / "empty")]) == 1
     err = capsys.readouterr().err
     assert "checksum" in err and "index.json is missing" in err
+
+
+def test_non_finite_statistics_are_reported_with_file_and_key(tmp_path, capsys):
+    import json
+
+    src = make_source(tmp_path / "s", "s", 2, samples_per_shard=100)
+    stats = json.loads((src / "stats.json").read_text())
+    stats["actions"]["std"][0] = float("inf")
+    stats["state"]["quantiles"][3] = [float("nan")] * len(stats["state"]["quantiles"][3])
+    (src / "stats.json").write_text(json.dumps(stats))
+    assert main([str(src)]) == 1
+    lines = [line for line in capsys.readouterr().err.splitlines() if "non_finite_stats" in line]
+    assert len(lines) == 2 and all(line.startswith(f"{src / 'stats.json'}: ") for line in lines), lines
+    assert any("actions.std: non_finite_stats: [0]=inf" in line for line in lines), lines
+    assert any("state.quantiles: non_finite_stats: [3][0]=nan" in line for line in lines), lines

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -207,3 +208,11 @@ def test_idm_recipe_validates_on_held_out_worlds_at_one_horizon() -> None:
     assert prepare["heldout"]["robot"] > 0
     head = config["model"]["init_args"]["model"]["init_args"]["action_head"]["init_args"]
     assert data["horizon"] == prepare["horizon"] == head["horizon"]
+
+
+def test_a_diverging_fit_stops_at_its_first_non_finite_loss(tmp_path: Path) -> None:
+    """Every CLI run carries StopOnNonFiniteLoss (`non_finite_loss`); a learning rate of 1e30 diverges at once."""
+    proc = run_cli([*_fit_args(tmp_path), "--model.init_args.lr=1e30", "--trainer.max_steps=20"])
+    assert proc.returncode != 0
+    assert re.search(r"training loss is (nan|inf) at step \d+ ", proc.stderr), proc.stderr[-3000:]
+    assert "non_finite_loss" in proc.stderr  # the message says how to opt out
