@@ -3,15 +3,73 @@ exists)."""
 
 from __future__ import annotations
 
+import signal
+import threading
 from collections import Counter
 from typing import Any
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.callbacks import EMAWeightAveraging
+from lightning.pytorch.callbacks import EMAWeightAveraging, ModelCheckpoint
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch.optim.swa_utils import get_ema_multi_avg_fn
 
 from datamodules import schema
+
+
+class CheckpointOnSignal(Callback):
+    """On SIGTERM or SIGINT, finish the current training step, save a resumable checkpoint at it through the run's
+    ``ModelCheckpoint`` callbacks (the step's file and ``last.ckpt``, so ``--ckpt_path last`` continues from it), and
+    exit with status 128 + the signal number (143 for SIGTERM, 130 for SIGINT).
+
+    Why: Lightning already stops at the next step boundary on SIGTERM (``trainer.received_sigterm``, agreed across
+    DDP ranks), but saves nothing there and exits 0, so a preempted job looks finished and loses every step since
+    the last periodic checkpoint. SIGINT would raise ``KeyboardInterrupt`` wherever the step happens to be; here it
+    takes the SIGTERM path instead, and a second Ctrl+C still stops at once. The vla-zoo CLI adds this callback to
+    every run (config section ``checkpoint_on_signal``).
+
+    Args:
+        enabled: False leaves the signals to Lightning (SIGTERM: stop after the step, no checkpoint, status 0).
+    """
+
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = enabled
+        self.received: int | None = None
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # Lightning installs its SIGTERM handler just before the loop starts (after on_fit_start) and restores the
+        # previous handlers of every signal at teardown, ours included.
+        if not self.enabled or threading.current_thread() is not threading.main_thread():
+            return
+        lightning_handler = signal.getsignal(signal.SIGTERM)
+
+        def handler(signum: int, frame: Any) -> None:
+            if signum == signal.SIGINT and self.received is not None:
+                raise KeyboardInterrupt  # a second Ctrl+C: the user does not want to wait for the step
+            self.received = signum
+            rank_zero_info(f"received {signal.Signals(signum).name}: saving a checkpoint after the current step")
+            if callable(lightning_handler):
+                lightning_handler(signum, frame)  # sets trainer.received_sigterm: the loop stops after this step
+            else:
+                trainer.should_stop = True
+
+        self.received = None
+        signal.signal(signal.SIGTERM, handler)
+        signal.signal(signal.SIGINT, handler)
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        if self.received is None or not isinstance(exception, SIGTERMException):
+            return
+        checkpoints = [cb for cb in trainer.checkpoint_callbacks if isinstance(cb, ModelCheckpoint)]
+        if not checkpoints:
+            rank_zero_warn(f"{signal.Signals(self.received).name}: the run has no ModelCheckpoint callback, so no "
+                           "checkpoint was saved; add one with `dirpath` and `save_last: true` to the recipe")
+        # Lightning orders ModelCheckpoint callbacks last, so their own on_exception runs after this one and saves.
+        for callback in checkpoints:
+            callback.save_on_exception = True
+        # SIGTERMException is a SystemExit without a code (status 0): make the interruption visible to the caller.
+        exception.code = 128 + self.received
 
 
 class NonFiniteLossError(RuntimeError):

@@ -21,7 +21,7 @@ from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
 from lit_modules.checkpoint import CONFIG_KEY, refusal, safe_unpickling
-from vla_zoo.callbacks import StopOnNonFiniteLoss
+from vla_zoo.callbacks import CheckpointOnSignal, StopOnNonFiniteLoss
 
 
 class SaveConfigToLogDirAndCheckpoints(SaveConfigCallback):
@@ -39,6 +39,8 @@ class SaveConfigToLogDirAndCheckpoints(SaveConfigCallback):
             # validate / test / predict on a finished run read its config; they must not refuse to run because
             # the run's config.yaml exists, nor replace the recipe that trained the checkpoint.
             return
+        # A resumed fit (`--ckpt_path`) continues the run whose config.yaml is there: refresh it rather than refuse.
+        self.overwrite = self.overwrite or bool(self.config.get("ckpt_path"))
         super().setup(trainer, pl_module, stage)
 
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
@@ -62,6 +64,8 @@ class VLAZooCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: Any) -> None:
         # Every run stops at its first NaN/inf training loss; a recipe opts out with `non_finite_loss: {enabled: false}`.
         parser.add_lightning_class_args(StopOnNonFiniteLoss, "non_finite_loss")
+        # Every run saves a resumable checkpoint when it is sent SIGTERM or SIGINT, then exits non-zero.
+        parser.add_lightning_class_args(CheckpointOnSignal, "checkpoint_on_signal")
 
     def _parse_ckpt_path(self) -> None:
         # LightningCLI reads `--ckpt_path`'s hyper-parameters before building the model: with our allow-list too.

@@ -1,14 +1,17 @@
 """vla_zoo.callbacks: our replacements compute what the Lightning callbacks they replace compute; a non-finite loss
-stops the fit."""
+stops the fit; a signal saves a checkpoint to resume from."""
 
 from __future__ import annotations
+
+import signal
 
 import lightning as L
 import pytest
 import torch
-from lightning.pytorch.callbacks import EMAWeightAveraging, WeightAveraging
+from lightning.pytorch.callbacks import EMAWeightAveraging, ModelCheckpoint, WeightAveraging
 
-from vla_zoo.callbacks import ForeachEMAWeightAveraging, NonFiniteLossError, StopOnNonFiniteLoss
+from tests.vla_zoo.fit_fixtures import SignalAtStep
+from vla_zoo.callbacks import CheckpointOnSignal, ForeachEMAWeightAveraging, NonFiniteLossError, StopOnNonFiniteLoss
 
 
 class _Regression(L.LightningModule):
@@ -100,3 +103,53 @@ def test_the_stop_leaves_the_weights_finite():
     with pytest.raises(NonFiniteLossError):
         trainer.fit(model, datamodule=_TwoSources())
     assert torch.isfinite(model.w).all() and trainer.global_step == 2
+
+
+class _Scheduled(L.LightningModule):
+    """AdamW with a per-step decaying learning rate, so optimizer moments and the rate both depend on the step."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = torch.nn.Linear(4, 1)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return torch.nn.functional.mse_loss(self.net(x), y)
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.AdamW(self.parameters(), lr=0.01)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.9 ** step)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def _fit_scheduled(root, max_steps: int, *callbacks, ckpt_path=None) -> L.Trainer:
+    torch.manual_seed(0)
+    x = torch.randn(64, 4, generator=torch.Generator().manual_seed(0))
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, x.sum(1, keepdim=True)), batch_size=4)
+    trainer = L.Trainer(max_steps=max_steps, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        accelerator="cpu", devices=1, default_root_dir=root,
+                        callbacks=[ModelCheckpoint(dirpath=root / "ckpt", save_last=True), *callbacks])
+    trainer.fit(_Scheduled(), data, ckpt_path=ckpt_path)
+    return trainer
+
+
+def test_sigint_saves_a_checkpoint_equal_to_an_uninterrupted_run_at_that_step_and_resume_continues(tmp_path):
+    with pytest.raises(SystemExit) as stopped:
+        _fit_scheduled(tmp_path / "cut", 20, CheckpointOnSignal(), SignalAtStep(5, signal.SIGINT))
+    assert stopped.value.code == 128 + signal.SIGINT
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Ctrl+C behaves as before after the fit
+    cut = torch.load(tmp_path / "cut" / "ckpt" / "last.ckpt", weights_only=True)
+    _fit_scheduled(tmp_path / "whole", 5)
+    whole = torch.load(tmp_path / "whole" / "ckpt" / "last.ckpt", weights_only=True)
+    assert cut["global_step"] == whole["global_step"] == 5
+    assert cut["lr_schedulers"] == whole["lr_schedulers"]
+    assert cut["optimizer_states"][0]["param_groups"] == whole["optimizer_states"][0]["param_groups"]
+    for key, state in whole["optimizer_states"][0]["state"].items():
+        for name, value in state.items():
+            assert torch.equal(cut["optimizer_states"][0]["state"][key][name], value), (key, name)
+    for name, value in whole["state_dict"].items():
+        assert torch.equal(cut["state_dict"][name], value), name
+    resumed = _fit_scheduled(tmp_path / "cut", 8, CheckpointOnSignal(), ckpt_path="last")
+    assert resumed.global_step == 8
+    assert resumed.optimizers[0].state_dict()["state"][0]["step"] == 8  # AdamW's moments continued, not restarted
+    assert resumed.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.01 * 0.9 ** 8)

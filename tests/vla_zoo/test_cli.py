@@ -216,3 +216,24 @@ def test_a_diverging_fit_stops_at_its_first_non_finite_loss(tmp_path: Path) -> N
     assert proc.returncode != 0
     assert re.search(r"training loss is (nan|inf) at step \d+ ", proc.stderr), proc.stderr[-3000:]
     assert "non_finite_loss" in proc.stderr  # the message says how to opt out
+
+
+def test_sigterm_saves_a_checkpoint_exits_nonzero_and_ckpt_path_last_resumes(tmp_path: Path) -> None:
+    """A preempted fit (SIGTERM after step 3) leaves last.ckpt at step 3 and exits 143; the same command with
+    `--ckpt_path last` continues from step 3 (tests/vla_zoo/test_callbacks.py compares the states in detail)."""
+    def overlay(*extra: dict) -> str:
+        path = tmp_path / f"overlay{len(extra)}.yaml"
+        callbacks = [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                      "init_args": {"dirpath": str(tmp_path / "ckpt"), "save_last": True}}, *extra]
+        path.write_text(yaml.safe_dump({"trainer": {"callbacks": callbacks, "logger": False}}))
+        return str(path)
+
+    signal_at_3 = {"class_path": "tests.vla_zoo.fit_fixtures.SignalAtStep", "init_args": {"step": 3}}
+    base = ["fit", "--config", MINIMAL, f"--trainer.default_root_dir={tmp_path}", "--trainer.max_steps=6"]
+    cut = run_cli([*base, "--config", overlay(signal_at_3)])
+    assert cut.returncode == 143, cut.stderr[-3000:]
+    assert read_checkpoint(tmp_path / "ckpt" / "last.ckpt")["global_step"] == 3
+    resumed = run_cli([*base, "--config", overlay(), "--ckpt_path", "last"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"Restored all states from the checkpoint at {tmp_path / 'ckpt' / 'last.ckpt'}" in resumed.stdout + resumed.stderr
+    assert read_checkpoint(tmp_path / "ckpt" / "last.ckpt")["global_step"] == 6
