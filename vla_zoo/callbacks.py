@@ -59,17 +59,20 @@ class CheckpointOnSignal(Callback):
         signal.signal(signal.SIGINT, handler)
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
-        if self.received is None or not isinstance(exception, SIGTERMException):
+        # Lightning raises SIGTERMException on every rank once any rank got the signal, so all ranks save together
+        # (saving has a barrier), including ranks whose own handler never ran.
+        if not self.enabled or not isinstance(exception, SIGTERMException):
             return
+        signum = self.received or int(signal.SIGTERM)
         checkpoints = [cb for cb in trainer.checkpoint_callbacks if isinstance(cb, ModelCheckpoint)]
         if not checkpoints:
-            rank_zero_warn(f"{signal.Signals(self.received).name}: the run has no ModelCheckpoint callback, so no "
+            rank_zero_warn(f"{signal.Signals(signum).name}: the run has no ModelCheckpoint callback, so no "
                            "checkpoint was saved; add one with `dirpath` and `save_last: true` to the recipe")
         # Lightning orders ModelCheckpoint callbacks last, so their own on_exception runs after this one and saves.
         for callback in checkpoints:
             callback.save_on_exception = True
         # SIGTERMException is a SystemExit without a code (status 0): make the interruption visible to the caller.
-        exception.code = 128 + self.received
+        exception.code = 128 + signum
 
 
 class NonFiniteLossError(RuntimeError):
