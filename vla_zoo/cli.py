@@ -17,10 +17,12 @@ import pickle
 import warnings
 from typing import Any
 
+import yaml
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
-from lit_modules.checkpoint import CONFIG_KEY, refusal, safe_unpickling
+from lit_modules.checkpoint import CONFIG_KEY, load_run_config, refusal, safe_unpickling
 from vla_zoo.callbacks import CheckpointOnSignal, StopOnNonFiniteLoss
 
 
@@ -47,6 +49,59 @@ class SaveConfigToLogDirAndCheckpoints(SaveConfigCallback):
         text = getattr(self, "_config_text", None)
         if text is not None:
             checkpoint[CONFIG_KEY] = text
+
+
+def default_checkpoint_dirs(trainer: Trainer) -> list[str]:
+    """Gives every ``ModelCheckpoint`` without a ``dirpath`` the run's stable ``<default_root_dir>/checkpoints``
+    (Lightning's default is the logger's version directory, new for every run, so ``--ckpt_path last`` would find
+    nothing); returns the directories the run's checkpoints go to."""
+    dirs = []
+    for callback in trainer.checkpoint_callbacks:
+        if isinstance(callback, ModelCheckpoint):
+            if callback.dirpath is None:
+                callback.dirpath = os.path.realpath(os.path.join(trainer.default_root_dir, "checkpoints"))
+            dirs.append(os.fspath(callback.dirpath))
+    return dirs
+
+
+def resolve_last(dirs: list[str]) -> str:
+    """``--ckpt_path last``: the newest ``last*.ckpt`` in the run's checkpoint directories. Finding none is an error
+    (Lightning would start from scratch with a warning, and a resumed run would silently restart)."""
+    if not dirs:
+        raise ValueError("--ckpt_path last: this run has no ModelCheckpoint callback, so it has no last checkpoint; "
+                         "add one to trainer.callbacks (with save_last: true) or pass a checkpoint path")
+    found = [os.path.join(d, name) for d in dirs if os.path.isdir(d)
+             for name in os.listdir(d) if name.startswith("last") and name.endswith(".ckpt")]
+    if not found:
+        raise FileNotFoundError(
+            f"--ckpt_path last: no last*.ckpt in {dirs} (relative to {os.getcwd()}), so there is nothing to resume. "
+            "Start the run without --ckpt_path, pass a checkpoint path, or point trainer.default_root_dir (or the "
+            "ModelCheckpoint's dirpath) at the run you mean to continue"
+        )
+    return max(found, key=os.path.getmtime)
+
+
+def check_same_run(path: str, run_config: dict[str, Any]) -> None:
+    """Refuses to resume, as ``last``, a checkpoint another recipe wrote (runs that share a checkpoint directory):
+    its embedded model and data config must equal this run's."""
+    try:
+        stored = load_run_config(path)
+    except KeyError:
+        return  # not written by the CLI: nothing to compare
+    differ = [key for section in ("model", "data")
+              for key in _differences(stored.get(section), run_config.get(section), section)]
+    if differ:
+        raise ValueError(
+            f"--ckpt_path last resolved to {path}, which a different run wrote (its recipe differs at {differ[:5]}): "
+            "this run shares its checkpoint directory with another. Give this recipe its own "
+            "trainer.default_root_dir, or pass the checkpoint path itself to continue from it anyway"
+        )
+
+
+def _differences(a: Any, b: Any, prefix: str) -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [d for k in sorted(set(a) | set(b), key=str) for d in _differences(a.get(k), b.get(k), f"{prefix}.{k}")]
+    return [] if a == b else [prefix]
 
 
 class VLAZooCLI(LightningCLI):
@@ -80,6 +135,13 @@ class VLAZooCLI(LightningCLI):
         # `--ckpt_path` is read like every other checkpoint: weights_only, so a crafted file cannot run code.
         if "weights_only" in self._subcommand_method_arguments[subcommand] and kwargs.get("weights_only") is None:
             kwargs["weights_only"] = True
+        dirs = default_checkpoint_dirs(self.trainer)
+        if kwargs.get("ckpt_path") == "last":
+            kwargs["ckpt_path"] = resolve_last(dirs)
+            if subcommand == "fit":
+                run_config = yaml.safe_load(self._parser(subcommand).dump(
+                    self.config[subcommand], skip_none=False, skip_validation=True))
+                check_same_run(kwargs["ckpt_path"], run_config)
         return kwargs
 
     def _run_subcommand(self, subcommand: str) -> None:

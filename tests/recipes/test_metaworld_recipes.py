@@ -154,6 +154,9 @@ def test_hour_recipe_for_slow_cpus_is_the_benchmarked_one(recipe, width, steps, 
     assert cli.trainer.max_steps % cli.trainer.val_check_interval == 0
     # Its checkpoints and logs do not overwrite those of mt10_conv_ema.yaml or of the other hour recipe.
     from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from vla_zoo.cli import default_checkpoint_dirs
     (checkpoint,) = [c for c in cli.trainer.callbacks if isinstance(c, ModelCheckpoint)]
-    assert Path(checkpoint.dirpath).parent.name == recipe and checkpoint.save_last
+    (directory,) = default_checkpoint_dirs(cli.trainer)  # <default_root_dir>/checkpoints, as the CLI sets it
+    assert Path(directory).parent.name == recipe and checkpoint.save_last
     assert Path(cli.trainer.logger.save_dir).name == recipe

@@ -30,7 +30,7 @@ def test_fit_writes_checkpoint_and_config(entry: str, tmp_path: Path) -> None:
     run_dir = tmp_path / "logs" / "version_0"
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert config["trainer"]["max_steps"] == 5
-    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    ckpt = tmp_path / "checkpoints" / "last.ckpt"  # <default_root_dir>/checkpoints: the same for every run
     assert ckpt.is_file()
     # The checkpoint carries the recipe on its own and rebuilds its model without the log dir.
     embedded = load_run_config(ckpt)
@@ -221,19 +221,21 @@ def test_a_diverging_fit_stops_at_its_first_non_finite_loss(tmp_path: Path) -> N
 def test_sigterm_saves_a_checkpoint_exits_nonzero_and_ckpt_path_last_resumes(tmp_path: Path) -> None:
     """A preempted fit (SIGTERM after step 3) leaves last.ckpt at step 3 and exits 143; the same command with
     `--ckpt_path last` continues from step 3 (tests/vla_zoo/test_callbacks.py compares the states in detail)."""
-    def overlay(*extra: dict) -> str:
-        path = tmp_path / f"overlay{len(extra)}.yaml"
-        callbacks = [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                      "init_args": {"dirpath": str(tmp_path / "ckpt"), "save_last": True}}, *extra]
-        path.write_text(yaml.safe_dump({"trainer": {"callbacks": callbacks, "logger": False}}))
-        return str(path)
-
+    minimal = yaml.safe_load(Path(MINIMAL).read_text())
     signal_at_3 = {"class_path": "tests.vla_zoo.fit_fixtures.SignalAtStep", "init_args": {"step": 3}}
-    base = ["fit", "--config", MINIMAL, f"--trainer.default_root_dir={tmp_path}", "--trainer.max_steps=6"]
-    cut = run_cli([*base, "--config", overlay(signal_at_3)])
+    overlay = tmp_path / "preempted.yaml"
+    overlay.write_text(yaml.safe_dump({"trainer": {"callbacks": [*minimal["trainer"]["callbacks"], signal_at_3]}}))
+    args = [*_fit_args(tmp_path), "--trainer.max_steps=6"]
+    with pytest.raises(FileNotFoundError, match=re.escape(f"no last*.ckpt in ['{tmp_path / 'checkpoints'}']")):
+        main([*args, "--ckpt_path", "last"])  # nothing to resume yet: an error naming where it looked
+    cut = run_cli([*args, "--config", str(overlay)])
     assert cut.returncode == 143, cut.stderr[-3000:]
-    assert read_checkpoint(tmp_path / "ckpt" / "last.ckpt")["global_step"] == 3
-    resumed = run_cli([*base, "--config", overlay(), "--ckpt_path", "last"])
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    assert read_checkpoint(last)["global_step"] == 3
+    resumed = run_cli([*args, "--ckpt_path", "last"])  # recipes/minimal.yaml's own callbacks
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"Restored all states from the checkpoint at {tmp_path / 'ckpt' / 'last.ckpt'}" in resumed.stdout + resumed.stderr
-    assert read_checkpoint(tmp_path / "ckpt" / "last.ckpt")["global_step"] == 6
+    assert f"Restored all states from the checkpoint at {last}" in resumed.stdout + resumed.stderr
+    assert read_checkpoint(last)["global_step"] == 6
+    # `last` must be this recipe's own: another recipe's checkpoint in the same directory is refused.
+    with pytest.raises(ValueError, match=r"a different run wrote \(its recipe differs at \['model.init_args.lr'\]\)"):
+        main([*args, "--model.init_args.lr=0.01", "--ckpt_path", "last"])
