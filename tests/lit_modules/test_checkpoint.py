@@ -73,6 +73,10 @@ def test_every_loader_refuses_a_malicious_checkpoint_without_running_it(maliciou
     _refused(lambda: policy._load_initial_weights(str(path)), path, marker)
     _refused(lambda: CheckpointLatentActionLabeler(checkpoint=str(path)), path, marker)
     _refused(lambda: CheckpointIDMLabeler(checkpoint=str(path), embodiment="point_gripper"), path, marker)
+    from vla_zoo.groot.cli import main as groot_main
+
+    assert groot_main(["export", str(path), str(tmp_path / "out")]) == 1
+    assert not marker.exists() and not (tmp_path / "out").exists()
 
 
 def test_resuming_from_a_malicious_checkpoint_is_refused(malicious, tmp_path) -> None:

@@ -24,6 +24,7 @@ MT10 = [*MW, "metaworld/demos50.yaml", *CONV, "metaworld/mt10_conv_ema.yaml"]
 STACKS = {
     "minimal.yaml": [], PRE: [], LAM: [], "idm.yaml": [],
     "posttrain.yaml": [PRE], "pretrain_staged.yaml": [PRE], "n1.yaml": [PRE],
+    "groot/n1.yaml": [PRE], "groot/n1_5.yaml": [PRE], "finetune_lora.yaml": [PRE, "posttrain.yaml"],
     "ablations/conv_vision.yaml": [PRE, CONV[0]],
     "ablations/keypoints.yaml": [PRE, *CONV], "ablations/coord_conv.yaml": [PRE, *CONV],
     "ablations/lam_motion_decoder.yaml": [LAM],
