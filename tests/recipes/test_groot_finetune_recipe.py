@@ -62,4 +62,4 @@ def test_import_finetune_with_lora_on_a_lerobot_dataset_serve_and_export(tmp_pat
     metadata = json.loads((tmp_path / "exported/experiment_cfg/metadata.json").read_text())
     assert list(metadata) == ["new_embodiment"]  # slot 31
     assert list(metadata["new_embodiment"]["statistics"]["state"]) == ["single_arm", "gripper"]
-    assert torch.load(ckpt, weights_only=False)["vla_zoo_data_spec"]["embodiments"]["my_robot"]["id"] == 31
+    assert torch.load(ckpt, weights_only=True)["vla_zoo_data_spec"]["embodiments"]["my_robot"]["id"] == 31

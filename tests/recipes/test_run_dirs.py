@@ -25,6 +25,7 @@ STACKS = {
     "minimal.yaml": [], PRE: [], LAM: [], "idm.yaml": [],
     "posttrain.yaml": [PRE], "pretrain_staged.yaml": [PRE], "n1.yaml": [PRE],
     "groot/n1.yaml": [PRE], "groot/n1_5.yaml": [PRE], "finetune_lora.yaml": [PRE, "posttrain.yaml"],
+    "groot/finetune.yaml": [PRE, "groot/n1_5.yaml", "finetune_lora.yaml"],
     "ablations/conv_vision.yaml": [PRE, CONV[0]],
     "ablations/keypoints.yaml": [PRE, *CONV], "ablations/coord_conv.yaml": [PRE, *CONV],
     "ablations/lam_motion_decoder.yaml": [LAM],

@@ -12,6 +12,7 @@ import torch
 from components.action_head import FlowMatchingActionHead
 from components.backbones import SmolVLMBackbone
 from datamodules.normalization import Normalizer
+from datamodules.spec import DataSpec
 from lit_modules.vla_policy import VLAPolicy
 from tests.vla_zoo.policy_fixtures import make_observation
 from vla_zoo.deploy.validation import ObservationError
@@ -30,11 +31,11 @@ def module() -> VLAPolicy:
     model = VLAPolicy(backbone=backbone, action_head=head)
     stats = {"min": STATE_LOW, "max": STATE_HIGH}
     normalizer = Normalizer({"state": stats, "actions": {"min": [-1.0] * 3, "max": [1.0] * 3}})
-    model.data_spec = {
+    model.data_spec = DataSpec.from_dict({
         "embodiments": {"point_gripper": {"id": 0, "state_dim": 3, "action_dim": 3, "has_action": True,
                                           "normalizer": normalizer.to_dict(), "modality": None}},
         "views": ["scene", "wrist"], "image_size": [32, 32], "horizon": 4, "max_state_dim": 4, "max_action_dim": 4,
-    }
+    })
     return model
 
 
