@@ -186,7 +186,7 @@ def test_in_process_observation_errors_name_the_key(trained) -> None:
         policy.get_action({**obs, "images": grey})
     with pytest.raises(ValueError, match=r"observation is missing \['instruction'\]"):
         policy.get_action({k: v for k, v in obs.items() if k != "instruction"})
-    with pytest.raises(ValueError, match=r"observation\['state'\] contains NaN"):
+    with pytest.raises(ValueError, match=r"observation\['state'\] holds NaN or inf at dims"):
         policy.get_action({**obs, "state": np.full_like(obs["state"], np.nan)})
     # Another size than the training frames, shared by every view, is resized by the backbone as before.
     large = {view: np.repeat(np.repeat(frame, 2, 0), 2, 1) for view, frame in images.items()}
