@@ -32,6 +32,7 @@ import json
 import os
 import re
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -134,8 +135,58 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+@dataclass
+class EncodedEpisode:
+    """One episode already turned into its samples (``encode_for_source``), without its frames: what
+    ``write_source`` needs of it. Worker processes encode episodes in parallel and hand these to one writer."""
+
+    index: int  # the episode's number in its source (sample keys and ``meta.json`` carry it)
+    props: dict[str, Any]  # embodiment, views, image_size, fps, has_action, privileged_dim: equal across a source
+    samples: list[dict[str, Any]]  # member name -> bytes, one per anchor step
+    state: np.ndarray | None
+    actions: np.ndarray | None
+    privileged: np.ndarray | None
+
+
+def default_modality(episode: Episode) -> Modality:
+    """Made-up names ``state_0``, ``action_0``, ... for an episode's dims (none at all for actionless video)."""
+    s_dim = episode.state.shape[1] if episode.state is not None else 0
+    a_dim = episode.actions.shape[1] if episode.actions is not None else 0
+    return Modality([f"state_{i}" for i in range(s_dim)], [f"action_{i}" for i in range(a_dim)])
+
+
+def encode_for_source(
+    episode: Episode, index: int, *, source: str, horizon: int, modality: Modality, jpeg_quality: int = 90
+) -> EncodedEpisode:
+    """Check one episode against ``modality`` and encode its samples (the part of ``write_source`` that depends on
+    this episode alone, so it can run in any process)."""
+    views = list(episode.frames)
+    for v in views:
+        _check_name("view", v)
+    props = {
+        "embodiment": episode.embodiment, "views": views, "image_size": list(episode.frames[views[0]].shape[1:3]),
+        "fps": float(episode.fps), "has_action": episode.has_action,
+        "privileged_dim": 0 if episode.privileged is None else int(episode.privileged.shape[1]),
+    }
+    if any(f.shape[1:3] != tuple(props["image_size"]) for f in episode.frames.values()):
+        raise ValueError(f"source {source!r}: episode {index} views differ in image size; resize them first")
+    for key, arr, dim in (("state", episode.state, modality.state_dim),
+                          ("actions", episode.actions, modality.action_dim)):
+        if arr is not None and arr.shape[1] != dim:
+            raise ValueError(f"source {source!r}: episode {index} {key} has {arr.shape[1]} dims but the modality "
+                             f"names {dim}")
+        if arr is not None and not np.isfinite(arr).all():
+            raise ValueError(f"source {source!r}: episode {index} {key} contains NaN or inf")
+    if episode.privileged is not None and not np.isfinite(episode.privileged).all():
+        raise ValueError(f"source {source!r}: episode {index} privileged contains NaN or inf")
+    samples = list(encode_episode(episode, index, source=source, horizon=horizon, views=views,
+                                  state_dim=modality.state_dim, action_dim=modality.action_dim,
+                                  jpeg_quality=jpeg_quality))
+    return EncodedEpisode(index, props, samples, episode.state, episode.actions, episode.privileged)
+
+
 def write_source(
-    episodes: Iterable[Episode],
+    episodes: Iterable[Episode | EncodedEpisode],
     out_dir: str | os.PathLike,
     *,
     source: str,
@@ -149,7 +200,9 @@ def write_source(
 
     All episodes must share embodiment, views, image size, fps and whether they have actions. ``modality`` names
     the state/action dimensions; without it names ``state_0``, ``action_0``, ... are made up (or no dims at all for
-    actionless video). Returns the ``source.json`` dict.
+    actionless video). Episodes may come already encoded (``encode_for_source`` with the same ``source``,
+    ``horizon``, ``modality`` and ``jpeg_quality``, numbered 0, 1, ... in order): the shards are the same bytes.
+    Returns the ``source.json`` dict.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -168,43 +221,30 @@ def write_source(
                        "sha256": _sha256(shard_path)})
 
     for index, ep in enumerate(episodes):
-        views = list(ep.frames)
-        props = {
-            "embodiment": ep.embodiment, "views": views, "image_size": list(ep.frames[views[0]].shape[1:3]),
-            "fps": float(ep.fps), "has_action": ep.has_action,
-            "privileged_dim": 0 if ep.privileged is None else int(ep.privileged.shape[1]),
-        }
+        if modality is None:
+            if isinstance(ep, EncodedEpisode):
+                raise ValueError(f"source {source!r}: encoded episodes need the `modality` they were encoded with")
+            modality = default_modality(ep)
+        if isinstance(ep, EncodedEpisode):
+            if ep.index != index:
+                raise ValueError(f"source {source!r}: encoded episode {ep.index} arrived at position {index}; "
+                                 "hand encoded episodes over in order")
+        else:
+            ep = encode_for_source(ep, index, source=source, horizon=horizon, modality=modality,
+                                   jpeg_quality=jpeg_quality)
         if first is None:
-            for v in views:
-                _check_name("view", v)
-            if modality is None:
-                s_dim = ep.state.shape[1] if ep.state is not None else 0
-                a_dim = ep.actions.shape[1] if ep.actions is not None else 0
-                modality = Modality([f"state_{i}" for i in range(s_dim)], [f"action_{i}" for i in range(a_dim)])
-            first = props
-        for name, value in props.items():
+            first = ep.props
+        for name, value in ep.props.items():
             if value != first[name]:
                 raise ValueError(f"source {source!r}: episode {index} has {name}={value!r} but episode 0 has "
                                  f"{first[name]!r}; write episodes that differ into separate sources")
-        if any(f.shape[1:3] != tuple(first["image_size"]) for f in ep.frames.values()):
-            raise ValueError(f"source {source!r}: episode {index} views differ in image size; resize them first")
-        for key, arr, dim in (("state", ep.state, modality.state_dim), ("actions", ep.actions, modality.action_dim)):
-            if arr is not None and arr.shape[1] != dim:
-                raise ValueError(f"source {source!r}: episode {index} {key} has {arr.shape[1]} dims but the modality "
-                                 f"names {dim}")
-            if arr is not None and not np.isfinite(arr).all():
-                raise ValueError(f"source {source!r}: episode {index} {key} contains NaN or inf")
-        if ep.privileged is not None and not np.isfinite(ep.privileged).all():
-            raise ValueError(f"source {source!r}: episode {index} privileged contains NaN or inf")
         if ep.state is not None:
             states.append(ep.state)
         if ep.privileged is not None:
             privileged.append(ep.privileged)
         if ep.actions is not None:
             actions.append(ep.actions)
-        for sample in encode_episode(ep, index, source=source, horizon=horizon, views=views,
-                                     state_dim=modality.state_dim, action_dim=modality.action_dim,
-                                     jpeg_quality=jpeg_quality):
+        for sample in ep.samples:
             if writer is None or in_shard >= samples_per_shard:
                 if writer is not None:
                     close_shard()

@@ -51,3 +51,18 @@ def test_non_finite_statistics_are_reported_with_file_and_key(tmp_path, capsys):
     assert len(lines) == 2 and all(line.startswith(f"{src / 'stats.json'}: ") for line in lines), lines
     assert any("actions.std: non_finite_stats: [0]=inf" in line for line in lines), lines
     assert any("state.quantiles: non_finite_stats: [3][0]=nan" in line for line in lines), lines
+
+
+def test_decode_every_decodes_a_stride_but_still_counts_and_checksums_every_sample(tmp_path, monkeypatch):
+    import datamodules.validate as validate
+
+    src = make_source(tmp_path / "s", "s", 3, samples_per_shard=100)
+    decoded = []
+    real = validate.decode_sample
+    monkeypatch.setattr(validate, "decode_sample", lambda raw, meta: decoded.append(raw["__key__"]) or real(raw, meta))
+    problems, total = validate.validate_source(src, decode_every=4)
+    assert problems == [] and total > 4 and len(decoded) == -(-total // 4)
+    corrupt_shard(src / "shard-000000.tar", "non_finite")
+    assert any("checksum" in p for p in validate.validate_source(src, decode_every=10_000)[0])
+    with pytest.raises(ValueError, match=r"decode_every=...\) must be >= 1, got 0"):
+        validate.validate_source(src, decode_every=0)

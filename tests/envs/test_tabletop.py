@@ -12,8 +12,9 @@ import pytest
 from gymnasium.utils.env_checker import check_env
 from scipy.stats import binomtest
 
-from datamodules.shards import read_episodes
+from datamodules.shards import read_episodes, write_source
 from envs.tabletop import (
+    DEFAULT_EPISODES,
     ENV_IDS,
     MODALITIES,
     TIERS,
@@ -231,11 +232,69 @@ def test_heldout_split_holds_new_scenes_of_the_same_tier(tmp_path):
     assert len(list(read_episodes(pyramid.heldout_sources["robot"]))) == 2
 
 
+TINY = {"robot": 2, "robot_b": 1, "sim": 3, "human": 1, "neural": 1}
+
+
+def _indexes(root) -> dict:
+    """Every source's index.json (per shard: sample count, size, sha256) under a pyramid root."""
+    return {str(p.parent.relative_to(root)): json.loads(p.read_text()) for p in sorted(root.rglob("index.json"))}
+
+
+def test_presets_set_tier_sizes_and_overrides_win():
+    large = TabletopPyramid(preset="large")
+    assert large.episodes == {"robot": 50, "robot_b": 500, "sim": 3000, "human": 1000, "neural": 1000}
+    assert large.heldout == {"robot": 20, "sim": 50}
+    assert TabletopPyramid().episodes == DEFAULT_EPISODES and TabletopPyramid().heldout == {}
+    mixed = TabletopPyramid(preset="large", episodes={"sim": 7, "human": 0}, heldout={"sim": 0})
+    assert mixed.episodes["sim"] == 7 and "human" not in mixed.episodes and mixed.heldout == {"robot": 20}
+    with pytest.raises(ValueError, match=r"TabletopPyramid\(preset='huge'\): unknown preset; choose one of "
+                                         r"\['default', 'large'\]"):
+        TabletopPyramid(preset="huge")
+
+
+def test_preset_generation_is_deterministic_per_seed_and_independent_of_chunking(tmp_path):
+    """The same preset and seed give byte-identical shards however the tiers are cut into chunks (what a worker
+    renders), and the same bytes as writing the tier's episodes in one stream; another seed gives other data."""
+    make = lambda folder, seed, chunk, **kw: TabletopPyramid(  # noqa: E731
+        str(tmp_path / folder), seed=seed, image_size=32, horizon=4, preset="large", episodes={**TINY, **kw},
+        heldout={"robot": 1, "sim": 0}, num_workers=1, chunk_episodes=chunk, progress=False)
+    make("a", 0, 2).prepare()
+    make("b", 0, 3).prepare()
+    make("c", 1, 2, robot=0, robot_b=0, human=0, neural=0).prepare()
+    assert _indexes(tmp_path / "a") == _indexes(tmp_path / "b")
+    assert set(_indexes(tmp_path / "a")) == {*TINY, "heldout/robot"}
+    assert _indexes(tmp_path / "c")["sim"] != _indexes(tmp_path / "a")["sim"]
+    write_source(generate_episodes("sim", 3, seed=0, image_size=32), tmp_path / "stream", source="sim", horizon=4,
+                 modality=MODALITIES["point_gripper"])
+    assert json.loads((tmp_path / "stream" / "index.json").read_text()) == _indexes(tmp_path / "a")["sim"]
+
+
+def test_a_tier_that_fails_validation_gets_no_marker(tmp_path, monkeypatch):
+    monkeypatch.setattr("datamodules.validate.validate_source", lambda *a, **k: (["x: broken"], 0))
+    pyramid = TabletopPyramid(str(tmp_path), image_size=32, horizon=4, episodes={**TINY, "robot": 1, "robot_b": 0,
+                              "sim": 0, "human": 0, "neural": 0}, num_workers=1, progress=False)
+    with pytest.raises(RuntimeError, match=r"failed validation after writing \(0 of \d+ samples read\): x: broken"):
+        pyramid.prepare()
+    assert not pyramid.is_ready("robot") and not (tmp_path / "robot").exists()
+
+
+def test_scene_seeds_cover_every_split_and_retry(tmp_path):
+    pyramid = TabletopPyramid(str(tmp_path), episodes={**TINY, "robot": 1, "robot_b": 0, "sim": 0, "human": 0,
+                              "neural": 0}, heldout={"robot": 1}, num_workers=1, progress=False, image_size=32,
+                              horizon=4)
+    assert len(pyramid.scene_seeds(max_attempts=3)) == 6  # 2 episodes x 3 attempts
+    pyramid.prepare()
+    recorded = {e.metadata["seed"] for src in (*pyramid.sources.values(), *pyramid.heldout_sources.values())
+                for e in read_episodes(src)}
+    assert recorded <= pyramid.scene_seeds()
+
+
 @pytest.mark.slow  # 10-35 s here, depending on load: mostly two spawned workers importing webdataset and torch
 def test_pyramid_writes_every_tier_once_identically_for_any_worker_count(tmp_path):
     counts = {"robot": 3, "robot_b": 2, "sim": 3, "human": 2, "neural": 2}
     make = lambda folder, workers, **kw: TabletopPyramid(  # noqa: E731
-        str(tmp_path / folder), seed=0, horizon=8, episodes={**counts, **kw}, num_workers=workers
+        str(tmp_path / folder), seed=0, horizon=8, episodes={**counts, **kw}, num_workers=workers, chunk_episodes=2,
+        progress=False,
     )
     pyramid = make("a", 2)
     pyramid.prepare()
@@ -246,7 +305,7 @@ def test_pyramid_writes_every_tier_once_identically_for_any_worker_count(tmp_pat
         assert source["has_action"] == (not TIERS[tier].actionless)
         assert source["embodiment"] == TIERS[tier].embodiment
         assert set(source["views"]) == set(VIEWS)
-        # byte-identical shards whether the tiers were built by two processes or one
+        # byte-identical shards whether the tiers' chunks were rendered by two processes or one
         index = lambda root: json.loads((tmp_path / root / tier / "index.json").read_text())  # noqa: E731
         assert index("a") == index("b")
     replayed = list(read_episodes(pyramid.sources["robot"]))
