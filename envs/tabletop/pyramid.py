@@ -4,7 +4,7 @@
 ``datamodules.shards.write_source``) plus a ``READY.json`` marker holding the tier's config. A later ``prepare()``
 skips every tier whose marker matches and regenerates the ones whose config (episode count, seed, image size,
 wrist window, horizon, generator version) changed. A tier is written into a temporary folder, validated
-(``datamodules.validate``) and renamed into place, so an interrupted run never leaves a half-written source behind a
+(``datamodules.validate``, in a worker while the next tier is written) and renamed into place, so an interrupted run never leaves a half-written source behind a
 marker. ``heldout`` adds held-out splits, ``root/heldout/<tier>/``: the same tier from a seed derived from the
 pyramid's, so their scenes are new ones. ``preset`` picks the tier sizes (``PRESETS``): ``default`` for the main
 recipe, ``large`` for the tier study (``benchmarks/pyramid_study.py``).
@@ -114,11 +114,16 @@ def _progress(tier: str, total: int, enabled: bool):
                 mininterval=0.5 if tty else 60.0, dynamic_ncols=tty, ascii=not tty)
 
 
-def _write_tier(root: Path, tier: str, config: dict[str, Any], chunks: _Chunks, progress: bool) -> dict[str, Any]:
-    from datamodules.shards import write_source  # the writer belongs to the data layer, imported where it is used
+def _validate(tmp: str) -> tuple[list[str], int]:
     from datamodules.validate import validate_source
 
-    start = time.perf_counter()
+    return validate_source(tmp, checksums=True, decode_every=DECODE_EVERY)
+
+
+def _write_tier(root: Path, tier: str, config: dict[str, Any], chunks: _Chunks, progress: bool) -> tuple[Path, dict]:
+    """Write one tier into a temporary folder next to its final place; returns the folder and its ``source.json``."""
+    from datamodules.shards import write_source  # the writer belongs to the data layer, imported where it is used
+
     root.mkdir(parents=True, exist_ok=True)
     for stale in root.glob(f".{tier}.tmp-*"):
         shutil.rmtree(stale, ignore_errors=True)
@@ -138,18 +143,20 @@ def _write_tier(root: Path, tier: str, config: dict[str, Any], chunks: _Chunks, 
                               extra_metadata={"generator": "envs.tabletop", "config": config})
     finally:
         bar.close()
-    problems, samples = validate_source(tmp, checksums=True, decode_every=DECODE_EVERY)
+    return tmp, source
+
+
+def _publish(tmp: Path, final: Path, config: dict[str, Any], source: dict, checked: tuple[list[str], int]) -> None:
+    """Marker and rename into place, once the written tier passed validation."""
+    problems, samples = checked
     if problems or samples != source["samples"]:
         raise RuntimeError(f"tabletop pyramid: {tmp} failed validation after writing ({samples} of "
                            f"{source['samples']} samples read): " + "; ".join(problems[:5]))
     (tmp / MARKER).write_text(json.dumps(config, indent=1, sort_keys=True))
-    final = root / tier
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
-    log.info("tabletop pyramid: wrote %s (%d episodes, %d samples) in %.1f s", final, config["episodes"],
-             source["samples"], time.perf_counter() - start)
-    return source
+    log.info("tabletop pyramid: wrote %s (%d episodes, %d samples)", final, config["episodes"], source["samples"])
 
 
 class TabletopPyramid:
@@ -265,6 +272,16 @@ class TabletopPyramid:
         with executor:
             chunks = _Chunks(executor, [(tier, config) for _, tier, config in jobs], self.chunk_episodes,
                              window=2 * max(workers, 1))
+            written: deque = deque()
             for root, tier, config in jobs:
-                _write_tier(root, tier, config, chunks, self.progress)
+                tmp, source = _write_tier(root, tier, config, chunks, self.progress)
+                # validated by a worker while the writer goes on; published as soon as that is done, so an
+                # interrupted run keeps its finished tiers
+                written.append((tmp, root / tier, config, source, executor.submit(_validate, str(tmp))))
+                while written and written[0][-1].done():
+                    *args, checked = written.popleft()
+                    _publish(*args, checked.result())
+            while written:
+                *args, checked = written.popleft()
+                _publish(*args, checked.result())
         log.info("tabletop pyramid: %s ready in %.1f s", self.root, time.perf_counter() - start)
