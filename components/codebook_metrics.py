@@ -11,6 +11,25 @@ from __future__ import annotations
 import torch
 from torchmetrics import Metric
 
+#: A latent counts as learned when its probe removes at least this fraction of the displacement variance that the
+#: same architecture with random weights leaves unexplained (``variance_removed_beyond_random``).
+LEARNED_FRACTION = 2 / 3
+
+
+def variance_removed_beyond_random(r2_trained: float, r2_random: float) -> float:
+    """``(R2_trained - R2_random) / (1 - R2_random)``: the share of the variance left unexplained by random features
+    of the same architecture that the trained features explain. A fixed margin over random cannot be met where random
+    features already read much (0.80 leaves 0.20 to gain); this scales with what is left (0.97 against 0.80: 0.85).
+    Negative when training made the features worse."""
+    if not r2_random < 1.0:
+        raise ValueError(f"R2 of the random features must be below 1 to leave anything to explain, got {r2_random}")
+    return (r2_trained - r2_random) / (1.0 - r2_random)
+
+
+def latent_learned(r2_trained: float, r2_random: float, fraction: float = LEARNED_FRACTION) -> bool:
+    """The latent-action criterion: ``variance_removed_beyond_random(...) >= fraction`` (default two thirds)."""
+    return variance_removed_beyond_random(r2_trained, r2_random) >= fraction
+
 
 class CodebookUsage(Metric):
     """Perplexity, fraction of codes used and number of dead codes, from code indices of any shape.

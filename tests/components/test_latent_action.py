@@ -8,7 +8,13 @@ import pytest
 import torch
 from vector_quantize_pytorch import FSQ, VectorQuantize
 
-from components.codebook_metrics import CodebookUsage, RidgeProbeR2, ridge_probe_r2
+from components.codebook_metrics import (
+    CodebookUsage,
+    RidgeProbeR2,
+    latent_learned,
+    ridge_probe_r2,
+    variance_removed_beyond_random,
+)
 from components.latent_action import (
     LatentActionModel,
     LatentActionObjective,
@@ -106,6 +112,31 @@ def test_ridge_probe_folds_by_group_so_near_copies_cannot_leak():
     assert float(by_sample.compute()) > 0.9
     assert float(by_episode.compute()) < 0.1
     assert by_episode.n.tolist() == [float((keep & (episodes % 2 == k)).sum()) for k in range(2)]
+
+
+def test_latent_criterion_asks_for_two_thirds_of_what_random_features_leave():
+    # the wide-wrist latent: 0.97 against random weights' 0.80 removes 85% of the remaining variance
+    assert variance_removed_beyond_random(0.97, 0.80) == pytest.approx(0.85)
+    assert latent_learned(0.97, 0.80) and not latent_learned(0.85, 0.80)  # +0.05 on 0.80 removes 25%
+    assert latent_learned(0.40, -0.8)  # (0.4 + 0.8) / 1.8 = 2/3 exactly: on the threshold counts
+    assert not latent_learned(0.66, 0.06)  # the old "+0.3 over untrained" passes; 64% of what is left does not
+    assert variance_removed_beyond_random(0.5, 0.6) < 0
+    with pytest.raises(ValueError, match="must be below 1"):
+        variance_removed_beyond_random(1.0, 1.0)
+
+
+def test_probe_script_reports_the_criterion_on_its_best_displacement_probe():
+    import importlib.util
+
+    from tests.conftest import REPO_ROOT
+
+    spec = importlib.util.spec_from_file_location("lam_probe_episodes", REPO_ROOT / "benchmarks" / "lam_probe_episodes.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    probe = lambda *r2: {"displacement": {"fit_25_episodes": {"0.1": 0.0}, "fit_400_episodes": dict(zip("ab", r2))}}  # noqa: E731
+    result = {"trained": probe(0.9, 0.97), "untrained": probe(0.8, 0.7)}
+    assert script.criterion(result, 400) == {"r2_trained": 0.97, "r2_random": 0.8, "fraction_removed": 0.85,
+                                             "threshold": 0.6667, "learned": True}
 
 
 # ---------------------------------------------------------------------------------------------------- model
