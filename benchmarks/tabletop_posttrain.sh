@@ -3,9 +3,10 @@
 #   [PYTHON=.venv/bin/python] bash benchmarks/tabletop_posttrain.sh ARM SEED [STEPS] [DEMOS]
 # ARM: flow | regression (post-trained from runs/pretrain/checkpoints/last.ckpt: run `lightning fit --config
 # recipes/pretrain.yaml` first; the regression arm reuses only its backbone) or flow_scratch | regression_scratch
-# (the same recipe from random weights); a `_conv` infix (flow_conv, flow_conv_scratch, ...) swaps the ViT for the
-# conv vision tower (recipes/ablations/composed_backbone.yaml + conv_vision.yaml), and its `_scratch` arms train the
-# LM too (tune_llm=true: from random weights a frozen LM is a random projection).
+# (the same recipe from random weights, the LM trained too: from random weights a frozen LM is a random projection).
+# The System 2 is the recipes' default conv tower; a `_vit` infix (flow_vit, flow_vit_scratch, ...) swaps in the
+# SmolVLM-style ViT (recipes/ablations/vit_vision.yaml), whose `_scratch` arms keep the LM frozen as they always did.
+# A `_conv` infix is accepted for the runs named that way before the conv tower became the default (same model).
 # DEMOS (default 50, the pyramid's robot tier): post-train on the first DEMOS robot episodes of seed 0, generated
 # into .cache/vla_zoo/tabletop_robotDEMOS (episode i is the same episode in every pyramid of that seed).
 # Writes runs/results/ARM_sSEED[_dDEMOS]/{checkpoints/last.ckpt, eval/results.json}.
@@ -39,14 +40,14 @@ data:
     sources:
       - {name: robot, shards: $robot, embodiment: point_gripper, weight: 1.0, cache: true}
 YAML
+vision=()  # layered before posttrain.yaml, whose frozen LM then applies
+case "$arm" in *_vit*) vision+=(--config recipes/ablations/vit_vision.yaml) ;; esac
 extra=()
 case "$arm" in regression*) extra+=(--config recipes/ablations/regression_head.yaml) ;; esac
-case "$arm" in *_conv*) extra+=(--config recipes/ablations/composed_backbone.yaml \
-  --config recipes/ablations/conv_vision.yaml) ;; esac
 case "$arm" in *_scratch) extra+=(--model.init_args.init_from=null) ;; esac
-case "$arm" in *_conv*_scratch) extra+=(--model.init_args.backbone.init_args.tune_llm=true) ;; esac
+case "$arm" in *_vit*) ;; *_scratch) extra+=(--model.init_args.backbone.init_args.tune_llm=true) ;; esac
 start=$(date +%s)
-"$PYTHON" -m vla_zoo fit --config recipes/pretrain.yaml --config recipes/posttrain.yaml "${extra[@]}" \
+"$PYTHON" -m vla_zoo fit --config recipes/pretrain.yaml "${vision[@]}" --config recipes/posttrain.yaml "${extra[@]}" \
   --config "$out/overlay.yaml" --seed_everything="$seed"
 train_s=$(( $(date +%s) - start ))
 "$PYTHON" -m vla_zoo.evaluation --env tabletop --embodiment point_gripper --checkpoint "$out/checkpoints/last.ckpt" \
