@@ -20,6 +20,9 @@ incremental: seeds already in the JSON are skipped, finished stages (a ``DONE.js
 e.g. ``b``'s pretraining by ``e``; a stage or the JSON is locked while one process works on it, so seeds may run in
 parallel processes. ``--table`` prints the markdown table of the JSON: mean and spread over seeds, and for each
 difference (b-a, c-b, d-b, e-b) Fisher's exact test on the pooled episodes and Welch's t-test over seeds.
+``--objects-levels 1 2 4 6`` also rolls every arm out with that many objects in each scene (the target and the rest
+distractors; the pyramid's scenes hold 2-4), the same episodes otherwise: success per difficulty level (added to
+finished entries by running only the missing evaluations).
 
     python benchmarks/pyramid_study.py --arms a b c --seeds 0 1 2
     python benchmarks/pyramid_study.py --arms d e --seeds 0
@@ -111,6 +114,7 @@ class Study:
     videos: int
     tiers: dict[str, int] | None = None
     heldout: dict[str, int] | None = None
+    objects_levels: tuple[int, ...] = ()
 
     @property
     def budget(self) -> dict[str, Any]:
@@ -177,11 +181,11 @@ class Study:
                 f"--trainer.logger.init_args.save_dir={out}", f"--model.init_args.output_dir={out}",
                 f"--model.init_args.labelers={_flag(labelers)}"]
 
-    def evaluate(self, checkpoint: Path, out: Path) -> list[str]:
+    def evaluate(self, checkpoint: Path, out: Path, objects: int | None = None) -> list[str]:
         return [self.python, "-m", "vla_zoo.evaluation", "--env", "tabletop", "--embodiment", "point_gripper",
                 "--checkpoint", str(checkpoint), "--episodes", str(self.episodes), "--execute-steps",
                 str(self.execute_steps), "--seed", str(self.eval_seed), "--videos", str(self.videos),
-                "--out", str(out)]
+                *(["--objects", str(objects)] if objects is not None else []), "--out", str(out)]
 
     def stages(self, name: str, arm: Arm, seed: int) -> list[tuple[str, Path, list[str]]]:
         """The (stage, folder, command) list of one arm and seed, in order; a stage may belong to another arm."""
@@ -214,6 +218,9 @@ class Study:
         stem = "scratch" if arm.pretrain is None else "posttrain"
         stages.append(("posttrain", post, self.fit(stem, post, seed, self.posttrain_steps, *post_extra)))
         stages.append(("eval", run / "eval", self.evaluate(checkpoint(post), run / "eval")))
+        for n in self.objects_levels:  # the difficulty knob: the same episodes with n objects in every scene
+            folder = run / f"eval_objects{n}"
+            stages.append((f"eval_objects{n}", folder, self.evaluate(checkpoint(post), folder, objects=n)))
         return stages
 
 
@@ -297,7 +304,11 @@ def run_arm(study: Study, name: str, arm: Arm, seed: int) -> dict[str, Any]:
     results = json.loads((records["eval"][0] / "results.json").read_text())
     tasks = results["tasks"]
     minutes = {stage: round(rec["seconds"] / 60, 2) for stage, (_, rec) in records.items()}
-    train = [stage for stage in minutes if stage != "eval"]
+    train = [stage for stage in minutes if not stage.startswith("eval")]
+    by_objects = {}
+    for n in study.objects_levels:
+        level = json.loads((records[f"eval_objects{n}"][0] / "results.json").read_text())["tasks"]
+        by_objects[str(n)] = {task: level[task]["success_rate"] for task in TASKS}
     pyramid = study.prepare_args("posttrain")["episodes"]
     return {
         **{task: tasks[task]["success_rate"] for task in TASKS},
@@ -309,6 +320,7 @@ def run_arm(study: Study, name: str, arm: Arm, seed: int) -> dict[str, Any]:
         "pretrain_run": str(records["pretrain"][0]) if "pretrain" in records else None,
         "checkpoint": str(records["posttrain"][0] / "checkpoints" / "last.ckpt"),
         "commands": [rec["command"] for _, rec in records.values()],
+        **({"by_objects": by_objects} if by_objects else {}),
     }
 
 
@@ -408,6 +420,17 @@ def table(data: dict[str, Any]) -> str:
             cells.append(f"{change:+.2f}, p = {fisher_exact(kx, nx, ky, ny):.3g} ({kx}/{nx} vs {ky}/{ny}), "
                          f"{'n/a' if welch is None else f'{welch:.3g}'}")
         lines.append(f"| {x} - {y} | " + " | ".join(cells) + " |")
+    levels = sorted({n for arm in arms_.values() for s in arm["seeds"].values() for n in s.get("by_objects", {})},
+                    key=int)
+    if levels:
+        lines += ["", "| arm | " + " | ".join(f"{n} objects: pick_place / push" for n in levels) + " |",
+                  "|---|" + "---|" * len(levels)]
+        for name, arm in arms_.items():
+            seeds = [s["by_objects"] for s in arm["seeds"].values() if "by_objects" in s]
+            if seeds:
+                cells = [" / ".join(_spread([s[n][task] for s in seeds if n in s]) if any(n in s for s in seeds)
+                                    else "-" for task in TASKS) for n in levels]
+                lines.append(f"| {name} | " + " | ".join(cells) + " |")
     budget = data.get("budget")
     if budget:
         lines += ["", "Budget: " + ", ".join(f"{k} {v}" for k, v in budget.items())]
@@ -443,6 +466,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--eval-seed", type=int, default=1000)
     parser.add_argument("--videos", type=int, default=1, help="GIFs recorded per task family")
     parser.add_argument("--e-demos", nargs="+", type=int, default=[10, 25])
+    parser.add_argument("--objects-levels", nargs="+", type=int, default=[],
+                        help="also evaluate with N objects in every scene (the target and N-1 distractors), per N")
     parser.add_argument("--runs", default="runs/pyramid", help="run folders: RUNS/<arm>/s<seed>/")
     parser.add_argument("--out", default=str(DEFAULT_OUT))
     parser.add_argument("--python", default=sys.executable, help="interpreter of the training subprocesses")
@@ -460,7 +485,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         return data
     study = Study(Path(args.runs), args.python, args.pretrain_steps, args.posttrain_steps, args.idm_steps,
                   args.batch_size, args.episodes, args.execute_steps, args.eval_seed, args.videos,
-                  _counts(args.tiers, "--tiers"), _counts(args.heldout, "--heldout"))
+                  _counts(args.tiers, "--tiers"), _counts(args.heldout, "--heldout"), tuple(args.objects_levels))
     known = arms(args.e_demos)
     names = [n for a in args.arms for n in ([k for k in known if k.startswith("e")] if a == "e" else [a])]
     for n in names:
@@ -481,7 +506,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     data = load(out, study)
     for seed in args.seeds:
         for name, arm in selected.items():
-            if str(seed) in data["arms"].get(name, {}).get("seeds", {}) and not args.force:
+            entry = data["arms"].get(name, {}).get("seeds", {}).get(str(seed))
+            # an entry counts as finished if it has every difficulty level asked for (finished stages are reused)
+            if entry and set(map(str, study.objects_levels)) <= set(entry.get("by_objects", {})) and not args.force:
                 print(f"[{name} s{seed}] in {out} already: skipped", flush=True)
                 continue
             entry = run_arm(study, name, arm, seed)

@@ -352,6 +352,8 @@ def _env_kwargs(args: argparse.Namespace, metadata: dict[str, Any] | None) -> di
             wrist_window = _checkpoint_wrist_window(args.checkpoint)
         if wrist_window is not None:
             kwargs["wrist_window"] = wrist_window
+        if args.objects is not None:
+            kwargs["num_objects"] = args.objects
     if args.image_size is not None:
         kwargs["image_size"] = args.image_size
     return kwargs
@@ -378,9 +380,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--embodiment", default="point_gripper", help="tabletop embodiment")
     parser.add_argument("--wrist-window", type=float, default=None,
                         help="tabletop wrist camera width in table units (default: the checkpoint's training pyramid)")
+    parser.add_argument("--objects", type=int, default=None,
+                        help="tabletop: objects per scene, the target and N-1 distractors (default: 2-4)")
     parser.add_argument("--videos", type=int, default=2, help="GIFs recorded per task")
     parser.add_argument("--out", required=True, help="output folder")
     args = parser.parse_args(argv)
+    if args.objects is not None and args.env != "tabletop":
+        parser.error(f"--objects sets the tabletop world's scenes; --env {args.env} has no such knob")
 
     policy = _load_policy(args)
     env_kwargs = _env_kwargs(args, policy.metadata() if hasattr(policy, "metadata") else None)
@@ -394,8 +400,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         max_steps=args.max_steps,
         record_videos=args.videos,
         out_dir=args.out,
-        run_info={"checkpoint": args.checkpoint, "inference_steps": args.inference_steps, "samples": args.samples}
-        if args.policy == "checkpoint" else {"policy": "expert", "noise": args.noise, "horizon": args.horizon},
+        run_info={**({"checkpoint": args.checkpoint, "inference_steps": args.inference_steps, "samples": args.samples}
+                     if args.policy == "checkpoint" else {"policy": "expert", "noise": args.noise, "horizon": args.horizon}),
+                  **({"objects": args.objects} if args.objects is not None else {})},
     )
     print(json.dumps({"success": results["success"], "average": results["average"], "out": args.out}, indent=2))
     return results

@@ -35,7 +35,10 @@ class TabletopEnv(gym.Env):
         visuals: str = "default",
         render_mode: str | None = None,
         wrist_window: float = WRIST_WINDOW,
+        num_objects: int | None = None,
     ):
+        """``num_objects``: every scene holds the target and ``num_objects - 1`` distractor objects (the difficulty
+        knob; None: 2-4 objects, as in the pyramid's tiers)."""
         if embodiment not in MODALITIES:
             raise ValueError(f"Unknown tabletop embodiment {embodiment!r}; choose one of {sorted(MODALITIES)}")
         if render_mode not in (None, "rgb_array"):
@@ -44,6 +47,7 @@ class TabletopEnv(gym.Env):
         self.image_size = image_size
         self.max_episode_steps = max_episode_steps
         self.task_families = tuple(task_families)
+        self.num_objects = num_objects
         self.visuals = visuals
         self.render_mode = render_mode
         self.views = VIEWS
@@ -68,7 +72,7 @@ class TabletopEnv(gym.Env):
         families = self.task_families
         if options and "task_family" in options:
             families = (options["task_family"],)
-        self.world = make_world(episode_seed, self.embodiment, self.visuals, families)
+        self.world = make_world(episode_seed, self.embodiment, self.visuals, families, self.num_objects)
         self._steps = 0
         return self._observation(), self._info()
 

@@ -35,6 +35,7 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "orange": (245, 130, 25),
 }
 SHAPES = ("cube", "ball", "triangle")
+MAX_OBJECTS = len(COLOURS)  # objects have unique colours
 RECEPTACLE_NOUN = {"pick_place": "bowl", "push": "zone"}
 TEMPLATES = {
     "pick_place": (
@@ -103,14 +104,21 @@ def _sample_point(
     return None
 
 
-def sample_scene(rng: np.random.Generator, families: tuple[str, ...] = TASK_FAMILIES) -> Scene:
-    """Draw a scene and its instruction. Consumes ``rng`` in a fixed order, so a seed fixes the scene."""
+def sample_scene(
+    rng: np.random.Generator, families: tuple[str, ...] = TASK_FAMILIES, num_objects: int | None = None
+) -> Scene:
+    """Draw a scene and its instruction. Consumes ``rng`` in a fixed order, so a seed fixes the scene.
+    ``num_objects`` (the difficulty knob: the target plus ``num_objects - 1`` distractor objects) replaces the drawn
+    count of 2-4 after it is drawn, so the default scenes stay what they are."""
     for family in families:
         if family not in TASK_FAMILIES:
             raise ValueError(f"Unknown tabletop task family {family!r}; choose from {TASK_FAMILIES}")
+    if num_objects is not None and not 1 <= num_objects <= MAX_OBJECTS:
+        raise ValueError(f"num_objects must be 1-{MAX_OBJECTS} (one colour each), got {num_objects}")
     family = families[rng.integers(len(families))]
     while True:
         n_obj, n_rec = int(rng.integers(2, 5)), int(rng.integers(2, 4))
+        n_obj = n_obj if num_objects is None else num_objects
         names = list(COLOURS)
         rec_colour = [names[i] for i in rng.permutation(len(names))[:n_rec]]
         obj_colour = [names[i] for i in rng.permutation(len(names))[:n_obj]]
@@ -295,11 +303,13 @@ class World:
 
 
 def make_world(
-    seed: int, embodiment: str, visuals: str = "default", families: tuple[str, ...] = TASK_FAMILIES
+    seed: int, embodiment: str, visuals: str = "default", families: tuple[str, ...] = TASK_FAMILIES,
+    num_objects: int | None = None,
 ) -> World:
-    """The world an episode seed denotes: the same seed gives the same scene for every embodiment and visuals."""
+    """The world an episode seed denotes: the same seed gives the same scene for every embodiment and visuals
+    (``num_objects``: see ``sample_scene``)."""
     scene_seq, visual_seq = np.random.SeedSequence(seed).spawn(2)
-    scene = sample_scene(np.random.default_rng(scene_seq), tuple(families))
+    scene = sample_scene(np.random.default_rng(scene_seq), tuple(families), num_objects)
     return World(scene, make_embodiment(embodiment), make_visuals(visuals, np.random.default_rng(visual_seq)))
 
 

@@ -92,9 +92,9 @@ def _fake_runs(monkeypatch, rates: dict[str, float]) -> list[str]:
 
     def run_stage(label, folder, command):
         calls.append(label)
-        if label.endswith(" eval"):
-            arm = label.split()[0]
-            k = round(rates[arm] * 10)
+        if label.split()[-1].startswith("eval"):
+            arm, objects = label.split()[0], label.split()[-1].removeprefix("eval").removeprefix("_objects")
+            k = int(objects) if objects else round(rates[arm] * 10)  # level n: n of 10
             folder.mkdir(parents=True, exist_ok=True)
             tasks = {t: {"successes": k, "episodes": 10, "success_rate": k / 10} for t in ("pick_place", "push")}
             (folder / "results.json").write_text(json.dumps({"tasks": tasks}))
@@ -129,6 +129,14 @@ def test_results_merge_incrementally_skip_finished_seeds_and_keep_one_budget(tmp
     text = capsys.readouterr().out
     assert "| b | pretrain on sim + robot_b, post-train on the 50 robot demonstrations | 2 | 0.60 ± 0.00 |" in text
     assert "| b - a | +0.50, p = " in text and "(12/20 vs 2/20)" in text and "| c - b | -0.10" in text
+
+    # a difficulty level asked for later runs only its evaluations, for every finished entry
+    calls.clear()
+    data = study_module.main(["--arms", "a", "--seeds", "0", "--objects-levels", "1", "3", *common])
+    assert calls == ["a s0 posttrain", "a s0 eval", "a s0 eval_objects1", "a s0 eval_objects3"]  # fake: no DONE reuse
+    assert data["arms"]["a"]["seeds"]["0"]["by_objects"] == {"1": {"pick_place": 0.1, "push": 0.1},
+                                                             "3": {"pick_place": 0.3, "push": 0.3}}
+    assert "| a | 0.10 / 0.10 | 0.30 / 0.30 |" in study_module.table(data)
 
 
 @pytest.mark.slow

@@ -351,3 +351,17 @@ def test_wrist_view_shifts_by_the_end_effector_move_at_its_window_scale(window):
     assert abs(found[0] - expected[0]) <= 1 and abs(found[1] - expected[1]) <= 1, (found, expected)
     with pytest.raises(ValueError, match=r"wrist_window must be in \(0, 2\] table units, got 0"):
         Renderer(64, wrist_window=0)
+
+
+def test_difficulty_knob_sets_the_number_of_objects_and_keeps_default_scenes():
+    for seed in range(10):
+        default = make_world(seed, "point_gripper").scene
+        assert make_world(seed, "point_gripper", num_objects=None).scene.instruction == default.instruction
+        for n in (1, 6):
+            scene = make_world(seed, "point_gripper", num_objects=n).scene
+            assert len(scene.obj_pos) == n and scene.object_name(scene.target_obj) in scene.instruction
+    env = TabletopEnv(num_objects=5, task_families=("push",))
+    env.reset(seed=3)
+    assert len(env.world.scene.obj_pos) == 5
+    with pytest.raises(ValueError, match="num_objects must be 1-6 \\(one colour each\\), got 7"):
+        make_world(0, "point_gripper", num_objects=7)

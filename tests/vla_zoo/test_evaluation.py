@@ -324,3 +324,14 @@ def test_tabletop_wrist_camera_follows_the_checkpoint_unless_the_flag_overrides(
     assert env_kwargs(wide, flag=0.6)["wrist_window"] == 0.6
     env = evaluation.resolve_make_env("tabletop", **env_kwargs(wide))("pick_place", 0)
     assert env.unwrapped.renderer.wrist_window == 1.0
+
+
+def test_objects_flag_sets_the_tabletop_scenes_and_is_refused_elsewhere(tmp_path, capsys):
+    from vla_zoo.evaluation import main
+
+    results = main(["--env", "tabletop", "--policy", "expert", "--tasks", "pick_place", "--episodes", "1",
+                    "--objects", "1", "--videos", "0", "--out", str(tmp_path)])
+    assert results["objects"] == 1 and results["success"]["pick_place"] == 1.0
+    with pytest.raises(SystemExit):
+        main(["--env", "metaworld", "--policy", "expert", "--objects", "3", "--out", str(tmp_path)])
+    assert "--env metaworld has no such knob" in capsys.readouterr().err
