@@ -315,7 +315,7 @@ def test_tabletop_wrist_camera_follows_the_checkpoint_unless_the_flag_overrides(
 
     def env_kwargs(ckpt: str, flag: float | None = None) -> dict:
         args = argparse.Namespace(env="tabletop", embodiment="point_gripper", policy="checkpoint", checkpoint=ckpt,
-                                  wrist_window=flag, max_steps=None, image_size=None)
+                                  wrist_window=flag, max_steps=None, image_size=None, objects=None)
         return evaluation._env_kwargs(args, None)
 
     assert env_kwargs(wide)["wrist_window"] == 1.0
