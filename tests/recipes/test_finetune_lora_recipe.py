@@ -21,7 +21,8 @@ def test_finetune_lora_recipe_trains_adapters_and_projectors_only(tmp_path, monk
     model = VLAZooCLI(args=args, run=False).model
     model.configure_model()
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    full = ("backbone.projector.", "action_head.state_encoder.", "action_head.action_encoder.",
+    # the projectors: the output projector and, in the default ComposedBackbone, its pixel-shuffle connector
+    full = ("backbone.projector.", "backbone.connector.", "action_head.state_encoder.", "action_head.action_encoder.",
             "action_head.action_decoder.", "action_head.position_embedding")
     assert trainable and all(".lora_" in n or n.startswith(full) for n in trainable), sorted(trainable)[:10]
     lora = {n for n in trainable if ".lora_" in n}
