@@ -174,7 +174,7 @@ class Study:
                 *self.pyramid_flags(stem), *extra]
 
     def label(self, out: Path, seed: int, idm_checkpoint: Path) -> list[str]:
-        labelers = [{"class_path": "components.pseudo_labels.IDMLabeler",
+        labelers = [{"class_path": "lit_modules.labeling.CheckpointIDMLabeler",
                      "init_args": {"checkpoint": str(idm_checkpoint), "embodiment": "point_gripper", "num_samples": 8}}]
         return [self.python, "-m", "vla_zoo", "predict", "--config", recipe("label_neural"),
                 f"--seed_everything={seed}", f"--trainer.default_root_dir={out}",
