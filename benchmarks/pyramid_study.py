@@ -298,8 +298,6 @@ def run_arm(study: Study, name: str, arm: Arm, seed: int) -> dict[str, Any]:
     """Train and evaluate one arm and seed; returns its JSON entry."""
     records = {}
     for stage, folder, command in study.stages(name, arm, seed):
-        if stage == "posttrain" and arm.demos is not None:
-            study.robot_pyramid(arm.demos).prepare()
         records[stage] = (folder, run_stage(f"{name} s{seed} {stage}", folder, command))
     results = json.loads((records["eval"][0] / "results.json").read_text())
     tasks = results["tasks"]
@@ -494,6 +492,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         known.setdefault(n, arms([int(n[1:])])[n] if n not in known else known[n])
     selected = {n: known[n] for n in dict.fromkeys(names)}
     demos = sorted({a.demos for a in selected.values() if a.demos is not None})
+    if study.tiers:  # the recipes' cache paths are fixed: tiny tiers must not replace a real pyramid found there
+        for pyramid in study.pyramids(demos)[:2]:
+            clash = [t for t in pyramid.episodes if (pyramid.root / t / "READY.json").is_file() and not pyramid.is_ready(t)]
+            if clash:
+                raise SystemExit(f"--tiers would regenerate {pyramid.root}/{clash[0]} (another size is cached there); "
+                                 "run with --tiers from another working directory")
     checked = check_heldout_scenes(study.pyramids(demos), study.eval_seed, study.episodes)
     print(f"evaluation scenes: {2 * study.episodes} reset seeds, disjoint from the {checked} scene seeds of the "
           "study's pyramids", flush=True)
@@ -504,6 +508,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                     print(f"# {name} s{seed} {stage} -> {folder}\n{shlex.join(command)}")
         return {}
     data = load(out, study)
+    # generated once, up front (a no-op when cached): the labelling stage reads the neural tier without preparing it
+    pyramids = study.pyramids(demos)
+    for pyramid in pyramids[:1] + (pyramids[1:2] if "d" in selected else []) + pyramids[2:]:
+        pyramid.prepare()
     for seed in args.seeds:
         for name, arm in selected.items():
             entry = data["arms"].get(name, {}).get("seeds", {}).get(str(seed))

@@ -101,19 +101,22 @@ def _fake_runs(monkeypatch, rates: dict[str, float]) -> list[str]:
         return {"seconds": 60.0, "command": " ".join(command)}
 
     monkeypatch.setattr(study_module, "run_stage", run_stage)
+    monkeypatch.setattr("envs.tabletop.TabletopPyramid.prepare", lambda self: calls.append(f"prepare {self.root}"))
     return calls
 
 
 def test_results_merge_incrementally_skip_finished_seeds_and_keep_one_budget(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # the recipes' cache paths are relative: never the checkout's pyramids
     calls = _fake_runs(monkeypatch, {"a": 0.1, "b": 0.6, "c": 0.5})
     out = tmp_path / "study.json"
     common = ["--out", str(out), "--runs", str(tmp_path / "runs"), "--episodes", "10", *TINY]
     study_module.main(["--arms", "a", "b", "--seeds", "0", "1", *common])
-    assert calls == [f"{arm} s{seed} {stage}" for seed in (0, 1) for arm, stages in
-                     (("a", ["posttrain", "eval"]), ("b", ["pretrain", "posttrain", "eval"])) for stage in stages]
+    assert calls == ["prepare .cache/vla_zoo/tabletop_large"] + [
+        f"{arm} s{seed} {stage}" for seed in (0, 1) for arm, stages in
+        (("a", ["posttrain", "eval"]), ("b", ["pretrain", "posttrain", "eval"])) for stage in stages]
     calls.clear()
     data = study_module.main(["--arms", "b", "c", "--seeds", "1", *common])
-    assert calls == ["c s1 pretrain", "c s1 posttrain", "c s1 eval"]  # b s1 was in the JSON already
+    assert calls[1:] == ["c s1 pretrain", "c s1 posttrain", "c s1 eval"]  # b s1 was in the JSON already
     assert {arm: sorted(v["seeds"]) for arm, v in data["arms"].items()} == {"a": ["0", "1"], "b": ["0", "1"],
                                                                           "c": ["1"]}
     entry = data["arms"]["b"]["seeds"]["0"]
@@ -133,10 +136,20 @@ def test_results_merge_incrementally_skip_finished_seeds_and_keep_one_budget(tmp
     # a difficulty level asked for later runs only its evaluations, for every finished entry
     calls.clear()
     data = study_module.main(["--arms", "a", "--seeds", "0", "--objects-levels", "1", "3", *common])
-    assert calls == ["a s0 posttrain", "a s0 eval", "a s0 eval_objects1", "a s0 eval_objects3"]  # fake: no DONE reuse
+    assert calls[1:] == ["a s0 posttrain", "a s0 eval", "a s0 eval_objects1", "a s0 eval_objects3"]  # fake: no reuse
     assert data["arms"]["a"]["seeds"]["0"]["by_objects"] == {"1": {"pick_place": 0.1, "push": 0.1},
                                                              "3": {"pick_place": 0.3, "push": 0.3}}
     assert "| a | 0.10 / 0.10 | 0.30 / 0.30 |" in study_module.table(data)
+
+
+def test_tiny_tiers_never_replace_a_cached_pyramid(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    large = tmp_path / ".cache" / "vla_zoo" / "tabletop_large" / "sim"
+    large.mkdir(parents=True)
+    (large / "READY.json").write_text("{}")  # some other pyramid's marker
+    with pytest.raises(SystemExit, match=r"--tiers would regenerate .cache/vla_zoo/tabletop_large/sim \(another "
+                                         r"size is cached there\); run with --tiers from another working directory"):
+        study_module.main(["--arms", "a", "--out", str(tmp_path / "s.json"), *TINY])
 
 
 @pytest.mark.slow
