@@ -42,7 +42,7 @@ STACKS = {
     "metaworld/mt10_conv32.yaml": MT10, "metaworld/mt10_conv32_64.yaml": MT10,
 }
 #: Not runs of their own: a modifier of whatever recipe it follows, and `lightning predict` (writes no checkpoints).
-NOT_RUNS = {"ablations/cached_sources.yaml", "label.yaml"}
+NOT_RUNS = {"ablations/cached_sources.yaml", "label.yaml", "pyramid/label_neural.yaml"}
 
 
 def _all_recipes() -> list[str]:
