@@ -140,6 +140,12 @@ class Study:
                 args["episodes"], args["heldout"] = tiers, heldout
         return args
 
+    def robot_demos(self) -> int:
+        """Robot demonstrations the post-training recipe's pyramid holds (its preset's, unless ``tiers`` override)."""
+        from envs.tabletop import TabletopPyramid
+
+        return TabletopPyramid(**self.prepare_args("posttrain")).episodes["robot"]
+
     def pyramid_flags(self, stem: str) -> list[str]:
         if not self.tiers:
             return []
@@ -307,12 +313,11 @@ def run_arm(study: Study, name: str, arm: Arm, seed: int) -> dict[str, Any]:
     for n in study.objects_levels:
         level = json.loads((records[f"eval_objects{n}"][0] / "results.json").read_text())["tasks"]
         by_objects[str(n)] = {task: level[task]["success_rate"] for task in TASKS}
-    pyramid = study.prepare_args("posttrain")["episodes"]
     return {
         **{task: tasks[task]["success_rate"] for task in TASKS},
         "successes": {task: tasks[task]["successes"] for task in TASKS},
         "episodes_per_family": study.episodes,
-        "demos": arm.demos if arm.demos is not None else pyramid["robot"],
+        "demos": arm.demos if arm.demos is not None else study.robot_demos(),
         "train_minutes": round(sum(minutes[s] for s in train), 2),
         "stage_minutes": minutes,
         "pretrain_run": str(records["pretrain"][0]) if "pretrain" in records else None,

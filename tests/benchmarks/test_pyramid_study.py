@@ -50,6 +50,11 @@ def test_stages_share_b_pretraining_and_carry_the_budget():
     assert command("b", "eval")[-6:] == ["--seed", "1000", "--videos", "0", "--out", str(folder("b", "eval"))]
 
 
+def test_robot_demos_come_from_the_recipes_preset_unless_tiers_override():
+    assert make_study().robot_demos() == 50  # posttrain.yaml names a preset, not an episodes mapping
+    assert make_study(tiers={"robot": 3}).robot_demos() == 3
+
+
 def test_a_clash_between_evaluation_and_pyramid_scenes_is_refused():
     study = make_study(tiers={"robot": 3, "robot_b": 1, "sim": 3, "human": 1, "neural": 2}, heldout={"robot": 1})
     pyramids = study.pyramids([2])
