@@ -273,6 +273,32 @@ def locked(path: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+#: ``--python`` value that runs each stage's module in this process: the smoke test's stages then skip the
+#: interpreter start and imports that dominate a few-step stage.
+IN_PROCESS = "inprocess"
+
+
+def run_module_in_process(module: str, args: list[str], log) -> int:
+    """``python -m module args`` in this process, output into ``log``; returns the exit status."""
+    import runpy
+    import traceback
+
+    argv = sys.argv
+    sys.argv = [module, *args]
+    try:
+        with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+            try:
+                runpy.run_module(module, run_name="__main__", alter_sys=True)
+            except SystemExit as exit_:
+                return exit_.code if isinstance(exit_.code, int) else int(exit_.code is not None)
+            except Exception:  # noqa: BLE001 - a failed stage is reported like a failed subprocess
+                traceback.print_exc(file=log)
+                return 1
+        return 0
+    finally:
+        sys.argv = argv
+
+
 def run_stage(label: str, folder: Path, command: list[str]) -> dict[str, Any]:
     """Run one stage unless its ``DONE.json`` exists; returns that record (seconds, command). A stage that did not
     finish is started again from scratch; its log is ``stage.log`` in its folder."""
@@ -288,7 +314,10 @@ def run_stage(label: str, folder: Path, command: list[str]) -> dict[str, Any]:
         print(f"[{label}] running: {shlex.join(command)}", flush=True)
         start = time.perf_counter()
         with open(folder / "stage.log", "w") as log:
-            rc = subprocess.run(command, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
+            if command[0] == IN_PROCESS:
+                rc = run_module_in_process(command[2], command[3:], log)
+            else:
+                rc = subprocess.run(command, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
         seconds = time.perf_counter() - start
         if rc != 0:
             tail = (folder / "stage.log").read_text().splitlines()[-15:]
@@ -473,7 +502,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                         help="also evaluate with N objects in every scene (the target and N-1 distractors), per N")
     parser.add_argument("--runs", default="runs/pyramid", help="run folders: RUNS/<arm>/s<seed>/")
     parser.add_argument("--out", default=str(DEFAULT_OUT))
-    parser.add_argument("--python", default=sys.executable, help="interpreter of the training subprocesses")
+    parser.add_argument("--python", default=sys.executable, help=f"interpreter of the training subprocesses ({IN_PROCESS!r}: run the stages in this process)")
     parser.add_argument("--tiers", nargs="+", metavar="TIER=N", help="override the recipes' tier sizes (tests)")
     parser.add_argument("--heldout", nargs="+", metavar="TIER=N", help="override the held-out sizes (with --tiers)")
     parser.add_argument("--force", action="store_true", help="rerun arm/seeds already in the JSON (stages reused)")

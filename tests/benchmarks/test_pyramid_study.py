@@ -158,21 +158,14 @@ def test_tiny_tiers_never_replace_a_cached_pyramid(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_study_runs_every_arm_end_to_end_at_a_tiny_budget(tmp_path):
-    """Every arm trains (a few steps, through the real subprocesses and recipes), evaluates one episode per family
-    and lands in the JSON; the tiny pyramids are generated in tmp_path."""
-    import subprocess
-
+def test_study_runs_every_arm_end_to_end_at_a_tiny_budget(tmp_path, monkeypatch):
+    """Every arm trains (a few steps, through the real recipes and commands, run in this process), evaluates one
+    episode per family and lands in the JSON; the tiny pyramids are generated in tmp_path."""
+    monkeypatch.chdir(tmp_path)
     out = tmp_path / "study.json"
-    command = [sys.executable, str(REPO_ROOT / "benchmarks" / "pyramid_study.py"), "--arms", "a", "b", "c", "d", "e",
-               "--e-demos", "2", "--seeds", "0", "--pretrain-steps", "2", "--posttrain-steps", "2", "--idm-steps", "2",
-               "--batch-size", "4", "--episodes", "1", "--videos", "0", "--out", str(out), *TINY]
-    env = {"PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
-    import os
-
-    result = subprocess.run(command, cwd=tmp_path, env={**os.environ, **env}, capture_output=True, text=True,
-                            timeout=3000)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    study_module.main(["--arms", "a", "b", "c", "d", "e", "--e-demos", "2", "--seeds", "0", "--pretrain-steps", "2",
+                       "--posttrain-steps", "2", "--idm-steps", "2", "--batch-size", "4", "--episodes", "1",
+                       "--videos", "0", "--python", study_module.IN_PROCESS, "--out", str(out), *TINY])
     data = json.loads(out.read_text())
     assert sorted(data["arms"]) == ["a", "b", "c", "d", "e2"]
     for arm in data["arms"].values():
