@@ -578,17 +578,21 @@ def convert_lerobot(
     tolerance_s: float | None = None,
     jpeg_quality: int = 90,
     samples_per_shard: int = 1000,
+    progress: bool = True,
 ) -> dict[str, Any]:
     """Convert a LeRobot dataset folder into our shards with statistics; returns ``{"source", "report"}``.
 
     ``source`` (the shard source's name) defaults to the folder name. Dropped episodes are listed in the returned
-    report and in ``source.json`` (under ``lerobot``).
+    report and in ``source.json`` (under ``lerobot``). ``progress`` draws a bar over the episodes.
     """
     root = Path(root)
     episodes, report = load_lerobot_episodes(root, embodiment=embodiment, views=views, image_size=image_size,
                                              modality_path=modality_path, tolerance_s=tolerance_s)
+    from datamodules.progress import track
     from datamodules.shards import write_source  # the shard writer pulls in webdataset; keep `load_*` light
 
+    episodes = track(episodes, f"convert {root.name}", total=report.episodes_total, unit="episode",
+                     disable=not progress)
     stream = _nonempty(episodes, report)
     source_json = write_source(
         stream, out_dir, source=source or root.name, horizon=horizon, modality=report.modality,

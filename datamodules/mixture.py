@@ -441,6 +441,10 @@ class MixtureDataModule(LightningDataModule):
         self.image_size, self.prepare, self.val_batches = image_size, prepare, val_batches
         self.shuffle_buffer, self.max_consecutive_errors = shuffle_buffer, max_consecutive_errors
         self._check_config()
+        if not self.val_sources:
+            # Lightning validates only a datamodule whose val_dataloader is defined. Without held-out sources there
+            # is nothing to validate on, and an empty loader list made it warn "Total length ... is zero" every run.
+            self.val_dataloader = None
         self.epochs_started = 0
         self.normalizers: dict[str, Normalizer] = {}
         self.modalities: dict[str, dict] = {}
@@ -634,8 +638,6 @@ class MixtureDataModule(LightningDataModule):
                             persistent_workers=False)
 
     def val_dataloader(self):
-        if not self.resolved_val:
-            return []
         return DataLoader(self.make_dataset(val=True), batch_size=None, num_workers=self.num_workers)
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:

@@ -19,11 +19,12 @@ from typing import Any
 
 import yaml
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
+from datamodules.progress import configure_logging
 from lit_modules.checkpoint import CONFIG_KEY, load_run_config, refusal, safe_unpickling
-from vla_zoo.callbacks import CheckpointOnSignal, StopOnNonFiniteLoss
+from vla_zoo.callbacks import CheckpointOnSignal, StepsProgressBar, StopOnNonFiniteLoss
 
 
 class SaveConfigToLogDirAndCheckpoints(SaveConfigCallback):
@@ -116,6 +117,16 @@ class VLAZooCLI(LightningCLI):
         kwargs.setdefault("seed_everything_default", True)
         super().__init__(LightningModule, LightningDataModule, args=args, run=run, **kwargs)
 
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        # Every run that shows a bar gets ours (StepsProgressBar says why), unless its recipe lists a bar itself.
+        config = self.config_init[self.subcommand] if self.subcommand else self.config_init
+        trainer = config.get("trainer") or {}
+        callbacks = trainer.get("callbacks")
+        callbacks = [] if callbacks is None else callbacks if isinstance(callbacks, list) else [callbacks]
+        if trainer.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
+            trainer["callbacks"] = [*callbacks, StepsProgressBar()]
+        return super().instantiate_trainer(**kwargs)
+
     def add_arguments_to_parser(self, parser: Any) -> None:
         # Every run stops at its first NaN/inf training loss; a recipe opts out with `non_finite_loss: {enabled: false}`.
         parser.add_lightning_class_args(StopOnNonFiniteLoss, "non_finite_loss")
@@ -152,12 +163,27 @@ class VLAZooCLI(LightningCLI):
             raise refusal(self.config_init[subcommand].get("ckpt_path"), e) from None
 
 
-def main(args: list[str] | None = None) -> None:
-    # Meta-World and MuJoCo render headless only through EGL/OSMesa; default to EGL unless the user chose.
-    os.environ.setdefault("MUJOCO_GL", "egl")
+def ignore_irrelevant_warnings() -> None:
+    """Library warnings that do not apply to the zoo's modules and data, each with the reason it does not."""
     # Injecting nn.Module components as hyper-parameters is the design (the checkpoint must rebuild them), so
     # Lightning's advice to exclude them from save_hyperparameters does not apply here.
     warnings.filterwarnings("ignore", message=r"Attribute '.*' is an instance of `nn.Module`")
+    # Our iterable datasets' lengths are exact with any number of workers and ranks (MixtureStream's worker w yields
+    # batches w, w + W, ... of batches_per_epoch; EpisodeStream counts its rank's episodes), which is what
+    # Lightning's warning asks about; the progress bar needs those lengths.
+    warnings.filterwarnings("ignore", message=r"Your `IterableDataset` has `__len__` defined")
+    # Lightning suggests one loader worker per core, but our steps use the cores for the model: each recipe sets
+    # num_workers to what its machine has left (batches are assembled inside the workers; see MixtureDataModule).
+    warnings.filterwarnings("ignore", message=r".*does not have many workers")
+    # Lightning 2.6 checks pytree leaves in a way that newer torch deprecates; nothing for a user to change.
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+
+
+def main(args: list[str] | None = None) -> None:
+    # Meta-World and MuJoCo render headless only through EGL/OSMesa; default to EGL unless the user chose.
+    os.environ.setdefault("MUJOCO_GL", "egl")
+    configure_logging()
+    ignore_irrelevant_warnings()
     VLAZooCLI(args=args)
 
 

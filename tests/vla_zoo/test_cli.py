@@ -27,6 +27,9 @@ def _fit_args(tmp_path: Path) -> list[str]:
 def test_fit_writes_checkpoint_and_config(entry: str, tmp_path: Path) -> None:
     proc = run_cli(_fit_args(tmp_path), entry=entry)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    # What the user sees: the bar with the run's last epoch, Lightning's lines once, no cloud advert, no warnings.
+    assert "Epoch 0/0" in proc.stderr and proc.stderr.count("Seed set to 0") == 1, proc.stderr[-3000:]
+    assert "Tip:" not in proc.stderr and "Warning" not in proc.stderr, proc.stderr[-3000:]
     run_dir = tmp_path / "logs" / "version_0"
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert config["trainer"]["max_steps"] == 5

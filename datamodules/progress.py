@@ -1,0 +1,97 @@
+"""The terminal: log lines, and progress bars for long loops outside training (data generation, conversion,
+validation, evaluation).
+
+Both are drawn by Rich on one console, the one Lightning's progress bar uses (``vla_zoo.callbacks.StepsProgressBar``),
+so a log line prints above a bar instead of tearing it. That console writes to stderr, as progress and logs should:
+stdout stays for what a command prints as its result (``--print_config``, JSON summaries). Each bar shows done/total,
+the rate in its own unit, elapsed time and ETA.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Iterator
+from typing import Optional, TypeVar
+
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    Task,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich import get_console, reconfigure
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.text import Text
+
+T = TypeVar("T")
+
+
+class RateColumn(ProgressColumn):
+    """Items per second (or seconds per item when slower than one a second), in the bar's unit."""
+
+    def __init__(self, unit: str) -> None:
+        super().__init__()
+        self.unit = unit
+
+    def render(self, task: Task) -> Text:
+        speed = task.finished_speed or task.speed
+        if not speed:
+            return Text(f"? {self.unit}/s", style="progress.data.speed")
+        text = f"{speed:.2f} {self.unit}/s" if speed >= 1 else f"{1 / speed:.1f} s/{self.unit}"
+        return Text(text, style="progress.data.speed")
+
+
+def make_progress(unit: str = "it", disable: bool = False) -> Progress:
+    """A Rich ``Progress`` with our columns; use it as a context manager and add one task per bar."""
+    console = get_console()
+    return Progress(
+        TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(), RateColumn(unit),
+        TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), disable=disable, refresh_per_second=4,
+        console=console if console.stderr else Console(stderr=True),
+    )
+
+
+def track(
+    iterable: Iterable[T], description: str, total: Optional[int] = None, unit: str = "it", disable: bool = False
+) -> Iterator[T]:
+    """``iterable`` with a progress bar (``total`` defaults to ``len(iterable)`` where it has one)."""
+    if total is None and hasattr(iterable, "__len__"):
+        total = len(iterable)  # type: ignore[arg-type]
+    with make_progress(unit, disable) as progress:
+        yield from progress.track(iterable, total=total, description=description)
+
+
+class _DropLightningTips(logging.Filter):
+    """Lightning advertises its cloud logger at INFO on every run; it says nothing about the run."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("\N{ELECTRIC LIGHT BULB} Tip:")
+
+
+def configure_logging(level: int = logging.INFO) -> None:
+    """INFO logs of every package (data generation, caching, evaluation) on the terminal, through Rich's console.
+
+    Rich draws the progress bar on that same console, so a log line appears above the bar instead of tearing it.
+    Lightning gives its loggers handlers of their own when the root logger has none; they go through ours instead,
+    so their lines look like the rest and print once. Warnings go through logging too, and so above the bar.
+    """
+    root = logging.getLogger()
+    if any(isinstance(h, RichHandler) for h in root.handlers):
+        return
+    import lightning  # noqa: F401  (importing it adds the handlers replaced below: import it first)
+
+    reconfigure(stderr=True)
+    handler = RichHandler(console=get_console(), show_path=False, log_time_format="[%X]", rich_tracebacks=False)
+    handler.addFilter(_DropLightningTips())
+    root.addHandler(handler)
+    root.setLevel(level)
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        lightning_log = logging.getLogger(name)
+        lightning_log.handlers.clear()
+        lightning_log.propagate = True
+    logging.captureWarnings(True)
