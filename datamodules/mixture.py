@@ -715,7 +715,9 @@ class MixtureDataModule(LightningDataModule):
 
 
 class MixtureMonitor(Callback):
-    """Logs the fraction of training samples drawn from each source and the skipped-sample counts."""
+    """Logs, as scalars of every logger (TensorBoard's Scalars tab), per source the training samples drawn so far
+    (``data/samples_<source>``) and their fraction (``data/frac_<source>``), and the skipped-sample counts
+    (``data/errors_<source>_<kind>``)."""
 
     def __init__(self, log_every_n_steps: int = 50) -> None:
         self.log_every_n_steps = log_every_n_steps
@@ -726,5 +728,6 @@ class MixtureMonitor(Callback):
             return
         total = sum(dm.drawn_counts.values()) or 1
         metrics = {f"data/frac_{name}": dm.drawn_counts[i] / total for i, name in enumerate(dm.source_names)}
+        metrics.update({f"data/samples_{name}": float(dm.drawn_counts[i]) for i, name in enumerate(dm.source_names)})
         metrics.update({f"data/errors_{key.replace('/', '_')}": float(n) for key, n in dm.error_counts.items()})
         pl_module.log_dict(metrics, on_step=True, on_epoch=False, batch_size=1)

@@ -21,6 +21,7 @@ import yaml
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
 from datamodules.progress import configure_logging
 from lit_modules.checkpoint import CONFIG_KEY, load_run_config, refusal, safe_unpickling
@@ -125,7 +126,8 @@ class VLAZooCLI(LightningCLI):
         callbacks = [] if callbacks is None else callbacks if isinstance(callbacks, list) else [callbacks]
         if trainer.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
             trainer["callbacks"] = [*callbacks, StepsProgressBar()]
-        return super().instantiate_trainer(**kwargs)
+        return with_csv_beside_tensorboard(super().instantiate_trainer(**kwargs))
+
 
     def add_arguments_to_parser(self, parser: Any) -> None:
         # Every run stops at its first NaN/inf training loss; a recipe opts out with `non_finite_loss: {enabled: false}`.
@@ -161,6 +163,18 @@ class VLAZooCLI(LightningCLI):
                 super()._run_subcommand(subcommand)
         except pickle.UnpicklingError as e:
             raise refusal(self.config_init[subcommand].get("ckpt_path"), e) from None
+
+
+def with_csv_beside_tensorboard(trainer: Trainer) -> Trainer:
+    """Recipes log to TensorBoard; a CSVLogger writes the same metrics as ``metrics.csv`` into the same version
+    folder (scripts and tests read it), unless the run lists a CSVLogger itself. The folder's version is fixed
+    first: two loggers that each picked the next free ``version_N`` would pick two."""
+    loggers = trainer.loggers
+    tensorboard = [lg for lg in loggers if isinstance(lg, TensorBoardLogger)]
+    if tensorboard and not any(isinstance(lg, CSVLogger) for lg in loggers):
+        tb = tensorboard[0]
+        trainer.loggers = [*loggers, CSVLogger(tb.save_dir, name=tb.name, version=tb.version)]
+    return trainer
 
 
 def ignore_irrelevant_warnings() -> None:

@@ -217,7 +217,8 @@ class ClosedLoopEvalCallback(Callback):
     ``make_env`` is a callable, a registered env name (``"metaworld"``, ``"tabletop"``) or ``"module:callable"``,
     built with ``env_kwargs``. Logs ``eval/success/<task>`` and ``eval/success/mean``; episodes are split over
     processes and the counts summed, so every rank logs the same numbers. Rank 0 writes the report and
-    ``record_videos`` GIFs per task under ``<log_dir>/closed_loop/step_<global_step>``.
+    ``record_videos`` GIFs per task under ``<log_dir>/closed_loop/step_<global_step>``, and logs each GIF as an
+    animated image ``eval/rollout/<task>/<episode>`` (TensorBoard's Images tab; a video in Weights & Biases).
 
     With weight averaging (Lightning's ``EMAWeightAveraging``), list this callback first: the averaging callback
     swaps the averaged weights in for validation and back at the end of the validation epoch, so callbacks after it
@@ -303,12 +304,24 @@ class ClosedLoopEvalCallback(Callback):
             pl_module.log(f"eval/success/{task}", rate, sync_dist=False)
         pl_module.log("eval/success/mean", float(np.mean(rates)), sync_dist=False)
         self.last_results = {"success": dict(zip(self.tasks, rates)), "average": float(np.mean(rates))}
+        if out_dir is not None:
+            self._log_videos(trainer, out_dir / "videos")
         log.info("closed-loop success at step %d: %s (mean %.2f) in %.0f s", trainer.global_step,
                  ", ".join(f"{t} {r:.2f}" for t, r in zip(self.tasks, rates)), self.last_results["average"],
                  time.perf_counter() - start)
         if out_dir is not None and trainer.world_size > 1:
             totals = {t: {"successes": int(s), "episodes": int(n)} for t, (s, n) in zip(self.tasks, counts.tolist())}
             write_report({**self.last_results, "tasks": totals, "seed": self.seed}, out_dir)
+
+
+    def _log_videos(self, trainer: Trainer, videos: Path) -> None:
+        """Each recorded rollout as an animated image ``eval/rollout/<task>/<episode>`` (``vla_zoo.media``)."""
+        from vla_zoo.media import log_gif
+
+        for task in self.tasks:
+            for path in sorted(videos.glob(f"{task}_episode*.gif")):
+                episode = path.stem[len(task) + len("_episode"):].split("_")[0]  # "003" of task_episode003_success
+                log_gif(trainer, f"eval/rollout/{task}/{episode}", path, trainer.global_step)
 
 
 def _load_policy(args: argparse.Namespace) -> PolicyOrFactory:

@@ -62,6 +62,9 @@ def test_checkpoint_holds_mixture_state_and_resume_continues_the_epoch_counter(t
     assert not [w for w in caught if "Total length" in str(w.message)], [str(w.message) for w in caught]
     assert not any(k.startswith("_") for k in model.seen_keys)  # error counts never reach the model
     assert trainer.callback_metrics["data/frac_arm"] > 0.5 and trainer.callback_metrics["data/frac_hand"] > 0.05
+    # Counts as scalars too: at the last step (6 x 16 samples drawn) they sum to the samples drawn.
+    counts = [float(trainer.callback_metrics[f"data/samples_{name}"]) for name in ("arm", "hand")]
+    assert sum(counts) == 6 * 16 and counts[0] == dm.drawn_counts[0]
     assert sum(dm.drawn_counts.values()) == 6 * 16 and dm.epochs_started == 2
 
     ckpt = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)

@@ -35,6 +35,8 @@ def test_fit_writes_checkpoint_and_config(entry: str, tmp_path: Path) -> None:
     assert config["trainer"]["max_steps"] == 5
     ckpt = tmp_path / "checkpoints" / "last.ckpt"  # <default_root_dir>/checkpoints: the same for every run
     assert ckpt.is_file()
+    # TensorBoard events and the CSV metrics of one run share its version folder.
+    assert list(run_dir.glob("events.out.tfevents.*")) and (run_dir / "metrics.csv").is_file()
     # The checkpoint carries the recipe on its own and rebuilds its model without the log dir.
     embedded = load_run_config(ckpt)
     assert embedded["model"]["class_path"] == "lit_modules.chunk_regressor.StateChunkRegressor"
