@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     failed = False
     for d in args.dirs:
         with make_progress("sample") as progress:
-            task = progress.add_task(f"validate {d}", total=_listed_samples(d))
+            task = progress.add_task(f"validate {Path(d).name}", total=_listed_samples(d))
             problems, samples = validate_source(d, checksums=not args.no_checksums,
                                                 on_sample=lambda: progress.advance(task))
         for p in problems:
