@@ -1,10 +1,10 @@
 """The terminal: log lines, and progress bars for long loops outside training (data generation, conversion,
 validation, evaluation).
 
-Both are drawn by Rich on one console, the one Lightning's progress bar uses (``vla_zoo.callbacks.StepsProgressBar``),
-so a log line prints above a bar instead of tearing it. That console writes to stderr, as progress and logs should:
-stdout stays for what a command prints as its result (``--print_config``, JSON summaries). Each bar shows done/total,
-the rate in its own unit, elapsed time and ETA.
+Both are drawn by Rich on stderr, so stdout keeps only what a command prints as its result (``--print_config``, JSON
+summaries, Lightning's table of validation metrics). While a Rich bar is live (ours, or Lightning's during training)
+Rich routes whatever reaches stderr above it, so a log line never tears a bar. Each bar shows done/total, the rate
+in its own unit, elapsed time and ETA.
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
-from rich import get_console, reconfigure
 from rich.console import Console
 from rich.logging import RichHandler
 from rich.text import Text
@@ -48,11 +47,10 @@ class RateColumn(ProgressColumn):
 
 def make_progress(unit: str = "it", disable: bool = False) -> Progress:
     """A Rich ``Progress`` with our columns; use it as a context manager and add one task per bar."""
-    console = get_console()
     return Progress(
         TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(), RateColumn(unit),
         TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), disable=disable, refresh_per_second=4,
-        console=console if console.stderr else Console(stderr=True),
+        console=Console(stderr=True),
     )
 
 
@@ -74,19 +72,17 @@ class _DropLightningTips(logging.Filter):
 
 
 def configure_logging(level: int = logging.INFO) -> None:
-    """INFO logs of every package (data generation, caching, evaluation) on the terminal, through Rich's console.
+    """INFO logs of every package (data generation, caching, evaluation) on stderr, through Rich.
 
-    Rich draws the progress bar on that same console, so a log line appears above the bar instead of tearing it.
     Lightning gives its loggers handlers of their own when the root logger has none; they go through ours instead,
-    so their lines look like the rest and print once. Warnings go through logging too, and so above the bar.
+    so their lines look like the rest and print once. Warnings go through logging too.
     """
     root = logging.getLogger()
     if any(isinstance(h, RichHandler) for h in root.handlers):
         return
     import lightning  # noqa: F401  (importing it adds the handlers replaced below: import it first)
 
-    reconfigure(stderr=True)
-    handler = RichHandler(console=get_console(), show_path=False, log_time_format="[%X]", rich_tracebacks=False)
+    handler = RichHandler(console=Console(stderr=True), show_path=False, log_time_format="[%X]", rich_tracebacks=False)
     handler.addFilter(_DropLightningTips())
     root.addHandler(handler)
     root.setLevel(level)

@@ -163,12 +163,7 @@ class StepsProgressBar(RichProgressBar):
     Our recipes stop on ``max_steps``, which leaves ``max_epochs`` at -1, and the stock bar then reads "Epoch 3/-2".
     Here the last epoch is ``ceil(max_steps x accumulation / batches per epoch) - 1`` (or ``max_epochs - 1`` when that
     comes first), so "Epoch 1/3" means the second of four epochs. ``VLAZooCLI`` adds it to every run that shows a bar.
-    It draws on stderr, where the CLI's log lines go (``datamodules.progress``): one console, so neither tears the
-    other, and stdout keeps only what a command prints as its result.
     """
-
-    def __init__(self, *args: Any, console_kwargs: dict[str, Any] | None = None, **kwargs: Any) -> None:
-        super().__init__(*args, console_kwargs={"stderr": True, **(console_kwargs or {})}, **kwargs)
 
     def _get_train_description(self, current_epoch: int) -> str:
         trainer = self.trainer

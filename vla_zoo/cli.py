@@ -18,6 +18,7 @@ import warnings
 from typing import Any
 
 import yaml
+from jsonargparse import set_parsing_settings
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
@@ -113,7 +114,12 @@ class VLAZooCLI(LightningCLI):
         kwargs.setdefault("subclass_mode_model", True)
         kwargs.setdefault("subclass_mode_data", True)
         kwargs.setdefault("save_config_callback", SaveConfigToLogDirAndCheckpoints)
-        kwargs.setdefault("parser_kwargs", {"parser_mode": "omegaconf", "prog": "vla-zoo"})
+        # Recipes state each number once and refer to it elsewhere as ${data.init_args.horizon}: "omegaconf+"
+        # resolves the references after every --config file and command-line value is merged, so an overlay or a
+        # flag that changes the number changes every consumer ("omegaconf" resolves each file alone). The setting
+        # lets a reference name its target from the config's root, as written in the recipes.
+        set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
+        kwargs.setdefault("parser_kwargs", {"parser_mode": "omegaconf+", "prog": "vla-zoo"})
         # Recipes set `seed_everything` themselves; an unset seed must still be reproducible from the saved config.
         kwargs.setdefault("seed_everything_default", True)
         super().__init__(LightningModule, LightningDataModule, args=args, run=run, **kwargs)
@@ -189,6 +195,9 @@ def ignore_irrelevant_warnings() -> None:
     # Lightning suggests one loader worker per core, but our steps use the cores for the model: each recipe sets
     # num_workers to what its machine has left (batches are assembled inside the workers; see MixtureDataModule).
     warnings.filterwarnings("ignore", message=r".*does not have many workers")
+    # The CSV metrics share the TensorBoard run's version folder on purpose (with_csv_beside_tensorboard), so that
+    # folder already holds config.yaml and the event file when CSVLogger starts; it rewrites only its own files.
+    warnings.filterwarnings("ignore", message=r"Experiment logs directory .* exists and is not empty")
     # Lightning 2.6 checks pytree leaves in a way that newer torch deprecates; nothing for a user to change.
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
 

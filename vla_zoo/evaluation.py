@@ -229,7 +229,7 @@ class ClosedLoopEvalCallback(Callback):
         self,
         policy_factory: Callable[[LightningModule], PolicyOrFactory],
         tasks: list[str] | str | None = None,
-        make_env: MakeEnv | str = "metaworld",
+        make_env: str | MakeEnv = "metaworld",
         env_kwargs: dict[str, Any] | None = None,
         episodes_per_task: int = 10,
         every_n_val_epochs: int = 1,
