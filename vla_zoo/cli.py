@@ -195,6 +195,9 @@ def ignore_irrelevant_warnings() -> None:
     # Lightning suggests one loader worker per core, but our steps use the cores for the model: each recipe sets
     # num_workers to what its machine has left (batches are assembled inside the workers; see MixtureDataModule).
     warnings.filterwarnings("ignore", message=r".*does not have many workers")
+    # A mixture without val_sources defines no val_dataloader (MixtureDataModule says why): a recipe that names no
+    # held-out data has chosen to skip validation, which is all this warning reports.
+    warnings.filterwarnings("ignore", message=r"You defined a `validation_step` but have no `val_dataloader`")
     # The CSV metrics share the TensorBoard run's version folder on purpose (with_csv_beside_tensorboard), so that
     # folder already holds config.yaml and the event file when CSVLogger starts; it rewrites only its own files.
     warnings.filterwarnings("ignore", message=r"Experiment logs directory .* exists and is not empty")
