@@ -39,19 +39,18 @@ def test_one_flag_changes_every_consumer_of_pretrain(capsys, tmp_path) -> None:
     assert labeler["init_args"]["embodiment_id"] == data["embodiments"]["latent"]
     assert {s["shards"] for s in data["sources"]} == {f"/data/pyramid/{t}" for t in
                                                       ("robot", "robot_b", "sim", "human", "neural")}
-    assert trainer["logger"]["init_args"]["save_dir"] == f"{tmp_path}/run"
-    assert trainer["callbacks"][0]["init_args"]["dirpath"] == f"{tmp_path}/run/checkpoints"
+    assert trainer["logger"]["init_args"]["save_dir"] == f"{tmp_path}/run"  # checkpoints: <default_root_dir>/checkpoints
 
 
 def test_an_overlay_that_changes_a_number_moves_its_consumers(capsys, tmp_path) -> None:
     """Resolution happens after layering: an overlay stating only data.init_args.horizon reaches the base's head, and
-    posttrain.yaml's own run directory reaches its checkpoints."""
+    posttrain.yaml's own run directory reaches the logger pretrain.yaml states."""
     overlay = tmp_path / "short.yaml"
     overlay.write_text("data:\n  init_args:\n    horizon: 4\n")
     config = _config(capsys, "--config", str(RECIPES / "pretrain.yaml"), "--config", str(RECIPES / "posttrain.yaml"),
                      "--config", str(overlay))
     assert config["model"]["init_args"]["action_head"]["init_args"]["horizon"] == 4
-    assert config["trainer"]["callbacks"][0]["init_args"]["dirpath"] == "runs/posttrain/checkpoints"
+    assert config["trainer"]["logger"]["init_args"]["save_dir"] == "runs/posttrain"
     assert config["data"]["init_args"]["sources"][0]["shards"] == ".cache/vla_zoo/tabletop/robot"
 
 
