@@ -10,6 +10,7 @@ in its own unit, elapsed time and ETA.
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import Iterable, Iterator
 from typing import Optional, TypeVar
 
@@ -64,6 +65,18 @@ def track(
         yield from progress.track(iterable, total=total, description=description)
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is when a record is logged (as logging's own last-resort handler does)."""
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 class _DropLightningTips(logging.Filter):
     """Lightning advertises its cloud logger at INFO on every run; it says nothing about the run."""
 
@@ -72,17 +85,24 @@ class _DropLightningTips(logging.Filter):
 
 
 def configure_logging(level: int = logging.INFO) -> None:
-    """INFO logs of every package (data generation, caching, evaluation) on stderr, through Rich.
+    """INFO logs of every package (data generation, caching, evaluation) on stderr: through Rich on a terminal,
+    as plain whole lines into a file or pipe.
 
     Lightning gives its loggers handlers of their own when the root logger has none; they go through ours instead,
     so their lines look like the rest and print once. Warnings go through logging too.
     """
     root = logging.getLogger()
-    if any(isinstance(h, RichHandler) for h in root.handlers):
+    if any(getattr(h, "vla_zoo", False) for h in root.handlers):
         return
     import lightning  # noqa: F401  (importing it adds the handlers replaced below: import it first)
 
-    handler = RichHandler(console=Console(stderr=True), show_path=False, log_time_format="[%X]", rich_tracebacks=False)
+    if sys.stderr.isatty():
+        handler: logging.Handler = RichHandler(console=Console(stderr=True), show_path=False, log_time_format="[%X]",
+                                               rich_tracebacks=False)
+    else:  # a log file or a pipe: whole lines, never wrapped at 80 columns, so grep finds what was logged
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+    handler.vla_zoo = True  # type: ignore[attr-defined]  (configured once per process)
     handler.addFilter(_DropLightningTips())
     root.addHandler(handler)
     root.setLevel(level)
