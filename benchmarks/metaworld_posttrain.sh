@@ -8,17 +8,17 @@
 # (recipes/ablations/composed_backbone.yaml + conv_vision.yaml); an `_ema` suffix trains with an EMA of the weights
 # (decay 0.999; vla_zoo.callbacks.ForeachEMAWeightAveraging; runs before 2026-11-25 used Lightning's own
 # EMAWeightAveraging: the same average, a slower update), whose averaged weights the checkpoints hold and evaluate; a
-# `_ws` suffix renders the `workspace` camera instead of `corner` (recipes/metaworld/workspace_camera.yaml; the
+# `_ws` suffix renders the `workspace` camera instead of `corner` (recipes/explore/metaworld/workspace_camera.yaml; the
 # demo cache is rebuilt whenever the views change); a `_shift` suffix adds DrQ's random-shift image augmentation
 # (recipes/ablations/random_shift.yaml); a `_dart` suffix (50 demos only) records the demonstrations with DART noise
-# injection (recipes/metaworld/dart.yaml: noisy execution, clean expert labels; its own cache); a `_kp` suffix (with
+# injection (recipes/explore/metaworld/dart.yaml: noisy execution, clean expert labels; its own cache); a `_kp` suffix (with
 # `_conv`) adds a spatial-softmax keypoint token per view (recipes/ablations/keypoints.yaml); a `_coord` suffix (with
 # `_conv`) gives the conv tower CoordConv's (x, y) input channels (recipes/ablations/coord_conv.yaml); a `_nostate`
 # suffix gives the flow head no proprioceptive state (recipes/ablations/no_state.yaml); a `_priv` suffix (50 demos
 # only) records the object and goal positions with the demos and trains an auxiliary readout of them from the VL
-# tokens (recipes/metaworld/privileged_aux.yaml; its own cache).
+# tokens (recipes/explore/metaworld/privileged_aux.yaml; its own cache).
 # DEMOS: 10 (default), 50 or 100 per MT10 task, or goal50: 50 per task of reach, push and pick-place only
-# (recipes/metaworld/goal_tasks50.yaml; evaluated on those three). EPISODES (default 10): evaluation episodes per
+# (recipes/explore/metaworld/goal_tasks50.yaml; evaluated on those three). EPISODES (default 10): evaluation episodes per
 # task. OMP_NUM_THREADS (default 1) sets the threads of the training process.
 # FIT_ARGS (after DEMOS) go to `lightning fit` as further overrides, e.g. `--model.init_args.optimizer.init_args.lr=1e-3`;
 # give such a run a TAG, which is added to its directory name (runs/metaworld/ARM_TAG_dDEMOS_sSEED).
@@ -49,8 +49,8 @@ eval_tasks=MT10
 case "$demos" in
   10) ;;
   50) configs+=(--config recipes/metaworld/demos50.yaml) ;;
-  100) configs+=(--config recipes/metaworld/demos100.yaml) ;;
-  goal50) configs+=(--config recipes/metaworld/goal_tasks50.yaml); eval_tasks=reach-v3,push-v3,pick-place-v3 ;;
+  100) configs+=(--config recipes/explore/metaworld/demos100.yaml) ;;
+  goal50) configs+=(--config recipes/explore/metaworld/goal_tasks50.yaml); eval_tasks=reach-v3,push-v3,pick-place-v3 ;;
   *) echo "DEMOS must be 10, 50, 100 or goal50, got $demos" >&2; exit 2 ;;
 esac
 case "$arm" in *_pretrained*) configs+=(--config recipes/metaworld/posttrain_pretrained.yaml) ;; esac
@@ -60,14 +60,13 @@ case "$arm" in *_conv*) configs+=(--config recipes/ablations/composed_backbone.y
 case "$arm" in *_kp*) configs+=(--config recipes/ablations/keypoints.yaml) ;; esac
 case "$arm" in *_coord*) configs+=(--config recipes/ablations/coord_conv.yaml) ;; esac
 case "$arm" in *_nostate*) configs+=(--config recipes/ablations/no_state.yaml) ;; esac
-case "$arm" in *_ws*) configs+=(--config recipes/metaworld/workspace_camera.yaml) ;; esac
+case "$arm" in *_ws*) configs+=(--config recipes/explore/metaworld/workspace_camera.yaml) ;; esac
 case "$arm" in *_shift*) configs+=(--config recipes/ablations/random_shift.yaml) ;; esac
 case "$arm" in *_dart*) [ "$demos" = 50 ] || { echo "the _dart arms need DEMOS=50" >&2; exit 2; }
-  configs+=(--config recipes/metaworld/dart.yaml) ;; esac
+  configs+=(--config recipes/explore/metaworld/dart.yaml) ;; esac
 case "$arm" in *_priv*) [ "$demos" = 50 ] || { echo "the _priv arms need DEMOS=50" >&2; exit 2; }
-  configs+=(--config recipes/metaworld/privileged_aux.yaml) ;; esac
+  configs+=(--config recipes/explore/metaworld/privileged_aux.yaml) ;; esac
 case "$arm" in *_cotrain*) configs+=(--config recipes/metaworld/cotrain_human.yaml)
-  [ "$demos" = 50 ] && configs+=(--config recipes/metaworld/cotrain_human_demos50.yaml) ;; esac
 PYTHON=${PYTHON:-python}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 # Render the demonstrations before the clock starts: generation is data preparation, not training time. This pass

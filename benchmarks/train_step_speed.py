@@ -17,7 +17,7 @@ Every comparison is a ratio of two arms timed alternately (best of ``--repeats``
   the largest difference between the two averages after the timed updates;
 - ``tower_width``: one full training step (foreach AdamW, no head dropout) with the recipe's conv tower at 64
   channels against the same model with a 32-channel tower (``vision_hidden_size: 32``, what
-  ``recipes/metaworld/mt10_conv32.yaml`` trains) and with 32 channels in the first stage only (``[32, 64]``), each
+  ``recipes/explore/metaworld/mt10_conv32.yaml`` trains) and with 32 channels in the first stage only (``[32, 64]``), each
   model's forward + backward FLOPs from
   ``torch.utils.flop_counter``: the tower is most of the step's compute, and on a slow CPU its width decides
   whether the MT10 recipe trains in the hour.

@@ -27,6 +27,10 @@ class EpisodeStream(IterableDataset):
             raise ValueError(f"rank {rank} outside world size {world_size}")
         self.source_dir, self.views, self.rank, self.world_size = source_dir, views, rank, world_size
 
+    def __len__(self) -> int:
+        """Episodes this rank yields (the progress bar's total): indices rank, rank + world_size, ..."""
+        return len(range(self.rank, load_sidecars(self.source_dir)["source"]["episodes"], self.world_size))
+
     def __iter__(self) -> Iterator[dict[str, Any]]:
         for index, episode in enumerate(read_episodes(self.source_dir)):
             if index % self.world_size == self.rank:

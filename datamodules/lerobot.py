@@ -1,8 +1,10 @@
 """Import LeRobot datasets (codebase v2.0 / v2.1 and v3.0 layouts, optional GR00T ``meta/modality.json``).
 
-``load_lerobot_episodes`` reads a local LeRobot dataset folder into ``datamodules.episode.Episode`` objects;
-``convert_lerobot`` streams them into our shards (``datamodules.shards.write_source``, which also writes the
-statistics); ``python -m datamodules.lerobot SRC OUT --embodiment NAME`` does the same from the shell.
+``load_lerobot_episodes`` reads a local LeRobot dataset folder (or a Hub ``repo_id`` through LeRobot's own dataset
+class, with the ``lerobot`` extra) into ``datamodules.episode.Episode`` objects; ``convert_lerobot`` streams them into
+our shards (``datamodules.shards.write_source``, which also writes the statistics); ``python -m datamodules.lerobot
+SRC OUT --embodiment NAME`` does the same from the shell. The other way, ``export_lerobot`` (``--export``) writes a
+shard source as a LeRobot v3.0 folder.
 
 Layouts (facts from LeRobot's dataset code):
 - v2.x: one parquet per episode at ``info["data_path"]`` (``data/chunk-{episode_chunk:03d}/episode_{episode_index:06d}
@@ -35,8 +37,10 @@ column or metadata key) raises ``LeRobotFormatError`` naming the file and key, b
 from __future__ import annotations
 
 import argparse
+import importlib
 import io
 import json
+import re
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -511,7 +515,8 @@ def load_lerobot_episodes(
     modality_path: str | Path | None = None,
     tolerance_s: float | None = None,
 ) -> tuple[Iterator[Episode], ConversionReport]:
-    """Read a local LeRobot dataset (v2.0, v2.1 or v3.0) as a stream of ``Episode``.
+    """Read a LeRobot dataset (v2.0, v2.1 or v3.0) as a stream of ``Episode``: a local folder, or a Hub ``repo_id``
+    fetched through LeRobot's own dataset class (``lerobot_root``).
 
     ``views`` picks and orders cameras by our names (``observation.images.top`` -> ``top``, or the GR00T
     ``modality.json`` ``video`` names); ``image_size`` resizes every frame to a square (None keeps the native size);
@@ -519,7 +524,7 @@ def load_lerobot_episodes(
     0.25 / fps. The metadata is validated now (``LeRobotFormatError`` on a malformed dataset); episodes are decoded
     lazily, and the report's ``converted`` / ``dropped`` lists are final once the iterator is exhausted.
     """
-    root = Path(root)
+    root = lerobot_root(root)
     info_path = root / "meta/info.json"
     info = _read_json(info_path, "; a LeRobot dataset folder holds meta/info.json")
     version = _require(info, "codebase_version", info_path)
@@ -565,6 +570,34 @@ def load_lerobot_episodes(
     return episodes(), report
 
 
+_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+def _lerobot_dataset_class() -> Any:
+    """LeRobot's ``LeRobotDataset`` (its module moved between releases), or None without the ``lerobot`` extra."""
+    for module in ("lerobot.datasets.lerobot_dataset", "lerobot.common.datasets.lerobot_dataset"):
+        try:
+            return importlib.import_module(module).LeRobotDataset
+        except ImportError:
+            continue
+    return None
+
+
+def lerobot_root(root_or_repo_id: str | Path) -> Path:
+    """The local folder of a LeRobot dataset: ``root_or_repo_id`` itself, or for a Hub ``repo_id`` (``user/name``,
+    not a local folder) the folder that LeRobot's own ``LeRobotDataset`` downloads it into (its cache). Needs the
+    ``lerobot`` extra and the network (or LeRobot's cache); everything after the download is our reader."""
+    path = Path(root_or_repo_id)
+    if path.is_dir() or not _REPO_ID.fullmatch(str(root_or_repo_id)):
+        return path
+    dataset_class = _lerobot_dataset_class()
+    if dataset_class is None:
+        raise LeRobotFormatError(
+            f"{root_or_repo_id}: not a local folder; to read a Hub dataset by repo_id install LeRobot "
+            "(pip install -e '.[lerobot]'), or give the folder of a downloaded dataset")
+    return Path(dataset_class(str(root_or_repo_id)).root)
+
+
 def convert_lerobot(
     root: str | Path,
     out_dir: str | Path,
@@ -578,17 +611,21 @@ def convert_lerobot(
     tolerance_s: float | None = None,
     jpeg_quality: int = 90,
     samples_per_shard: int = 1000,
+    progress: bool = True,
 ) -> dict[str, Any]:
     """Convert a LeRobot dataset folder into our shards with statistics; returns ``{"source", "report"}``.
 
     ``source`` (the shard source's name) defaults to the folder name. Dropped episodes are listed in the returned
-    report and in ``source.json`` (under ``lerobot``).
+    report and in ``source.json`` (under ``lerobot``). ``progress`` draws a bar over the episodes.
     """
     root = Path(root)
     episodes, report = load_lerobot_episodes(root, embodiment=embodiment, views=views, image_size=image_size,
                                              modality_path=modality_path, tolerance_s=tolerance_s)
+    from datamodules.progress import track
     from datamodules.shards import write_source  # the shard writer pulls in webdataset; keep `load_*` light
 
+    episodes = track(episodes, f"convert {root.name}", total=report.episodes_total, unit="episode",
+                     disable=not progress)
     stream = _nonempty(episodes, report)
     source_json = write_source(
         stream, out_dir, source=source or root.name, horizon=horizon, modality=report.modality,
@@ -605,14 +642,124 @@ def _nonempty(episodes: Iterator[Episode], report: ConversionReport) -> Iterator
                                  f"{report.dropped}")
 
 
+# --------------------------------------------------------------------------------------------------------------
+# Export: our shards -> a LeRobot v3.0 folder
+
+EXPORT_DATA_PATH = "data/chunk-{chunk_index:03d}/file-{file_index:03d}.parquet"
+_IMAGE_STRUCT = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+
+
+def _png(frame: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(frame).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def export_lerobot(
+    source_dir: str | Path, out_root: str | Path, *, frames_per_file: int = 50_000, chunks_size: int = 1000,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Write a shard source (``datamodules.shards``) as a LeRobot v3.0 dataset folder; returns its ``info.json``.
+
+    Episodes are rebuilt from the shards (``read_episodes``); cameras become ``image`` features (PNG in the parquet,
+    so frames keep the values our shards decode to), state and actions ``observation.state`` / ``action`` with the
+    modality's names, the instruction a task. Consecutive episodes share a data file up to ``frames_per_file`` rows,
+    as LeRobot packs them. ``load_lerobot_episodes`` reads the folder back to the same arrays.
+    """
+    from datamodules.progress import track
+    from datamodules.shards import load_sidecars, read_episodes
+
+    side = load_sidecars(source_dir)
+    meta, modality = side["source"], Modality.from_dict(side["modality"])
+    fps, views = float(meta["fps"]), list(meta["views"])
+    out = Path(out_root)
+    if (out / "meta/info.json").exists():
+        raise FileExistsError(f"{out} already holds a LeRobot dataset (meta/info.json); export into a new folder")
+    height, width = meta["image_size"]
+    features: dict[str, Any] = {
+        f"{CAMERA_PREFIX}{v}": {"dtype": "image", "shape": [height, width, 3], "names": ["height", "width", "channels"]}
+        for v in views
+    }
+    if meta["has_action"]:
+        features[STATE_KEY] = {"dtype": "float32", "shape": [modality.state_dim], "names": modality.state_names}
+        features[ACTION_KEY] = {"dtype": "float32", "shape": [modality.action_dim], "names": modality.action_names}
+    for key in ("timestamp",):
+        features[key] = {"dtype": "float32", "shape": [1], "names": None}
+    for key in ("frame_index", "episode_index", "index", "task_index"):
+        features[key] = {"dtype": "int64", "shape": [1], "names": None}
+
+    tasks: dict[str, int] = {}
+    episodes_meta: list[dict[str, Any]] = []
+    pending: list[pa.Table] = []
+    files = total = 0
+
+    def flush() -> None:
+        nonlocal files, pending
+        if pending:
+            path = out / EXPORT_DATA_PATH.format(chunk_index=files // chunks_size, file_index=files % chunks_size)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            pq.write_table(pa.concat_tables(pending), path)
+            files, pending = files + 1, []
+
+    episodes = track(read_episodes(source_dir), f"export {Path(source_dir).name}", total=meta["episodes"],
+                     unit="episode", disable=not progress)
+    for index, episode in enumerate(episodes):
+        T = episode.length
+        task = tasks.setdefault(episode.instruction, len(tasks))
+        columns: dict[str, pa.Array] = {
+            f"{CAMERA_PREFIX}{v}": pa.array([{"bytes": _png(f), "path": None} for f in episode.frames[v]],
+                                            type=_IMAGE_STRUCT)
+            for v in views
+        }
+        if meta["has_action"]:
+            columns[STATE_KEY] = pa.array(list(episode.state.astype(np.float32)), type=pa.list_(pa.float32()))
+            columns[ACTION_KEY] = pa.array(list(episode.actions.astype(np.float32)), type=pa.list_(pa.float32()))
+        columns["timestamp"] = pa.array(np.arange(T, dtype=np.float32) / np.float32(fps))
+        columns["frame_index"] = pa.array(np.arange(T, dtype=np.int64))
+        columns["episode_index"] = pa.array(np.full(T, index, np.int64))
+        columns["index"] = pa.array(np.arange(total, total + T, dtype=np.int64))
+        columns["task_index"] = pa.array(np.full(T, task, np.int64))
+        pending.append(pa.table(columns))
+        episodes_meta.append({
+            "episode_index": index, "tasks": [episode.instruction], "length": T,
+            "data/chunk_index": files // chunks_size, "data/file_index": files % chunks_size,
+            "dataset_from_index": total, "dataset_to_index": total + T,
+        })
+        total += T
+        if sum(t.num_rows for t in pending) >= frames_per_file:
+            flush()
+    flush()
+    if not episodes_meta:
+        raise ValueError(f"{source_dir}: no episodes to export")
+
+    (out / "meta/episodes/chunk-000").mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(episodes_meta), out / "meta/episodes/chunk-000/file-000.parquet")
+    pq.write_table(pa.table({"task_index": list(tasks.values()), "task": list(tasks)}), out / "meta/tasks.parquet")
+    stats = {key: {k: side["stats"][ours][k] for k in ("mean", "std", "min", "max")}
+             for ours, key in (("state", STATE_KEY), ("actions", ACTION_KEY))
+             if meta["has_action"] and side["stats"].get(ours)}
+    (out / "meta/stats.json").write_text(json.dumps(stats, indent=1))
+    info = {
+        "codebase_version": "v3.0", "robot_type": meta["embodiment"], "fps": fps,
+        "total_episodes": len(episodes_meta), "total_frames": total, "total_tasks": len(tasks),
+        "chunks_size": chunks_size, "data_files_size_in_mb": 100, "video_files_size_in_mb": 500,
+        "splits": {"train": f"0:{len(episodes_meta)}"}, "data_path": EXPORT_DATA_PATH, "video_path": None,
+        "features": features,
+    }
+    (out / "meta/info.json").write_text(json.dumps(info, indent=1))
+    return info
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m datamodules.lerobot",
         description="Convert a LeRobot dataset folder (v2.0/v2.1/v3.0, optional GR00T meta/modality.json) into "
                     "vla-zoo shards; prints a JSON summary including dropped episodes.")
-    parser.add_argument("src", help="LeRobot dataset folder (holds meta/info.json)")
-    parser.add_argument("out", help="output folder for the shards")
-    parser.add_argument("--embodiment", required=True)
+    parser.add_argument("src", help="LeRobot dataset folder (holds meta/info.json) or Hub repo_id (lerobot extra); "
+                                    "with --export, a shard source")
+    parser.add_argument("out", help="output folder for the shards (with --export, for the LeRobot v3.0 dataset)")
+    parser.add_argument("--export", action="store_true", help="the other way: write shards SRC as LeRobot v3.0")
+    parser.add_argument("--embodiment", help="embodiment name of the converted shards (required unless --export)")
     parser.add_argument("--source", default=None, help="source name (default: the SRC folder name)")
     parser.add_argument("--views", default=None, help="comma-separated views, e.g. top,wrist (default: all)")
     parser.add_argument("--image-size", type=int, default=64, help="square frame size; 0 keeps the native size")
@@ -620,12 +767,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--modality", default=None, help="GR00T modality.json (default: SRC/meta/modality.json)")
     parser.add_argument("--tolerance-s", type=float, default=None, help="timestamp tolerance (default 0.25/fps)")
     args = parser.parse_args(argv)
+    if not args.export and not args.embodiment:
+        parser.error("--embodiment is required (the name the converted robot trains under)")
     try:
+        if args.export:
+            print(json.dumps(export_lerobot(args.src, args.out), indent=2))
+            return 0
         result = convert_lerobot(
             args.src, args.out, source=args.source, embodiment=args.embodiment, horizon=args.horizon,
             views=args.views.split(",") if args.views else None, image_size=args.image_size or None,
             modality_path=args.modality, tolerance_s=args.tolerance_s)
-    except ValueError as e:  # LeRobotFormatError and bad arguments: a message, not a traceback
+    except (ValueError, FileExistsError, FileNotFoundError) as e:  # bad datasets and arguments: a message
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(json.dumps(result, indent=2))

@@ -46,7 +46,9 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from datamodules import schema
 from datamodules.normalization import MODES, Normalizer, combine_stats, non_finite_stats
-from datamodules.shards import SampleError, decode_sample, iter_raw_samples, load_sidecars
+from datamodules.shards import (
+    SampleError, decode_sample, is_url, iter_raw_samples, load_sidecars, sidecar_location, source_shards,
+)
 from datamodules.spec import DataSpec, EmbodimentSpec
 
 log = logging.getLogger(__name__)
@@ -68,7 +70,10 @@ class SourceConfig:
     """One source of a mixture.
 
     ``shards``: a glob of tar files or a source directory (all shards in it); relative paths are relative to the
-    working directory. All matched shards must lie in one source directory (the one holding the sidecars).
+    working directory. All matched shards must lie in one source directory (the one holding the sidecars). Or a URL
+    that webdataset opens (``http(s)://``, ``file:``, ``pipe:CMD``, ...): a shard URL or brace pattern
+    (``http://host/robot/shard-{000000..000009}.tar``, sidecars beside the shards) or a directory URL ending in "/"
+    (every shard its index.json lists); see ``datamodules.shards.source_shards``.
     ``views``: camera views in the order they are stacked in ``images`` (default: the order in ``source.json``).
     ``normalization``: overrides the mixture's mode for this source's embodiment.
     ``targets``: what this source trains the action head on: ``action`` (its real actions) and/or the kinds of
@@ -441,6 +446,10 @@ class MixtureDataModule(LightningDataModule):
         self.image_size, self.prepare, self.val_batches = image_size, prepare, val_batches
         self.shuffle_buffer, self.max_consecutive_errors = shuffle_buffer, max_consecutive_errors
         self._check_config()
+        if not self.val_sources:
+            # Lightning validates only a datamodule whose val_dataloader is defined. Without held-out sources there
+            # is nothing to validate on, and an empty loader list made it warn "Total length ... is zero" every run.
+            self.val_dataloader = None
         self.epochs_started = 0
         self.normalizers: dict[str, Normalizer] = {}
         self.modalities: dict[str, dict] = {}
@@ -488,26 +497,21 @@ class MixtureDataModule(LightningDataModule):
             raise ValueError(f"source weights sum to {total}: scale them down (only their ratios matter)")
 
     def _resolve(self, cfg: SourceConfig, index: int) -> ResolvedSource:
-        pattern = cfg.shards
-        if os.path.isdir(pattern):
-            pattern = os.path.join(pattern, "shard-*.tar")
-        urls = sorted(glob.glob(pattern))
-        if not urls:
-            raise FileNotFoundError(f"source {cfg.name!r}: shard pattern {cfg.shards!r} matches no files "
-                                    f"(relative to {os.getcwd()})")
-        dirs = {str(Path(u).parent) for u in urls}
-        if len(dirs) != 1:
-            raise ValueError(f"source {cfg.name!r}: shards {cfg.shards!r} span several directories {sorted(dirs)}; "
-                             "declare one source per directory")
         try:
-            side = load_sidecars(dirs.pop())
-        except FileNotFoundError as e:
-            raise FileNotFoundError(f"source {cfg.name!r}: {e}") from None
+            if is_url(cfg.shards):  # a directory URL ("/" at the end): every shard; else shard URLs / a brace pattern
+                listed = source_shards(cfg.shards, None if cfg.shards.endswith("/") else cfg.shards)
+                side = load_sidecars(cfg.shards)
+            else:
+                listed, side = self._resolve_local(cfg)
+        except (FileNotFoundError, ValueError) as e:
+            raise type(e)(f"source {cfg.name!r}: {e}") from None
+        urls, expected = [u for u, _ in listed], [n for _, n in listed]
         meta = side["source"]
         bad_stats = non_finite_stats(side["stats"])
         if bad_stats:
             shown = "; ".join(bad_stats[:4]) + (f"; and {len(bad_stats) - 4} more" if len(bad_stats) > 4 else "")
-            raise ValueError(f"source {cfg.name!r}: {Path(urls[0]).parent / 'stats.json'} holds non-finite statistics "
+            stats_file = sidecar_location(urls[0], "stats.json") if is_url(urls[0]) else Path(urls[0]).parent / "stats.json"
+            raise ValueError(f"source {cfg.name!r}: {stats_file} holds non-finite statistics "
                              f"({shown}): normalising with them would make every loss NaN. Run `python -m "
                              "datamodules.validate` on the source to find the non-finite samples, and rewrite it")
         if cfg.has_action and not meta["has_action"]:
@@ -525,13 +529,24 @@ class MixtureDataModule(LightningDataModule):
         if cfg.has_action and (meta["state_dim"] > self.max_state_dim or meta["action_dim"] > self.max_action_dim):
             raise ValueError(f"source {cfg.name!r}: state/action dims {meta['state_dim']}/{meta['action_dim']} exceed "
                              f"max_state_dim/max_action_dim {self.max_state_dim}/{self.max_action_dim}")
-        by_file = {s["file"]: s["samples"] for s in side["index"]["shards"]}
-        unlisted = [u for u in urls if Path(u).name not in by_file]
-        if unlisted:
-            raise ValueError(f"source {cfg.name!r}: shards {unlisted} are not listed in index.json; rewrite the source")
-        expected = [by_file[Path(u).name] for u in urls]
         return ResolvedSource(cfg, index, urls, expected, meta, side["modality"], side["stats"], sum(expected),
                               list(views))
+
+    @staticmethod
+    def _resolve_local(cfg: SourceConfig) -> tuple[list[tuple[str, int]], dict[str, Any]]:
+        """The shards (path, samples) of a local directory or glob, and the sidecars of the directory holding them."""
+        pattern = cfg.shards
+        if os.path.isdir(pattern):
+            pattern = os.path.join(pattern, "shard-*.tar")
+        urls = sorted(glob.glob(pattern))
+        if not urls:
+            raise FileNotFoundError(f"shard pattern {cfg.shards!r} matches no files (relative to {os.getcwd()})")
+        dirs = {str(Path(u).parent) for u in urls}
+        if len(dirs) != 1:
+            raise ValueError(f"shards {cfg.shards!r} span several directories {sorted(dirs)}; declare one source per "
+                             "directory")
+        directory = dirs.pop()
+        return source_shards(directory, pattern), load_sidecars(directory)
 
     def _check_images(self, resolved: list[ResolvedSource]) -> None:
         counts = {r.config.name: len(r.views) for r in resolved}
@@ -634,8 +649,6 @@ class MixtureDataModule(LightningDataModule):
                             persistent_workers=False)
 
     def val_dataloader(self):
-        if not self.resolved_val:
-            return []
         return DataLoader(self.make_dataset(val=True), batch_size=None, num_workers=self.num_workers)
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
@@ -713,7 +726,9 @@ class MixtureDataModule(LightningDataModule):
 
 
 class MixtureMonitor(Callback):
-    """Logs the fraction of training samples drawn from each source and the skipped-sample counts."""
+    """Logs, as scalars of every logger (TensorBoard's Scalars tab), per source the training samples drawn so far
+    (``data/samples_<source>``) and their fraction (``data/frac_<source>``), and the skipped-sample counts
+    (``data/errors_<source>_<kind>``)."""
 
     def __init__(self, log_every_n_steps: int = 50) -> None:
         self.log_every_n_steps = log_every_n_steps
@@ -724,5 +739,6 @@ class MixtureMonitor(Callback):
             return
         total = sum(dm.drawn_counts.values()) or 1
         metrics = {f"data/frac_{name}": dm.drawn_counts[i] / total for i, name in enumerate(dm.source_names)}
+        metrics.update({f"data/samples_{name}": float(dm.drawn_counts[i]) for i, name in enumerate(dm.source_names)})
         metrics.update({f"data/errors_{key.replace('/', '_')}": float(n) for key, n in dm.error_counts.items()})
         pl_module.log_dict(metrics, on_step=True, on_epoch=False, batch_size=1)

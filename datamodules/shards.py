@@ -26,6 +26,7 @@ Every step of every episode is an anchor, so ``read_episodes`` can rebuild the e
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import io
 import json
@@ -280,16 +281,91 @@ def write_source(
 # Reading
 
 
-def load_sidecars(source_dir: str | os.PathLike) -> dict[str, Any]:
-    """The four sidecars of a source directory, keyed by name without ``.json``; names the missing file."""
-    d = Path(source_dir)
+# Where shards can live: a local directory or glob, or anything webdataset's opener (``gopen``) reads by scheme:
+# ``file:``, ``pipe:CMD``, ``http(s)://``, ``gs://``, ... A URL ending in "/" is a source directory (its shards are
+# the files listed in its index.json); any other URL is a shard URL or brace pattern
+# (``http://host/robot/shard-{000000..000009}.tar``) whose sidecars lie beside its shards: the same URL with its
+# last ``*.tar`` name replaced by the sidecar's (for ``pipe:curl -s URL/shard-...tar`` the command reads
+# ``URL/index.json``).
+_URL = re.compile(r"^[a-z][a-z0-9+.-]+:")
+_TAR_NAME = re.compile(r"[^/\s]+\.tar(?!.*\.tar)")
+_SAFE_FILE = re.compile(r"[A-Za-z0-9_.-]+\.tar")
+
+
+def is_url(location: str | os.PathLike) -> bool:
+    """Whether ``location`` is read through webdataset's opener (a scheme such as ``http:``, ``file:``, ``pipe:``)."""
+    return isinstance(location, str) and _URL.match(location) is not None and not os.path.exists(location)
+
+
+def tar_name(url: str) -> str:
+    """The shard file name inside a shard URL or pipe command (``shard-000003.tar``)."""
+    match = _TAR_NAME.search(url)
+    if match is None:
+        raise ValueError(f"{url!r} names no *.tar shard; give shard URLs (a brace pattern is fine) or a directory "
+                         "URL ending in '/'")
+    return match.group(0)
+
+
+def sidecar_location(location: str | os.PathLike, name: str) -> str:
+    """Where the sidecar ``name`` of the source at ``location`` (directory, directory URL or shard URL) lies."""
+    location = os.fspath(location)
+    if not is_url(location):
+        return str(Path(location) / name)
+    if location.endswith("/"):
+        return location + name
+    match = _TAR_NAME.search(location)
+    return location[: match.start()] + name + location[match.end():] if match else location.rstrip("/") + "/" + name
+
+
+def open_stream(url: str):
+    """A binary stream of a local file or of any URL webdataset reads (``webdataset.gopen``)."""
+    return wds.gopen(url, "rb") if is_url(url) else open(url, "rb")
+
+
+def _read_text(location: str) -> str:
+    if not is_url(location):
+        return Path(location).read_text()
+    try:
+        with open_stream(location) as stream:
+            return stream.read().decode("utf-8")
+    except Exception as e:  # curl's or the pipe's non-zero exit surfaces as an exception on read or close
+        raise FileNotFoundError(f"{location} could not be read ({type(e).__name__}: {e})") from None
+
+
+def load_sidecars(source: str | os.PathLike) -> dict[str, Any]:
+    """The four sidecars of a source, keyed by name without ``.json``; names the missing file. ``source`` is a
+    local directory, a directory URL ending in "/", or one of its shard URLs (see ``is_url``)."""
     out = {}
     for name in SIDECARS:
-        path = d / name
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} is missing: {d} is not a source written by datamodules.shards.write_source")
-        out[name[:-5]] = json.loads(path.read_text())
+        location = sidecar_location(source, name)
+        if not is_url(location) and not Path(location).is_file():
+            raise FileNotFoundError(f"{location} is missing: {source} is not a source written by "
+                                    "datamodules.shards.write_source")
+        out[name[:-5]] = json.loads(_read_text(location))
     return out
+
+
+def source_shards(source: str | os.PathLike, pattern: str | None = None) -> list[tuple[str, int]]:
+    """``(url, samples in index.json)`` of a source's shards, in order: all of them (a local directory or a
+    directory URL) or those of ``pattern`` (a local glob, a shard URL or brace pattern) that index.json lists.
+    Raises naming the shards that index.json does not list."""
+    source = os.fspath(source)
+    by_file = {entry["file"]: entry["samples"] for entry in load_sidecars(source)["index"]["shards"]}
+    if pattern is None:
+        unsafe = [f for f in by_file if not _SAFE_FILE.fullmatch(f)]
+        if unsafe:  # the names become parts of URLs (and of pipe commands): nothing read may inject into them
+            raise ValueError(f"{sidecar_location(source, 'index.json')}: shard names {unsafe} are not plain file names")
+        urls = [sidecar_location(source, f) for f in by_file]
+    elif is_url(pattern):
+        urls = wds.shardlists.expand_urls(pattern)
+    else:
+        urls = sorted(glob.glob(pattern))
+    names = [tar_name(u) if is_url(u) else Path(u).name for u in urls]
+    unlisted = [u for u, n in zip(urls, names) if n not in by_file]
+    if unlisted:
+        raise ValueError(f"shards {unlisted} are not listed in {sidecar_location(source, 'index.json')}; rewrite the "
+                         "source")
+    return [(u, by_file[n]) for u, n in zip(urls, names)]
 
 
 def decode_image(data: bytes, shape: tuple[int, int] | None, member: str, key: str | None = None) -> np.ndarray:
@@ -396,7 +472,7 @@ def iter_raw_samples(url: str, handler=None, expected: int | None = None) -> Ite
     seen: set[str] = set()
     repeated: set[str] = set()
     try:
-        with open(url, "rb") as stream:
+        with open_stream(url) as stream:
             files = wds.tariterators.tar_file_iterator(stream, handler=wrap)
             files = _members_once(({**f, "__url__": url} for f in files), repeated)
             for sample in wds.tariterators.group_by_keys(files, handler=wrap):
@@ -425,9 +501,8 @@ def iter_raw_samples(url: str, handler=None, expected: int | None = None) -> Ite
 
 
 def shard_files(source_dir: str | os.PathLike) -> dict[str, int]:
-    """Shard path -> sample count, from ``index.json``."""
-    d = Path(source_dir)
-    return {str(d / s["file"]): s["samples"] for s in load_sidecars(d)["index"]["shards"]}
+    """Shard path (or URL) -> sample count, from ``index.json``."""
+    return dict(source_shards(source_dir))
 
 
 def read_episodes(source_dir: str | os.PathLike) -> Iterator[Episode]:

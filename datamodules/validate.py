@@ -11,9 +11,12 @@ from __future__ import annotations
 import argparse
 import hashlib
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Optional
 
 from datamodules.normalization import non_finite_stats
+from datamodules.progress import make_progress
 from datamodules.shards import SampleError, decode_sample, iter_raw_samples, load_sidecars
 
 
@@ -29,11 +32,15 @@ def stats_problems(path: Path, stats: dict) -> list[str]:
             "the source)" for key, values in grouped.items()]
 
 
-def validate_source(source_dir: str | Path, checksums: bool = True, decode_every: int = 1) -> tuple[list[str], int]:
+def validate_source(
+    source_dir: str | Path, checksums: bool = True, decode_every: int = 1,
+    on_sample: Optional[Callable[[], None]] = None,
+) -> tuple[list[str], int]:
     """Problems found in one source directory (one line each: ``file: key: kind: what``) and samples read.
 
     ``decode_every=k`` decodes every k-th sample of each shard (its first included) and only reads the others: the
-    cheap check of a source just written, whose tars, counts and checksums are still checked in full."""
+    cheap check of a source just written, whose tars, counts and checksums are still checked in full. ``on_sample``
+    is called after each sample read (a progress bar's advance)."""
     if decode_every < 1:
         raise ValueError(f"validate_source(decode_every=...) must be >= 1, got {decode_every}")
     d = Path(source_dir)
@@ -67,6 +74,8 @@ def validate_source(source_dir: str | Path, checksums: bool = True, decode_every
             if last_key in first_shard:  # within one shard the reader reports it; across shards only this can
                 problems.append(f"{path}: {last_key}: duplicate_key: also in {first_shard[last_key]}")
             first_shard.setdefault(last_key, path)
+            if on_sample is not None:
+                on_sample()
             if (count - 1) % decode_every:
                 continue
             try:
@@ -86,13 +95,24 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     failed = False
     for d in args.dirs:
-        problems, samples = validate_source(d, checksums=not args.no_checksums)
+        with make_progress("sample") as progress:
+            task = progress.add_task(f"validate {Path(d).name}", total=_listed_samples(d))
+            problems, samples = validate_source(d, checksums=not args.no_checksums,
+                                                on_sample=lambda: progress.advance(task))
         for p in problems:
             print(p, file=sys.stderr)
         failed |= bool(problems)
         status = f"{len(problems)} problem(s)" if problems else "ok"
         print(f"{d}: {samples} samples read: {status}")
     return 1 if failed else 0
+
+
+def _listed_samples(source_dir: str) -> Optional[int]:
+    """Samples the source's index.json lists (the bar's total); None where it cannot be read."""
+    try:
+        return sum(s["samples"] for s in load_sidecars(source_dir)["index"]["shards"])
+    except (FileNotFoundError, ValueError, KeyError, TypeError):
+        return None
 
 
 if __name__ == "__main__":

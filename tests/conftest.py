@@ -8,6 +8,8 @@ import os
 # data-loader workers or a busy machine, two OpenMP threads on two cores spin-wait on each other: a training test
 # measured 11 s with one thread and 197 s with two under load.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# Tests never reach the Hugging Face Hub: model ids resolve from the local cache only, and tests use local directories.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import subprocess
 import sys
 from pathlib import Path

@@ -3,6 +3,7 @@ exists)."""
 
 from __future__ import annotations
 
+import math
 import signal
 import threading
 from collections import Counter
@@ -10,7 +11,7 @@ from typing import Any
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.callbacks import EMAWeightAveraging, ModelCheckpoint
+from lightning.pytorch.callbacks import EMAWeightAveraging, ModelCheckpoint, RichProgressBar
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch.optim.swa_utils import get_ema_multi_avg_fn
@@ -154,3 +155,23 @@ class ForeachEMAWeightAveraging(EMAWeightAveraging):
         # The parent hands these kwargs to torch's AveragedModel in setup(), which takes one of avg_fn (the loop)
         # and multi_avg_fn (lists of tensors at once). tests/vla_zoo/test_callbacks.py pins that this stays true.
         self._kwargs = {**self._kwargs, "avg_fn": None, "multi_avg_fn": get_ema_multi_avg_fn(decay)}
+
+
+class StepsProgressBar(RichProgressBar):
+    """Lightning's Rich progress bar, titled with the last epoch that ``max_steps`` reaches.
+
+    Our recipes stop on ``max_steps``, which leaves ``max_epochs`` at -1, and the stock bar then reads "Epoch 3/-2".
+    Here the last epoch is ``ceil(max_steps x accumulation / batches per epoch) - 1`` (or ``max_epochs - 1`` when that
+    comes first), so "Epoch 1/3" means the second of four epochs. ``VLAZooCLI`` adds it to every run that shows a bar.
+    """
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        trainer = self.trainer
+        last = trainer.max_epochs - 1 if trainer.max_epochs not in (None, -1) else None
+        batches = trainer.num_training_batches
+        if trainer.max_steps > 0 and isinstance(batches, int) and batches > 0:
+            by_steps = math.ceil(trainer.max_steps * trainer.accumulate_grad_batches / batches) - 1
+            last = by_steps if last is None else min(last, by_steps)
+        description = f"Epoch {current_epoch}" + (f"/{last}" if last is not None else "")
+        # Padded like the stock bar, so that the training and validation bars do not flicker in width.
+        return f"{description:{len(self.validation_description)}}"

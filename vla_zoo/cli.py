@@ -18,12 +18,15 @@ import warnings
 from typing import Any
 
 import yaml
+from jsonargparse import set_parsing_settings
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
+from datamodules.progress import configure_logging
 from lit_modules.checkpoint import CONFIG_KEY, load_run_config, refusal, safe_unpickling
-from vla_zoo.callbacks import CheckpointOnSignal, StopOnNonFiniteLoss
+from vla_zoo.callbacks import CheckpointOnSignal, StepsProgressBar, StopOnNonFiniteLoss
 
 
 class SaveConfigToLogDirAndCheckpoints(SaveConfigCallback):
@@ -111,10 +114,26 @@ class VLAZooCLI(LightningCLI):
         kwargs.setdefault("subclass_mode_model", True)
         kwargs.setdefault("subclass_mode_data", True)
         kwargs.setdefault("save_config_callback", SaveConfigToLogDirAndCheckpoints)
-        kwargs.setdefault("parser_kwargs", {"parser_mode": "omegaconf", "prog": "vla-zoo"})
+        # Recipes state each number once and refer to it elsewhere as ${data.init_args.horizon}: "omegaconf+"
+        # resolves the references after every --config file and command-line value is merged, so an overlay or a
+        # flag that changes the number changes every consumer ("omegaconf" resolves each file alone). The setting
+        # lets a reference name its target from the config's root, as written in the recipes.
+        set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
+        kwargs.setdefault("parser_kwargs", {"parser_mode": "omegaconf+", "prog": "vla-zoo"})
         # Recipes set `seed_everything` themselves; an unset seed must still be reproducible from the saved config.
         kwargs.setdefault("seed_everything_default", True)
         super().__init__(LightningModule, LightningDataModule, args=args, run=run, **kwargs)
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        # Every run that shows a bar gets ours (StepsProgressBar says why), unless its recipe lists a bar itself.
+        config = self.config_init[self.subcommand] if self.subcommand else self.config_init
+        trainer = config.get("trainer") or {}
+        callbacks = trainer.get("callbacks")
+        callbacks = [] if callbacks is None else callbacks if isinstance(callbacks, list) else [callbacks]
+        if trainer.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
+            trainer["callbacks"] = [*callbacks, StepsProgressBar()]
+        return with_csv_beside_tensorboard(super().instantiate_trainer(**kwargs))
+
 
     def add_arguments_to_parser(self, parser: Any) -> None:
         # Every run stops at its first NaN/inf training loss; a recipe opts out with `non_finite_loss: {enabled: false}`.
@@ -152,12 +171,45 @@ class VLAZooCLI(LightningCLI):
             raise refusal(self.config_init[subcommand].get("ckpt_path"), e) from None
 
 
-def main(args: list[str] | None = None) -> None:
-    # Meta-World and MuJoCo render headless only through EGL/OSMesa; default to EGL unless the user chose.
-    os.environ.setdefault("MUJOCO_GL", "egl")
+def with_csv_beside_tensorboard(trainer: Trainer) -> Trainer:
+    """Recipes log to TensorBoard; a CSVLogger writes the same metrics as ``metrics.csv`` into the same version
+    folder (scripts and tests read it), unless the run lists a CSVLogger itself. The folder's version is fixed
+    first: two loggers that each picked the next free ``version_N`` would pick two."""
+    loggers = trainer.loggers
+    tensorboard = [lg for lg in loggers if isinstance(lg, TensorBoardLogger)]
+    if tensorboard and not any(isinstance(lg, CSVLogger) for lg in loggers):
+        tb = tensorboard[0]
+        trainer.loggers = [*loggers, CSVLogger(tb.save_dir, name=tb.name, version=tb.version)]
+    return trainer
+
+
+def ignore_irrelevant_warnings() -> None:
+    """Library warnings that do not apply to the zoo's modules and data, each with the reason it does not."""
     # Injecting nn.Module components as hyper-parameters is the design (the checkpoint must rebuild them), so
     # Lightning's advice to exclude them from save_hyperparameters does not apply here.
     warnings.filterwarnings("ignore", message=r"Attribute '.*' is an instance of `nn.Module`")
+    # Our iterable datasets' lengths are exact with any number of workers and ranks (MixtureStream's worker w yields
+    # batches w, w + W, ... of batches_per_epoch; EpisodeStream counts its rank's episodes), which is what
+    # Lightning's warning asks about; the progress bar needs those lengths.
+    warnings.filterwarnings("ignore", message=r"Your `IterableDataset` has `__len__` defined")
+    # Lightning suggests one loader worker per core, but our steps use the cores for the model: each recipe sets
+    # num_workers to what its machine has left (batches are assembled inside the workers; see MixtureDataModule).
+    warnings.filterwarnings("ignore", message=r".*does not have many workers")
+    # A mixture without val_sources defines no val_dataloader (MixtureDataModule says why): a recipe that names no
+    # held-out data has chosen to skip validation, which is all this warning reports.
+    warnings.filterwarnings("ignore", message=r"You defined a `validation_step` but have no `val_dataloader`")
+    # The CSV metrics share the TensorBoard run's version folder on purpose (with_csv_beside_tensorboard), so that
+    # folder already holds config.yaml and the event file when CSVLogger starts; it rewrites only its own files.
+    warnings.filterwarnings("ignore", message=r"Experiment logs directory .* exists and is not empty")
+    # Lightning 2.6 checks pytree leaves in a way that newer torch deprecates; nothing for a user to change.
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+
+
+def main(args: list[str] | None = None) -> None:
+    # Meta-World and MuJoCo render headless only through EGL/OSMesa; default to EGL unless the user chose.
+    os.environ.setdefault("MUJOCO_GL", "egl")
+    configure_logging()
+    ignore_irrelevant_warnings()
     VLAZooCLI(args=args)
 
 

@@ -19,8 +19,10 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import logging
 import math
 import os
+import time
 import zlib
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -31,6 +33,8 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import WeightAveraging
 
 from envs.registry import ENVS, MakeEnv, expert, resolve_make_env, resolve_tasks
+
+log = logging.getLogger(__name__)
 
 #: A policy, or ``env -> policy`` for policies that need the env itself (scripted experts read simulator state).
 PolicyOrFactory = Any
@@ -102,6 +106,7 @@ def evaluate_closed_loop(
     rank: int = 0,
     world_size: int = 1,
     run_info: dict[str, Any] | None = None,
+    progress: bool = True,
 ) -> dict[str, Any]:
     """Success rate of ``policy`` per task over ``episodes_per_task`` seeded episodes, and their average.
 
@@ -111,36 +116,48 @@ def evaluate_closed_loop(
     With ``world_size > 1`` this process runs only the episodes ``k`` with ``k % world_size == rank`` (``k``
     numbering all episodes of all tasks); sum ``successes`` / ``episodes`` over processes for the totals.
     ``run_info`` (e.g. the checkpoint and the policy's sampling options) is stored in the results as given.
+    ``progress`` draws a bar over this process's episodes, with the success rate so far.
     """
+    from datamodules.progress import make_progress
+
     if execute_steps is not None and execute_steps < 1:
         raise ValueError(f"execute_steps must be >= 1 or None, got {execute_steps}")
     out = Path(out_dir) if out_dir is not None else None
     episodes: list[dict[str, Any]] = []
-    for t, task in enumerate(tasks):
-        mine = [i for i in range(episodes_per_task) if (t * episodes_per_task + i) % world_size == rank]
-        if not mine:
-            continue
-        env = make_env(task, seed)
-        try:
-            task_policy = policy if hasattr(policy, "get_action") else policy(env)
-            limit = _episode_limit(env, max_steps)
-            for i in mine:
-                s = episode_seed(seed, task, i)
-                record = out is not None and i < record_videos
-                success, steps, frames = _rollout(task_policy, env, s, execute_steps, limit, record)
-                episodes.append({"task": task, "episode": i, "seed": s, "success": success, "steps": steps})
-                if record:
-                    fps = getattr(env.unwrapped, "fps", None) or env.metadata.get("render_fps") or 20
-                    name = f"{task}_episode{i:03d}_{'success' if success else 'failure'}.gif"
-                    save_gif(frames, out / "videos" / name, fps)
-        finally:
-            env.close()
+    mine = {t: [i for i in range(episodes_per_task) if (t * episodes_per_task + i) % world_size == rank]
+            for t in range(len(tasks))}
+    with make_progress("episode", disable=not progress) as bar:
+        bar_task = bar.add_task("closed loop", total=sum(map(len, mine.values())))
+        for t, task in enumerate(tasks):
+            if not mine[t]:
+                continue
+            env = make_env(task, seed)
+            try:
+                task_policy = policy if hasattr(policy, "get_action") else policy(env)
+                limit = _episode_limit(env, max_steps)
+                for i in mine[t]:
+                    s = episode_seed(seed, task, i)
+                    record = out is not None and i < record_videos
+                    success, steps, frames = _rollout(task_policy, env, s, execute_steps, limit, record)
+                    episodes.append({"task": task, "episode": i, "seed": s, "success": success, "steps": steps})
+                    if record:
+                        name = f"{task}_episode{i:03d}_{'success' if success else 'failure'}.gif"
+                        save_gif(frames, out / "videos" / name, env_fps(env))
+                    wins = sum(e["success"] for e in episodes)
+                    bar.update(bar_task, advance=1, description=f"closed loop {task}: {wins}/{len(episodes)} succeeded")
+            finally:
+                env.close()
     results = summarize(episodes, tasks)
     results.update(seed=seed, episodes_per_task=episodes_per_task, execute_steps=execute_steps, max_steps=max_steps)
     results.update(run_info or {})
     if out is not None:
         write_report(results, out)
     return results
+
+
+def env_fps(env: gym.Env) -> float:
+    """Frames per second of an env's rollouts (for GIFs and videos); 20 where it declares none."""
+    return float(getattr(env.unwrapped, "fps", None) or env.metadata.get("render_fps") or 20)
 
 
 def summarize(episodes: list[dict[str, Any]], tasks: Sequence[str]) -> dict[str, Any]:
@@ -200,7 +217,8 @@ class ClosedLoopEvalCallback(Callback):
     ``make_env`` is a callable, a registered env name (``"metaworld"``, ``"tabletop"``) or ``"module:callable"``,
     built with ``env_kwargs``. Logs ``eval/success/<task>`` and ``eval/success/mean``; episodes are split over
     processes and the counts summed, so every rank logs the same numbers. Rank 0 writes the report and
-    ``record_videos`` GIFs per task under ``<log_dir>/closed_loop/step_<global_step>``.
+    ``record_videos`` GIFs per task under ``<log_dir>/closed_loop/step_<global_step>``, and logs each GIF as an
+    animated image ``eval/rollout/<task>/<episode>`` (TensorBoard's Images tab; a video in Weights & Biases).
 
     With weight averaging (Lightning's ``EMAWeightAveraging``), list this callback first: the averaging callback
     swaps the averaged weights in for validation and back at the end of the validation epoch, so callbacks after it
@@ -211,7 +229,7 @@ class ClosedLoopEvalCallback(Callback):
         self,
         policy_factory: Callable[[LightningModule], PolicyOrFactory],
         tasks: list[str] | str | None = None,
-        make_env: MakeEnv | str = "metaworld",
+        make_env: str | MakeEnv = "metaworld",
         env_kwargs: dict[str, Any] | None = None,
         episodes_per_task: int = 10,
         every_n_val_epochs: int = 1,
@@ -257,6 +275,9 @@ class ClosedLoopEvalCallback(Callback):
         if trainer.is_global_zero:
             root = trainer.log_dir or trainer.default_root_dir
             out_dir = Path(root) / "closed_loop" / f"step_{trainer.global_step}"
+        start = time.perf_counter()
+        log.info("closed-loop evaluation at step %d: %d episodes of each of %s", trainer.global_step,
+                 self.episodes_per_task, ", ".join(self.tasks))
         results = evaluate_closed_loop(
             self.policy_factory(pl_module),
             self.make_env,
@@ -269,6 +290,7 @@ class ClosedLoopEvalCallback(Callback):
             out_dir=out_dir,
             rank=trainer.global_rank,
             world_size=trainer.world_size,
+            progress=False,  # the trainer's bar holds the console; a line when done says what happened
         )
         counts = torch.tensor(
             [[results["tasks"].get(t, {}).get(k, 0) for k in ("successes", "episodes")] for t in self.tasks],
@@ -282,9 +304,24 @@ class ClosedLoopEvalCallback(Callback):
             pl_module.log(f"eval/success/{task}", rate, sync_dist=False)
         pl_module.log("eval/success/mean", float(np.mean(rates)), sync_dist=False)
         self.last_results = {"success": dict(zip(self.tasks, rates)), "average": float(np.mean(rates))}
+        if out_dir is not None:
+            self._log_videos(trainer, out_dir / "videos")
+        log.info("closed-loop success at step %d: %s (mean %.2f) in %.0f s", trainer.global_step,
+                 ", ".join(f"{t} {r:.2f}" for t, r in zip(self.tasks, rates)), self.last_results["average"],
+                 time.perf_counter() - start)
         if out_dir is not None and trainer.world_size > 1:
             totals = {t: {"successes": int(s), "episodes": int(n)} for t, (s, n) in zip(self.tasks, counts.tolist())}
             write_report({**self.last_results, "tasks": totals, "seed": self.seed}, out_dir)
+
+
+    def _log_videos(self, trainer: Trainer, videos: Path) -> None:
+        """Each recorded rollout as an animated image ``eval/rollout/<task>/<episode>`` (``vla_zoo.media``)."""
+        from vla_zoo.media import log_gif
+
+        for task in self.tasks:
+            for path in sorted(videos.glob(f"{task}_episode*.gif")):
+                episode = path.stem[len(task) + len("_episode"):].split("_")[0]  # "003" of task_episode003_success
+                log_gif(trainer, f"eval/rollout/{task}/{episode}", path, trainer.global_step)
 
 
 def _load_policy(args: argparse.Namespace) -> PolicyOrFactory:
@@ -360,6 +397,8 @@ def _env_kwargs(args: argparse.Namespace, metadata: dict[str, Any] | None) -> di
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    from datamodules.progress import configure_logging
+
     parser = argparse.ArgumentParser(prog="python -m vla_zoo.evaluation", description=__doc__.split("\n\n")[0])
     parser.add_argument("--env", default="metaworld", help=f"one of {sorted(ENVS)} or 'module:make_env'")
     parser.add_argument("--checkpoint", help="a vla-zoo checkpoint (loaded with vla_zoo.policy.Policy)")
@@ -387,6 +426,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     if args.objects is not None and args.env != "tabletop":
         parser.error(f"--objects sets the tabletop world's scenes; --env {args.env} has no such knob")
+    configure_logging()
 
     policy = _load_policy(args)
     env_kwargs = _env_kwargs(args, policy.metadata() if hasattr(policy, "metadata") else None)

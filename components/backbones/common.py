@@ -11,18 +11,61 @@ one, and the layers above are never built.
 from __future__ import annotations
 
 import copy
+import os
+import re
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoModel
+from transformers import AutoConfig, AutoModel
 from transformers.utils import logging as hf_logging
 
 from ..lora import LoRA, add_lora
 
 #: The LM linears that ``llm_lora`` wraps unless told otherwise (Llama / Qwen / Gemma / Mistral attention).
 LLM_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+# A Hugging Face Hub model id: "name" or "namespace/name".
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
+
+
+def hub_offline() -> bool:
+    """Whether ``HF_HUB_OFFLINE`` (or ``TRANSFORMERS_OFFLINE``) is set, read now rather than at import."""
+    return any(os.environ.get(k, "").upper() in ("1", "ON", "YES", "TRUE") for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def hub_kwargs(path: str, key: str) -> dict[str, Any]:
+    """``from_pretrained`` options for ``path``: a local directory (read from disk only) or a Hub id (downloaded
+    into the Hugging Face cache when online; read from that cache alone when ``HF_HUB_OFFLINE`` is set).
+
+    A path that cannot be a Hub id (absolute, ``./``, ``~``, several ``/``) but is no directory raises, naming the
+    recipe key ``key``, before transformers answers with an error about the Hub.
+    """
+    if os.path.isdir(path):
+        return {"local_files_only": True}
+    if not _HUB_ID.fullmatch(path) or path.startswith("."):
+        raise FileNotFoundError(
+            f"{key}: {path!r} is not a directory; give a directory written with save_pretrained or a Hugging Face "
+            "Hub id such as HuggingFaceTB/SmolVLM-256M-Instruct"
+        )
+    return {"local_files_only": True} if hub_offline() else {}
+
+
+def load_config(path: str, key: str):
+    """``AutoConfig`` of a local directory or Hub id (``hub_kwargs``), with an error naming ``key`` when an offline
+    Hub id is not in the local cache."""
+    kwargs = hub_kwargs(path, key)
+    try:
+        return AutoConfig.from_pretrained(path, **kwargs)
+    except OSError as err:
+        if os.path.isdir(path) or not hub_offline():
+            raise
+        raise FileNotFoundError(
+            f"{key}: {path!r} is not a local directory, and HF_HUB_OFFLINE is set, so it is read from the Hugging "
+            "Face cache, which does not hold it; unset HF_HUB_OFFLINE to download it or give a local directory"
+        ) from err
 
 
 def truncated_text_config(config, select_layer: int):
@@ -62,7 +105,8 @@ def strip_final_norm(decoder: nn.Module) -> nn.Module:
 
 
 def load_pretrained(path: str, config, decoder_of: Callable[[nn.Module], nn.Module] | None = None) -> nn.Module:
-    """``AutoModel.from_pretrained`` from a local directory only, in float32 (Lightning's precision plugin casts).
+    """``AutoModel.from_pretrained`` from a local directory or a Hub id (``hub_kwargs``), in float32 (Lightning's
+    precision plugin casts).
 
     Weights we skip on purpose (dropped layers, LM and pooling heads, the text tower of a dual encoder) are not
     reported; a weight the built model needs but the checkpoint lacks is an error. ``decoder_of`` picks the LM
@@ -72,7 +116,7 @@ def load_pretrained(path: str, config, decoder_of: Callable[[nn.Module], nn.Modu
     hf_logging.set_verbosity_error()
     try:
         model, info = AutoModel.from_pretrained(
-            path, config=config, dtype=torch.float32, local_files_only=True, output_loading_info=True
+            path, config=config, dtype=torch.float32, output_loading_info=True, **hub_kwargs(path, "pretrained path")
         )
     finally:
         hf_logging.set_verbosity(verbosity)

@@ -16,6 +16,8 @@ from transformers import AutoConfig, AutoModel, AutoTokenizer
 from ..lora import LoRA
 from ..mlp import MLP
 from .common import (
+    hub_kwargs,
+    load_config,
     OutputProjector,
     VisionLanguageBackbone,
     load_pretrained,
@@ -51,7 +53,7 @@ def _language_model(path: str | None, tokenizer, select_layer: int, model_type: 
     (vocabulary and special tokens from ``tokenizer``) and ``config_overrides``; its final norm stripped unless
     ``keep_final_norm``."""
     if path is not None:
-        config = AutoConfig.from_pretrained(path, local_files_only=True)
+        config = load_config(path, "lm_pretrained_path")
         return load_pretrained(path, truncated_text_config(config, select_layer),
                                decoder_of=None if keep_final_norm else lambda model: model)
     config = AutoConfig.for_model(model_type, **{
@@ -157,11 +159,12 @@ class ComposedBackbone(VisionLanguageBackbone):
         tokenizer_path: str | None = None,
     ) -> None:
         super().__init__(project_to, max_text_tokens)
+        tokenizer_key = "tokenizer_path" if tokenizer_path else "lm_pretrained_path"
         tokenizer_path = tokenizer_path or lm_pretrained_path
         self.tokenizer = (
             offline_tokenizer()
             if tokenizer_path is None
-            else AutoTokenizer.from_pretrained(tokenizer_path, local_files_only=True)
+            else AutoTokenizer.from_pretrained(tokenizer_path, **hub_kwargs(tokenizer_path, tokenizer_key))
         )
         self.vision_model, self.vision = build_vision_encoder(
             vision_pretrained_path, image_size=image_size, model_type=vision_model_type, patch_size=patch_size,

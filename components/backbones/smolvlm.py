@@ -25,6 +25,8 @@ from ..lora import LoRA
 from .common import (
     OutputProjector,
     VisionLanguageBackbone,
+    hub_kwargs,
+    load_config,
     load_pretrained,
     strip_final_norm,
     truncated_text_config,
@@ -36,10 +38,10 @@ class SmolVLMBackbone(VisionLanguageBackbone):
     """VL tokens from a SmolVLM / Idefics3 model, random (small config) or loaded from a local directory.
 
     Args:
-        pretrained_path: local directory of a SmolVLM / Idefics3 checkpoint with its processor files (e.g.
-            ``HuggingFaceTB/SmolVLM-256M-Instruct`` saved with ``save_pretrained``); loaded with
-            ``local_files_only=True``. None builds a random model from the size arguments below (which are then the
-            only ones used) with the offline tokenizer.
+        pretrained_path: a SmolVLM / Idefics3 checkpoint with its processor files: a local directory (saved with
+            ``save_pretrained``) or a Hub id such as ``HuggingFaceTB/SmolVLM-256M-Instruct`` (downloaded when online;
+            read from the Hugging Face cache under ``HF_HUB_OFFLINE``). None builds a random model from the size
+            arguments below (which are then the only ones used) with the offline tokenizer.
         select_layer: keep LM layers ``[0, select_layer)``; negative counts from the top (-1 drops the last layer).
         project_to: width of the output tokens (the action head's ``cross_attention_dim``); also ``out_dim``.
         tune_llm: train the language model (token embeddings included).
@@ -83,14 +85,15 @@ class SmolVLMBackbone(VisionLanguageBackbone):
             self.model = Idefics3Model(config)
             strip_final_norm(self.model.text_model)
         else:
-            config = AutoConfig.from_pretrained(pretrained_path, local_files_only=True)
+            config = load_config(pretrained_path, "pretrained_path")
             if not hasattr(config, "text_config") or not hasattr(config, "scale_factor"):
                 raise ValueError(
                     f"{pretrained_path}: config.json describes a {config.model_type!r} model; SmolVLMBackbone loads "
                     "SmolVLM / Idefics3 checkpoints (model_type 'idefics3' or 'smolvlm')"
                 )
             try:
-                self.processor = AutoProcessor.from_pretrained(pretrained_path, local_files_only=True)
+                self.processor = AutoProcessor.from_pretrained(pretrained_path,
+                                                               **hub_kwargs(pretrained_path, "pretrained_path"))
             except (OSError, ValueError) as err:
                 raise FileNotFoundError(
                     f"{pretrained_path}: no usable processor files ({err}); save the checkpoint's processor there "

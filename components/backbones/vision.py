@@ -17,7 +17,7 @@ from torch import nn
 from transformers import AutoConfig, AutoImageProcessor, AutoModel
 
 from ..mlp import MLP
-from .common import load_pretrained
+from .common import hub_kwargs, load_config, load_pretrained
 
 # SigLIP's normalisation, used by the random-weight encoders.
 _SIGLIP_MEAN = _SIGLIP_STD = (0.5, 0.5, 0.5)
@@ -117,10 +117,11 @@ def build_vision_encoder(
                                 config_overrides)
         image_mean, image_std, rescale_factor = _SIGLIP_MEAN, _SIGLIP_STD, 1 / 255
     else:
-        config = AutoConfig.from_pretrained(pretrained_path, local_files_only=True)
+        config = load_config(pretrained_path, "vision_pretrained_path")
         config = getattr(config, "vision_config", config)
         try:
-            processor = AutoImageProcessor.from_pretrained(pretrained_path, local_files_only=True)
+            processor = AutoImageProcessor.from_pretrained(
+                pretrained_path, **hub_kwargs(pretrained_path, "vision_pretrained_path"))
         except OSError as err:
             raise FileNotFoundError(
                 f"{pretrained_path}: no preprocessor_config.json (needed for the image mean/std); save the "

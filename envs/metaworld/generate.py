@@ -160,6 +160,7 @@ class MetaWorldDemos:
 
     def write_tier(self, tier: str) -> dict[str, Any]:
         """Generate ``tier`` and write it as a source; returns its ``source.json`` dict."""
+        from datamodules.progress import track
         from datamodules.shards import write_source  # the writer belongs to the data layer
 
         start = time.perf_counter()
@@ -169,8 +170,10 @@ class MetaWorldDemos:
             shutil.rmtree(stale, ignore_errors=True)
         tmp = self.root / f".{name}.tmp-{os.getpid()}"
         stats = {"slots": 0, "kept": 0, "attempts": 0}
+        slots = self.episodes[tier] * len(self.tasks)
+        episodes = track(self.iter_episodes(tier), f"metaworld {tier}", total=slots, unit="episode")
         source = write_source(
-            self._counted(self.iter_episodes(tier), stats),
+            self._counted(episodes, stats),
             tmp,
             source=name,
             horizon=self.horizon,
@@ -322,7 +325,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--dart-noise", type=float, default=0.0,
                         help="largest std of the noise executed (not recorded) in the robot tier (DART)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    from datamodules.progress import configure_logging
+
+    configure_logging()
     demos = MetaWorldDemos(
         root=args.root,
         tasks=args.tasks,

@@ -496,3 +496,40 @@ def test_composed_gr00t_options_keep_the_final_norm_and_pass_the_lm_width_on():
         ComposedBackbone(projector="identity", project_to=16)
     with pytest.raises(ValueError, match="connector='conv'"):
         ComposedBackbone(connector="conv")
+
+
+# --- Hub ids and local directories -----------------------------------------------------------------------------
+
+
+def test_a_path_is_a_local_directory_or_a_hub_id(tmp_path, monkeypatch):
+    from components.backbones.common import hub_kwargs
+
+    assert hub_kwargs(str(tmp_path), "pretrained_path") == {"local_files_only": True}  # disk only, online or not
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    assert hub_kwargs("HuggingFaceTB/SmolVLM-256M-Instruct", "pretrained_path") == {}  # online: may download
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert hub_kwargs("HuggingFaceTB/SmolVLM-256M-Instruct", "pretrained_path") == {"local_files_only": True}
+    for missing in (str(tmp_path / "no" / "such"), "./models/smolvlm", "~/models/smolvlm"):
+        with pytest.raises(FileNotFoundError, match=r"lm_pretrained_path: .* is not a directory; .*save_pretrained"):
+            ComposedBackbone(lm_pretrained_path=missing)
+
+
+def test_a_hub_id_loads_from_the_cache_when_offline(tmp_path, monkeypatch):
+    """HF_HUB_OFFLINE: an id is read from the Hugging Face cache (here a hand-made one), and an id the cache lacks
+    is reported under its recipe key."""
+    from huggingface_hub import constants
+
+    saved = _build(SmolVLMBackbone, seed=3).eval()
+    snapshot = tmp_path / "models--vla-zoo--tiny-smolvlm" / "snapshots" / ("0" * 40)
+    saved.model.save_pretrained(snapshot)
+    saved.processor.save_pretrained(snapshot)
+    (tmp_path / "models--vla-zoo--tiny-smolvlm" / "refs").mkdir()
+    (tmp_path / "models--vla-zoo--tiny-smolvlm" / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    loaded = SmolVLMBackbone("vla-zoo/tiny-smolvlm", select_layer=2).eval()
+    assert all(torch.equal(a, b) for a, b in zip(loaded.model.vision_model.parameters(),
+                                                  saved.model.vision_model.parameters()))
+    with pytest.raises(FileNotFoundError, match=r"pretrained_path: 'vla-zoo/absent' .*HF_HUB_OFFLINE"):
+        SmolVLMBackbone("vla-zoo/absent")

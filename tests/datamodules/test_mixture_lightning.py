@@ -1,5 +1,7 @@
 """The mixture inside a Lightning run: checkpoints carry its state, the monitor logs, YAML configures it."""
 
+import warnings
+
 import jsonargparse
 import torch
 from lightning.pytorch import LightningModule, Trainer
@@ -53,9 +55,16 @@ def fit(tmp_path, dm, model, max_steps, ckpt_path=None) -> Trainer:
 def test_checkpoint_holds_mixture_state_and_resume_continues_the_epoch_counter(tmp_path):
     dm = MixtureDataModule(**config(tmp_path), prepare=WriteShards(str(tmp_path)))
     model = ActionMean()
-    trainer = fit(tmp_path, dm, model, max_steps=6)  # two epochs of 3 batches
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer = fit(tmp_path, dm, model, max_steps=6)  # two epochs of 3 batches
+    # Without val_sources there is no validation, and no warning about an empty validation loader.
+    assert not [w for w in caught if "Total length" in str(w.message)], [str(w.message) for w in caught]
     assert not any(k.startswith("_") for k in model.seen_keys)  # error counts never reach the model
     assert trainer.callback_metrics["data/frac_arm"] > 0.5 and trainer.callback_metrics["data/frac_hand"] > 0.05
+    # Counts as scalars too: at the last step (6 x 16 samples drawn) they sum to the samples drawn.
+    counts = [float(trainer.callback_metrics[f"data/samples_{name}"]) for name in ("arm", "hand")]
+    assert sum(counts) == 6 * 16 and counts[0] == dm.drawn_counts[0]
     assert sum(dm.drawn_counts.values()) == 6 * 16 and dm.epochs_started == 2
 
     ckpt = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)

@@ -1,3 +1,4 @@
+import json
 import subprocess
 import sys
 
@@ -14,6 +15,8 @@ def test_clean_source_passes_from_the_command_line(tmp_path):
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "ok" in out.stdout
+    total = sum(s["samples"] for s in json.loads((tmp_path / "good" / "index.json").read_text())["shards"])
+    assert f"{total}/{total}" in out.stderr, out.stderr  # the progress bar, on stderr
 
 
 @pytest.mark.parametrize("fault", FAULTS)

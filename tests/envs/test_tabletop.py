@@ -327,7 +327,7 @@ def test_pyramid_writes_every_tier_once_identically_for_any_worker_count(tmp_pat
 def test_wrist_view_shifts_by_the_end_effector_move_at_its_window_scale(window):
     """The wrist camera is centred on the EE and sees ``wrist_window`` table units: a move of d table units shifts
     the table under it by d * image_size / wrist_window pixels (the widened camera of
-    recipes/ablations/lam_wide_wrist.yaml keeps a 16-step move inside its image). The scene view does not depend
+    recipes/explore/lam/lam_wide_wrist.yaml keeps a 16-step move inside its image). The scene view does not depend
     on it."""
     renderer, default = Renderer(64, wrist_window=window), Renderer(64)
     world = make_world(3, "point_gripper", families=("push",))

@@ -22,11 +22,13 @@ RECIPES = REPO_ROOT / "recipes"
 BASE = ["pretrain.yaml", "metaworld/posttrain_scratch.yaml"]
 
 
-def _instantiate(overlays: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> VLAZooCLI:
+def _instantiate(overlays: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *flags: str,
+                 base: list[str] = BASE) -> VLAZooCLI:
     monkeypatch.chdir(tmp_path)  # the recipes' relative run dirs land here, not in the checkout
     args = []
-    for name in BASE + overlays:
+    for name in base + overlays:
         args += ["--config", str(RECIPES / name)]
+    args += list(flags)
     monkeypatch.setattr("sys.argv", ["vla-zoo"])  # LightningCLI warns when given both args and a command line
     return VLAZooCLI(args=args, run=False)
 
@@ -44,10 +46,10 @@ def _mismatched_sources(cli: VLAZooCLI) -> list[str]:
     (["metaworld/posttrain_pretrained.yaml"], "FlowMatchingActionHead", "runs/pretrain/checkpoints/last.ckpt",
      {"robot"}, 10),
     (["metaworld/demos50.yaml"], "FlowMatchingActionHead", None, {"robot"}, 50),
-    (["metaworld/demos100.yaml"], "FlowMatchingActionHead", None, {"robot"}, 100),
+    (["explore/metaworld/demos100.yaml"], "FlowMatchingActionHead", None, {"robot"}, 100),
     (["metaworld/cotrain_human.yaml"], "FlowMatchingActionHead", None, {"robot", "human"}, 10),
-    (["metaworld/demos50.yaml", "metaworld/cotrain_human.yaml", "metaworld/cotrain_human_demos50.yaml"],
-     "FlowMatchingActionHead", None, {"robot", "human"}, 50),
+    (["metaworld/demos50.yaml", "metaworld/cotrain_human.yaml"], "FlowMatchingActionHead", None, {"robot", "human"},
+     50),
 ])
 def test_recipe_instantiates_consistently(overlays, head, init_from, tiers, episodes, tmp_path, monkeypatch) -> None:
     cli = _instantiate(overlays, tmp_path, monkeypatch)
@@ -69,7 +71,7 @@ def test_recipe_instantiates_consistently(overlays, head, init_from, tiers, epis
 
 
 def test_goal_task_probe_trains_on_its_three_tasks_only(tmp_path, monkeypatch) -> None:
-    cli = _instantiate(["metaworld/goal_tasks50.yaml"], tmp_path, monkeypatch)
+    cli = _instantiate(["explore/metaworld/goal_tasks50.yaml"], tmp_path, monkeypatch)
     assert cli.datamodule.prepare.tasks == ["reach-v3", "push-v3", "pick-place-v3"]
     assert cli.datamodule.prepare.episodes == {"robot": 50}
     assert not _mismatched_sources(cli)
@@ -78,7 +80,7 @@ def test_goal_task_probe_trains_on_its_three_tasks_only(tmp_path, monkeypatch) -
 
 
 def test_camera_and_augmentation_overlays_reach_the_preparer_and_the_policy(tmp_path, monkeypatch) -> None:
-    cli = _instantiate(["metaworld/demos50.yaml", "metaworld/workspace_camera.yaml", "ablations/random_shift.yaml"],
+    cli = _instantiate(["metaworld/demos50.yaml", "explore/metaworld/workspace_camera.yaml", "ablations/random_shift.yaml"],
                        tmp_path, monkeypatch)
     assert cli.datamodule.prepare.views["robot"] == ("workspace", "gripper_pov")
     assert not _mismatched_sources(cli)
@@ -86,7 +88,7 @@ def test_camera_and_augmentation_overlays_reach_the_preparer_and_the_policy(tmp_
 
 
 def test_dart_overlay_reaches_the_preparer_and_trains_on_its_own_cache(tmp_path, monkeypatch) -> None:
-    cli = _instantiate(["metaworld/demos50.yaml", "metaworld/dart.yaml"], tmp_path, monkeypatch)
+    cli = _instantiate(["metaworld/demos50.yaml", "explore/metaworld/dart.yaml"], tmp_path, monkeypatch)
     prepare = cli.datamodule.prepare
     assert prepare.dart_noise == 0.5 and prepare.episodes == {"robot": 50}
     assert not _mismatched_sources(cli)
@@ -95,7 +97,7 @@ def test_dart_overlay_reaches_the_preparer_and_trains_on_its_own_cache(tmp_path,
 
 
 def test_privileged_overlay_records_positions_in_its_own_cache_and_adds_the_readout(tmp_path, monkeypatch) -> None:
-    cli = _instantiate(["metaworld/demos50.yaml", "metaworld/privileged_aux.yaml"], tmp_path, monkeypatch)
+    cli = _instantiate(["metaworld/demos50.yaml", "explore/metaworld/privileged_aux.yaml"], tmp_path, monkeypatch)
     prepare = cli.datamodule.prepare
     assert prepare.privileged and prepare.episodes == {"robot": 50}
     assert not _mismatched_sources(cli)
@@ -108,10 +110,26 @@ def test_privileged_overlay_records_positions_in_its_own_cache_and_adds_the_read
     assert model.privileged_head.out_dim == 6
 
 
-def test_cotrain_at_50_demos_needs_its_paths_overlay(tmp_path, monkeypatch) -> None:
-    """Without cotrain_human_demos50.yaml the sources point at the 10-demo cache the preparer does not write."""
-    cli = _instantiate(["metaworld/demos50.yaml", "metaworld/cotrain_human.yaml"], tmp_path, monkeypatch)
-    assert sorted(_mismatched_sources(cli)) == ["human", "robot"]
+def test_sources_follow_the_preparers_root_in_any_order(tmp_path, monkeypatch) -> None:
+    """The sources name their shards through ${data.init_args.prepare.init_args.root}: an overlay that moves the
+    demos (demos50.yaml) moves every source, whichever overlay states the sources, and so does a flag."""
+    for overlays in (["metaworld/demos50.yaml", "metaworld/cotrain_human.yaml"],
+                     ["metaworld/cotrain_human.yaml", "metaworld/demos50.yaml"]):
+        cli = _instantiate(overlays, tmp_path, monkeypatch)
+        assert not _mismatched_sources(cli) and cli.datamodule.prepare.episodes == {"robot": 50, "human": 50}
+    cli = _instantiate([], tmp_path, monkeypatch, "--data.init_args.prepare.init_args.root=/data/mw")
+    assert {s.shards for s in cli.datamodule.sources + cli.datamodule.val_sources} == {"/data/mw/metaworld_robot"}
+
+
+def test_mt10_is_one_overlay_equal_to_the_benchmarked_chain(tmp_path, monkeypatch) -> None:
+    """recipes/metaworld/mt10.yaml on pretrain.yaml resolves to the config of the seven-file chain it replaces."""
+    same_dir = ["--trainer.default_root_dir=runs/x"]
+    one = _instantiate(["metaworld/mt10.yaml"], tmp_path, monkeypatch, *same_dir, base=["pretrain.yaml"])
+    chain = _instantiate(["metaworld/demos50.yaml", "ablations/composed_backbone.yaml", "ablations/conv_vision.yaml",
+                          "explore/metaworld/mt10_conv_ema.yaml", "explore/metaworld/mt10_conv32_64.yaml"],
+                         tmp_path, monkeypatch, *same_dir)
+    assert one.config.as_dict() == chain.config.as_dict()
+    assert not _mismatched_sources(one) and one.datamodule.prepare.episodes == {"robot": 50}
 
 
 def test_best_mt10_recipe_is_the_benchmarked_one(tmp_path, monkeypatch) -> None:
@@ -119,7 +137,7 @@ def test_best_mt10_recipe_is_the_benchmarked_one(tmp_path, monkeypatch) -> None:
     from lightning.pytorch.callbacks import EMAWeightAveraging, ModelCheckpoint
 
     cli = _instantiate(["metaworld/demos50.yaml", "ablations/composed_backbone.yaml", "ablations/conv_vision.yaml",
-                        "metaworld/mt10_conv_ema.yaml"], tmp_path, monkeypatch)
+                        "explore/metaworld/mt10_conv_ema.yaml"], tmp_path, monkeypatch)
     assert cli.datamodule.prepare.episodes == {"robot": 50} and not _mismatched_sources(cli)
     assert cli.config.model.init_args.backbone.init_args.vision_model_type == "resnet"
     assert cli.trainer.max_steps == 30000
@@ -143,7 +161,7 @@ def test_best_mt10_recipe_is_the_benchmarked_one(tmp_path, monkeypatch) -> None:
 def test_hour_recipe_for_slow_cpus_is_the_benchmarked_one(recipe, width, steps, tmp_path, monkeypatch) -> None:
     """Each slow-CPU hour recipe must train what its benchmarked `flow_conv_ema 0 STEPS 50` run's overrides trained."""
     cli = _instantiate(["metaworld/demos50.yaml", "ablations/composed_backbone.yaml", "ablations/conv_vision.yaml",
-                        "metaworld/mt10_conv_ema.yaml", f"metaworld/{recipe}.yaml"], tmp_path, monkeypatch)
+                        "explore/metaworld/mt10_conv_ema.yaml", f"explore/metaworld/{recipe}.yaml"], tmp_path, monkeypatch)
     assert not _mismatched_sources(cli)
     assert cli.config.model.init_args.backbone.init_args.vision_hidden_size == width
     assert cli.config.model.init_args.action_head.init_args.dropout == 0.0

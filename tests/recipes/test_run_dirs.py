@@ -16,9 +16,9 @@ from tests.conftest import REPO_ROOT
 RECIPES = REPO_ROOT / "recipes"
 PRE, LAM, MW = "pretrain.yaml", "lam.yaml", ["pretrain.yaml", "metaworld/posttrain_scratch.yaml"]
 CONV = ["ablations/composed_backbone.yaml", "ablations/conv_vision.yaml"]
-LAM_MOTION = [LAM, "ablations/lam_motion_decoder.yaml"]
-LAM_CW = [*LAM_MOTION, "ablations/lam_change_weighted.yaml"]
-MT10 = [*MW, "metaworld/demos50.yaml", *CONV, "metaworld/mt10_conv_ema.yaml"]
+LAM_MOTION = [LAM, "explore/lam/lam_motion_decoder.yaml"]
+LAM_CW = [*LAM_MOTION, "explore/lam/lam_change_weighted.yaml"]
+MT10 = [*MW, "metaworld/demos50.yaml", *CONV, "explore/metaworld/mt10_conv_ema.yaml"]
 
 #: Each recipe, after the recipes its header says it layers on.
 STACKS = {
@@ -28,18 +28,18 @@ STACKS = {
     "groot/finetune.yaml": [PRE, "groot/n1_5.yaml", "finetune_lora.yaml"],
     "ablations/conv_vision.yaml": [PRE, CONV[0]],
     "ablations/keypoints.yaml": [PRE, *CONV], "ablations/coord_conv.yaml": [PRE, *CONV],
-    "ablations/lam_motion_decoder.yaml": [LAM],
-    "ablations/lam_scene_128.yaml": LAM_MOTION, "ablations/lam_wide_wrist.yaml": LAM_MOTION,
-    "ablations/lam_change_weighted.yaml": LAM_MOTION,
-    "ablations/lam_small_codebook.yaml": LAM_CW, "ablations/lam_codebook_64.yaml": LAM_CW,
-    "ablations/lam_action_supervised.yaml": LAM_CW,
-    "ablations/lam_fine_patches.yaml": [*LAM_CW, "ablations/lam_action_supervised.yaml"],
-    "metaworld/posttrain_scratch.yaml": [PRE],
-    "metaworld/cotrain_human_demos50.yaml": [*MW, "metaworld/demos50.yaml", "metaworld/cotrain_human.yaml"],
-    "metaworld/dart.yaml": [*MW, "metaworld/demos50.yaml"],
-    "metaworld/privileged_aux.yaml": [*MW, "metaworld/demos50.yaml"],
-    "metaworld/mt10_conv_ema.yaml": MT10[:-1],
-    "metaworld/mt10_conv32.yaml": MT10, "metaworld/mt10_conv32_64.yaml": MT10,
+    "explore/lam/lam_motion_decoder.yaml": [LAM],
+    "explore/lam/lam_scene_128.yaml": LAM_MOTION, "explore/lam/lam_wide_wrist.yaml": LAM_MOTION,
+    "explore/lam/lam_change_weighted.yaml": LAM_MOTION,
+    "explore/lam/lam_small_codebook.yaml": LAM_CW, "explore/lam/lam_codebook_64.yaml": LAM_CW,
+    "explore/lam/lam_action_supervised.yaml": LAM_CW,
+    "explore/lam/lam_fine_patches.yaml": [*LAM_CW, "explore/lam/lam_action_supervised.yaml"],
+    "metaworld/posttrain_scratch.yaml": [PRE], "metaworld/mt10.yaml": [PRE],
+    "metaworld/cotrain_human.yaml": [*MW, "metaworld/demos50.yaml"],
+    "explore/metaworld/dart.yaml": [*MW, "metaworld/demos50.yaml"],
+    "explore/metaworld/privileged_aux.yaml": [*MW, "metaworld/demos50.yaml"],
+    "explore/metaworld/mt10_conv_ema.yaml": MT10[:-1],
+    "explore/metaworld/mt10_conv32.yaml": MT10, "explore/metaworld/mt10_conv32_64.yaml": MT10,
 }
 #: Not runs of their own: a modifier of whatever recipe it follows, and `lightning predict` (writes no checkpoints).
 NOT_RUNS = {"ablations/cached_sources.yaml", "label.yaml", "pyramid/label_neural.yaml"}
@@ -50,7 +50,8 @@ def _all_recipes() -> list[str]:
 
 
 def _stack(recipe: str) -> list[str]:
-    default = [PRE] if recipe.startswith("ablations/") else MW if recipe.startswith("metaworld/") else []
+    default = ([PRE] if recipe.startswith("ablations/") else MW if recipe.startswith(("metaworld/", "explore/metaworld/"))
+               else [LAM] if recipe.startswith("explore/lam/") else [])
     return [*STACKS.get(recipe, default), recipe]
 
 

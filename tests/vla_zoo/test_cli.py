@@ -27,11 +27,16 @@ def _fit_args(tmp_path: Path) -> list[str]:
 def test_fit_writes_checkpoint_and_config(entry: str, tmp_path: Path) -> None:
     proc = run_cli(_fit_args(tmp_path), entry=entry)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    # What the user sees: the bar with the run's last epoch, Lightning's lines once, no cloud advert, no warnings.
+    assert "Epoch 0/0" in proc.stdout and proc.stderr.count("Seed set to 0") == 1, proc.stderr[-3000:]
+    assert "Tip:" not in proc.stderr and "Warning" not in proc.stderr, proc.stderr[-3000:]
     run_dir = tmp_path / "logs" / "version_0"
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert config["trainer"]["max_steps"] == 5
     ckpt = tmp_path / "checkpoints" / "last.ckpt"  # <default_root_dir>/checkpoints: the same for every run
     assert ckpt.is_file()
+    # TensorBoard events and the CSV metrics of one run share its version folder.
+    assert list(run_dir.glob("events.out.tfevents.*")) and (run_dir / "metrics.csv").is_file()
     # The checkpoint carries the recipe on its own and rebuilds its model without the log dir.
     embedded = load_run_config(ckpt)
     assert embedded["model"]["class_path"] == "lit_modules.chunk_regressor.StateChunkRegressor"
@@ -158,7 +163,8 @@ def test_checkpoint_without_embedded_config_is_reported(tmp_path: Path) -> None:
 
 
 PRETRAIN = str(REPO_ROOT / "recipes" / "pretrain.yaml")
-ABLATIONS = sorted((REPO_ROOT / "recipes" / "ablations").glob("*.yaml"))
+ABLATIONS = sorted((REPO_ROOT / "recipes" / "ablations").glob("*.yaml")) + sorted(
+    (REPO_ROOT / "recipes" / "explore" / "lam").glob("*.yaml"))
 
 
 def _print_config_in_process(capsys: pytest.CaptureFixture, *configs: str) -> dict:
@@ -190,6 +196,8 @@ def _contains(actual, expected) -> bool:
     """``expected`` (as written in a recipe) is in ``actual`` (as validated, with every default filled in)."""
     if isinstance(expected, dict):
         return isinstance(actual, dict) and all(k in actual and _contains(actual[k], v) for k, v in expected.items())
+    if isinstance(expected, str) and "${" in expected:  # a reference: tests/recipes/test_recipe_references.py
+        return True
     if isinstance(expected, list):
         return (isinstance(actual, list) and len(actual) == len(expected)
                 and all(_contains(a, e) for a, e in zip(actual, expected)))
