@@ -191,6 +191,28 @@ def test_in_process_observation_errors_name_the_key(trained) -> None:
     # Another size than the training frames, shared by every view, is resized by the backbone as before.
     large = {view: np.repeat(np.repeat(frame, 2, 0), 2, 1) for view, frame in images.items()}
     assert policy.get_action({**obs, "images": large})["actions"].shape == (8, 3)
+def test_bf16_policies_cast_a_copy_once_and_act_like_fp32(trained) -> None:
+    model, _, _ = trained
+    obs = _observation(TabletopEnv("point_gripper", image_size=32), 13)
+    policies = {p: Policy(model, seed=4, precision=p) for p in ("32-true", "bf16-mixed", "bf16-true")}
+    # Weights cast once, into copies: the module being trained stays fp32.
+    assert policies["32-true"].module is model and {p.dtype for p in model.parameters()} == {torch.float32}
+    assert {p.dtype for p in policies["bf16-true"].module.parameters()} == {torch.bfloat16}
+    mixed = policies["bf16-mixed"].module.action_head
+    assert mixed.blocks[0].to_q.weight.dtype == mixed.action_decoder.layer1.weights[0].dtype == torch.bfloat16
+    assert mixed.position_embedding.dtype == torch.float32  # what is not a matmul weight stays fp32
+    errors = {p: [] for p in ("bf16-mixed", "bf16-true")}
+    for _ in range(3):
+        expected = policies["32-true"].get_action(obs)["actions"]
+        for p in errors:
+            got = policies[p].get_action(obs)["actions"]
+            assert got.dtype == np.float32 and got.shape == expected.shape == (8, 3)
+            errors[p].append(np.abs(got - expected).max())
+    # The same flow from the same noise, actions in [-1, 1]: bf16 rounding only, and far less of it with the norms
+    # and the residual stream in fp32.
+    assert max(errors["bf16-mixed"]) < 0.02 and max(errors["bf16-true"]) < 0.1, errors
+    with pytest.raises(ValueError, match=r"precision must be one of \['32-true', 'bf16-mixed', 'bf16-true'\]"):
+        Policy(model, precision="bf16")
 
 
 def test_backbone_and_head_width_mismatch_is_reported() -> None:
