@@ -130,36 +130,45 @@ def main() -> None:
     eval_batches = [next(stream) for _ in range(args.val_batches)]
     load_start = os.getloadavg()[0]
     started = time.perf_counter()
+
+    def report(steps_done: int) -> dict:
+        steady = slice(min(5, steps_done // 4), None)  # the first steps warm up oneDNN and the allocator
+        ratios = [f / b for f, b in zip(arms["fp32"].times[steady], arms["bf16"].times[steady])]
+        last = {name: statistics.mean(a.losses["action_loss"][-min(100, steps_done):]) for name, a in arms.items()}
+        return dict(
+            machine=describe(), load_average_start=load_start, load_average_now=os.getloadavg()[0],
+            recipe=configs, steps=steps_done, steps_requested=args.steps,
+            batch_size=getattr(datamodule, "batch_size", None), gradient_clip_val=clip,
+            wall_seconds=time.perf_counter() - started,
+            auto_choice=dict(precision=choice.precision, reason=choice.reason, measurement=choice.measurement,
+                             shapes={str(k): n for k, n in planned_matmul_shapes(model).items()}),
+            step_seconds_median={name: statistics.median(a.times[steady]) for name, a in arms.items()},
+            fp32_over_bf16_step_time=statistics.median(ratios),
+            window=args.window,
+            train_loss_windows={name: windows(a.losses["loss"], args.window) for name, a in arms.items()},
+            action_loss_windows={name: windows(a.losses["action_loss"], args.window) for name, a in arms.items()},
+            action_loss_last_100_steps=last,
+            bf16_vs_fp32_difference=abs(last["bf16"] - last["fp32"]),
+            seed_spread_fp32=abs(last["fp32_seed1"] - last["fp32"]),
+            bf16_within_seed_spread=abs(last["bf16"] - last["fp32"]) <= abs(last["fp32_seed1"] - last["fp32"]),
+        )
+
+    def write(data: dict) -> str:
+        text = json.dumps(data, indent=2)
+        if args.out:  # after every window too, so a run cut short still leaves its figures
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(text + "\n")
+        return text
+
     for i, batch in zip(range(args.steps), stream):
         for arm in arms.values():
             arm.step(batch, i)
-    wall = time.perf_counter() - started
-    steady = slice(min(5, args.steps // 4), None)  # the first steps warm up oneDNN and the allocator
-    ratios = [f / b for f, b in zip(arms["fp32"].times[steady], arms["bf16"].times[steady])]
-    report = dict(
-        machine=describe(), load_average_start=load_start, load_average_end=os.getloadavg()[0],
-        recipe=configs, steps=args.steps, batch_size=getattr(datamodule.hparams, "batch_size", None),
-        gradient_clip_val=clip, wall_seconds=wall,
-        auto_choice=dict(precision=choice.precision, reason=choice.reason, measurement=choice.measurement,
-                         shapes={str(k): n for k, n in planned_matmul_shapes(model).items()}),
-        step_seconds_median={name: statistics.median(a.times[steady]) for name, a in arms.items()},
-        fp32_over_bf16_step_time=statistics.median(ratios),
-        window=args.window,
-        train_loss_windows={name: windows(a.losses["loss"], args.window) for name, a in arms.items()},
-        action_loss_windows={name: windows(a.losses["action_loss"], args.window) for name, a in arms.items()},
-        eval_batches=args.val_batches,
-        eval_action_loss_end={name: a.validate(eval_batches) for name, a in arms.items()},
-    )
-    last = {name: statistics.mean(a.losses["action_loss"][-min(100, args.steps):]) for name, a in arms.items()}
-    report["action_loss_last_100_steps"] = last
-    report["bf16_vs_fp32_difference"] = abs(last["bf16"] - last["fp32"])
-    report["seed_spread_fp32"] = abs(last["fp32_seed1"] - last["fp32"])
-    report["bf16_within_seed_spread"] = report["bf16_vs_fp32_difference"] <= report["seed_spread_fp32"]
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+        if (i + 1) % args.window == 0 and i + 1 < args.steps:
+            write(report(i + 1))
+    final = report(len(arms["fp32"].times))
+    final.update(eval_batches=args.val_batches,
+                 eval_action_loss_end={name: a.validate(eval_batches) for name, a in arms.items()})
+    print(write(final))
 
 
 if __name__ == "__main__":
