@@ -10,7 +10,8 @@ shared machine hits all three alike:
   compared against.
 
 Each step does what the Trainer does: the recipe's optimiser and schedule, ``gradient_clip_val`` by norm. Reported:
-the median step time of each arm and the median of the per-step fp32 / bf16 ratios; the training loss (total and
+the median step time of each arm and the median of the per-step fp32 / bf16 ratios, in wall-clock and in CPU
+seconds (on a loaded machine, a one-thread run's CPU time leaves out its waits for a core); the training loss (total and
 action loss) averaged over windows of ``--window`` steps; each arm's action loss at the end on ``--val-batches``
 batches drawn before training and never trained on (the same for all arms, evaluated with the same noise); and ``vla_zoo.precision.choose_precision``'s decision for this model.
 
@@ -53,7 +54,8 @@ class Arm:
                                        num_warmup_steps=int(hp.warmup_ratio * total_steps),
                                        num_training_steps=total_steps)
         self.rng = torch.Generator().manual_seed(seed).get_state()
-        self.times: list[float] = []
+        self.times: list[float] = []  # wall seconds per step
+        self.cpu_times: list[float] = []  # this process's CPU seconds per step (no waiting for a core)
         self.losses: dict[str, list[float]] = {"loss": [], "action_loss": []}
 
     def _autocast(self):
@@ -61,7 +63,7 @@ class Arm:
 
     def step(self, batch: dict, index: int) -> None:
         torch.set_rng_state(self.rng)
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         with self._autocast():
             loss = self.model.training_step(batch, index)
         loss.backward()
@@ -71,6 +73,7 @@ class Arm:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.times.append(time.perf_counter() - start)
+        self.cpu_times.append(time.process_time() - cpu_start)
         self.rng = torch.get_rng_state()
         self.losses["loss"].append(float(loss))
         self.losses["action_loss"].append(self.logged.get("train/action_loss", float("nan")))
@@ -134,6 +137,7 @@ def main() -> None:
     def report(steps_done: int) -> dict:
         steady = slice(min(5, steps_done // 4), None)  # the first steps warm up oneDNN and the allocator
         ratios = [f / b for f, b in zip(arms["fp32"].times[steady], arms["bf16"].times[steady])]
+        cpu_ratios = [f / b for f, b in zip(arms["fp32"].cpu_times[steady], arms["bf16"].cpu_times[steady])]
         last = {name: statistics.mean(a.losses["action_loss"][-min(100, steps_done):]) for name, a in arms.items()}
         return dict(
             machine=describe(), load_average_start=load_start, load_average_now=os.getloadavg()[0],
@@ -144,6 +148,10 @@ def main() -> None:
                              shapes={str(k): n for k, n in planned_matmul_shapes(model).items()}),
             step_seconds_median={name: statistics.median(a.times[steady]) for name, a in arms.items()},
             fp32_over_bf16_step_time=statistics.median(ratios),
+            # CPU time counts the threads' work, not their waits: with --threads 1 the load-proof figure
+            step_cpu_seconds_median={name: statistics.median(a.cpu_times[steady]) for name, a in arms.items()},
+            fp32_over_bf16_step_cpu_time=statistics.median(cpu_ratios),
+            threads=torch.get_num_threads(),
             window=args.window,
             train_loss_windows={name: windows(a.losses["loss"], args.window) for name, a in arms.items()},
             action_loss_windows={name: windows(a.losses["action_loss"], args.window) for name, a in arms.items()},
