@@ -11,8 +11,9 @@ runs in one process, the two arms interleaved, in every precision of ``--precisi
   the measurements at start and end; target >= 0.5);
 - inference of one H-action chunk, K = 4 Euler steps, batch 1, ``--vl-tokens`` VL tokens: speed-up over the
   baseline (target >= 2x). In ``32-true`` both arms hold fp32 weights. In ``bf16-mixed`` our head holds bf16
-  weights cast once (``Policy(precision="bf16-true")``), and the baseline runs under bf16 autocast (its weights
-  cast on every call) and, reported beside it, with bf16 weights too; ``vs_released_fp32`` compares with the
+  weights cast once (``ours``: all of them, ``Policy(precision="bf16-true")``; ``ours_bf16_mixed``: the matmul
+  weights, under autocast, ``Policy(precision="bf16-mixed")``), and the baseline runs under bf16 autocast (its
+  weights cast on every call) and, reported beside it, with bf16 weights too; ``vs_released_fp32`` compares with the
   baseline's fp32 chunk (batch 1 is bound by reading weights: halving the bytes read counts, as does the cache);
   ``kv_cache_speedup`` isolates the cache (our head with and without it);
 - peak memory of the embodiment adapters (state encoder, action encoder, action decoder; forward + backward) at
@@ -267,30 +268,36 @@ def bench_inference(cfg, device, vl_tokens, repeats, precision="32-true"):
     vl, vl_mask, state, _, _, ids = head_inputs(cfg, 1, 1, vl_tokens, device)
     vl_mask[:] = True
     bf16 = precision == "bf16-mixed"
-    heads = {torch.float32: head}
+    heads = {"fp32": head}
     if bf16:
-        heads[torch.bfloat16] = copy.deepcopy(head).to(torch.bfloat16)  # cast once, as Policy(precision="bf16-true")
-    switches = {dtype: GatherAdapterSwitch(h) for dtype, h in heads.items()}
+        heads["bf16_true"] = copy.deepcopy(head).to(torch.bfloat16)  # cast once, as Policy(precision="bf16-true")
+        heads["bf16_mixed"] = mixed = copy.deepcopy(head)  # as Policy(precision="bf16-mixed"): matmul weights only
+        for layer in mixed.modules():
+            if isinstance(layer, (torch.nn.Linear, EmbodimentLinear)):
+                layer.to(torch.bfloat16)
+    switches = {name: GatherAdapterSwitch(h) for name, h in heads.items()}
     for switch in switches.values():
         switch.use(True)  # builds the gathered twins once (their weights copied from the grouped ones)
         switch.use(False)
 
-    def sample(dtype: torch.dtype, gather: bool, cache: bool, use_autocast: bool) -> torch.Tensor:
-        model = switches[dtype].use(gather)
+    def sample(weights: str, gather: bool, cache: bool, use_autocast: bool) -> torch.Tensor:
+        model = switches[weights].use(gather)
+        dtype = torch.bfloat16 if weights == "bf16_true" else torch.float32
         ctx = torch.autocast(device.type, dtype=torch.bfloat16) if use_autocast else contextlib.nullcontext()
         with ctx:
             return model.sample(vl.to(dtype), vl_mask, state.to(dtype), ids, num_steps=4,
                                 generator=torch.Generator(device).manual_seed(0), use_kv_cache=cache)
 
-    weights = torch.bfloat16 if bf16 else torch.float32
+    weights = "bf16_true" if bf16 else "fp32"
     arms = {
-        "ours": dict(dtype=weights, gather=False, cache=True, use_autocast=False),
-        "ours_no_kv_cache": dict(dtype=weights, gather=False, cache=False, use_autocast=False),
-        "released": dict(dtype=torch.float32, gather=True, cache=False, use_autocast=bf16),
-        "released_fp32": dict(dtype=torch.float32, gather=True, cache=False, use_autocast=False),
+        "ours": dict(weights=weights, gather=False, cache=True, use_autocast=False),
+        "ours_no_kv_cache": dict(weights=weights, gather=False, cache=False, use_autocast=False),
+        "released": dict(weights="fp32", gather=True, cache=False, use_autocast=bf16),
+        "released_fp32": dict(weights="fp32", gather=True, cache=False, use_autocast=False),
     }
     if bf16:
-        arms["released_bf16_weights"] = dict(dtype=torch.bfloat16, gather=True, cache=False, use_autocast=False)
+        arms["ours_bf16_mixed"] = dict(weights="bf16_mixed", gather=False, cache=True, use_autocast=True)
+        arms["released_bf16_weights"] = dict(weights="bf16_true", gather=True, cache=False, use_autocast=False)
     else:
         del arms["released_fp32"]  # the same as "released"
     chunks = {name: sample(**arm).float() for name, arm in arms.items()}  # also the warm-up
@@ -302,8 +309,13 @@ def bench_inference(cfg, device, vl_tokens, repeats, precision="32-true"):
     seconds = {name: statistics.median(t) for name, t in times.items()}
     released_fp32 = seconds.get("released_fp32", seconds["released"])
     speedup = seconds["released"] / seconds["ours"]
-    return dict(batch=1, horizon=cfg["horizon"], num_steps=4, vl_tokens=vl_tokens,
-                ours_weights=str(weights).removeprefix("torch."),
+    if bf16:  # Policy's default bf16 (matmul weights bf16, norms and residual stream fp32 under autocast)
+        extra = dict(ours_bf16_mixed_speedup=seconds["released"] / seconds["ours_bf16_mixed"],
+                     ours_bf16_mixed_vs_released_fp32=released_fp32 / seconds["ours_bf16_mixed"])
+    else:
+        extra = {}
+    return dict(**extra, batch=1, horizon=cfg["horizon"], num_steps=4, vl_tokens=vl_tokens,
+                ours_weights="bfloat16" if bf16 else "float32",
                 released_runs="bf16 autocast, fp32 weights" if bf16 else "fp32",
                 seconds=seconds, speedup=speedup, vs_released_fp32=released_fp32 / seconds["ours"],
                 kv_cache_speedup=seconds["ours_no_kv_cache"] / seconds["ours"],

@@ -1,9 +1,10 @@
-"""Inference with bf16 weights (``Policy(precision="bf16-true")``, cast once) against fp32; prints JSON.
+"""Inference with bf16 weights (``Policy(precision=...)``, cast once) against fp32; prints JSON.
 
-Three policies over the same weights answer the same observations from the same noise:
+Four policies over the same weights answer the same observations from the same noise:
 
 - ``fp32``: ``precision="32-true"``;
-- ``bf16``: ``precision="bf16-true"``, the weights cast to bf16 once when the policy is built;
+- ``bf16_mixed``: ``precision="bf16-mixed"``, the linear layers' weights cast to bf16 once, calls under autocast;
+- ``bf16_true``: ``precision="bf16-true"``, every weight cast to bf16 once, no autocast;
 - ``autocast``: fp32 weights, each call under ``torch.autocast(bf16)`` (every weight cast again on every call).
 
 Reported: median latency of a full call (System 2 + System 1, ``system2_period=1``) and of a System 1 call alone
@@ -90,14 +91,10 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    if args.checkpoint:
-        fp32 = Policy.from_checkpoint(args.checkpoint)
-        bf16 = Policy.from_checkpoint(args.checkpoint, precision="bf16-true")
-    else:
-        module = recipe_policy_module(args.recipe)
-        fp32 = Policy(module)
-        bf16 = Policy(module, precision="bf16-true")
-    arms = {"fp32": Arm(fp32), "bf16": Arm(bf16), "autocast": Arm(Policy(fp32.module), autocast=True)}
+    fp32 = Policy.from_checkpoint(args.checkpoint) if args.checkpoint else Policy(recipe_policy_module(args.recipe))
+    arms = {"fp32": Arm(fp32), "bf16_mixed": Arm(Policy(fp32.module, precision="bf16-mixed")),
+            "bf16_true": Arm(Policy(fp32.module, precision="bf16-true")),
+            "autocast": Arm(Policy(fp32.module), autocast=True)}
     obs = observations(fp32, args.observations)
 
     # Action error against fp32, from the same noise; and fp32 against itself from other noise.
@@ -133,8 +130,8 @@ def main() -> None:
         model=None if args.checkpoint else f"{args.recipe} (random weights)", observations=len(obs),
         parameters=sum(p.numel() for p in fp32.module.parameters()),
         latency_ms_median=latency,
-        bf16_speedup={kind: latency["fp32"][kind] / latency["bf16"][kind] for kind in ("full", "system1")},
-        autocast_speedup={kind: latency["fp32"][kind] / latency["autocast"][kind] for kind in ("full", "system1")},
+        speedup_over_fp32={name: {kind: latency["fp32"][kind] / latency[name][kind] for kind in ("full", "system1")}
+                           for name in arms if name != "fp32"},
         action_error_vs_fp32=error,
         fp32_action_std_across_observations=float(ref.std(0).mean()),
         fp32_other_noise_mean_abs=float(np.abs(other_noise - ref).mean()),

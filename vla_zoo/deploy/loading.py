@@ -25,9 +25,9 @@ def add_policy_arguments(parser: argparse.ArgumentParser) -> None:
         'e.g. \'{"device": "cuda", "system2_period": 4}\'',
     )
     parser.add_argument(
-        "--precision", choices=["32-true", "bf16-true"], default=None,
-        help="with --checkpoint: bf16-true casts the weights to bf16 once at load (vla_zoo.policy.Policy); "
-        "default 32-true",
+        "--precision", choices=["32-true", "bf16-mixed", "bf16-true"], default=None,
+        help="with --checkpoint: bf16-mixed / bf16-true store the weights in bf16, cast once at load "
+        "(vla_zoo.policy.Policy); default 32-true",
     )
 
 
