@@ -222,7 +222,7 @@ def choose_precision(module: nn.Module | None, accelerator: object = "auto", row
     speedup = measurement.get("speedup") or measurement["fp32_s"] / measurement["bf16_s"]
     layers = Counter(kind for (kind, *_), n in shapes.items() for _ in range(n))
     what = (f"{units}; the model's {layers['linear']} linear layers and {layers['attention']} attentions "
-            f"({len(shapes)} shapes, {rows} rows, {threads} threads) ran forward + backward {speedup:.2f}x as fast "
+            f"({len(shapes)} shapes, {rows} rows, {threads} thread{'s' if threads != 1 else ''}) ran forward + backward {speedup:.2f}x as fast "
             f"under bf16 autocast as in fp32 ({source}: {1e3 * measurement['bf16_s']:.2f} vs "
             f"{1e3 * measurement['fp32_s']:.2f} ms)")
     if speedup >= MIN_SPEEDUP:
