@@ -39,18 +39,19 @@ def recipe_policy_module(recipe: str):
     import yaml
 
     from benchmarks.policy_latency import build
+    from datamodules.spec import DataSpec, EmbodimentSpec
     from lit_modules.vla_policy import VLAPolicy
 
     spec = yaml.safe_load(open(recipe))["model"]["init_args"]
     head = spec["action_head"]["init_args"]
     module = VLAPolicy(backbone=build(spec["backbone"]), action_head=build(spec["action_head"]))
     stats = {"min": [-1.0] * 3, "max": [1.0] * 3}
-    module.data_spec = {
-        "embodiments": {"point_gripper": {"id": 0, "state_dim": 3, "action_dim": 3, "has_action": True,
-                                          "normalizer": {"mode": "min_max", "stats": {"state": stats, "actions": stats}}}},
-        "views": ["scene", "wrist"], "image_size": [64, 64], "horizon": head["horizon"],
-        "max_state_dim": head["max_state_dim"], "max_action_dim": head["max_action_dim"],
-    }
+    module.data_spec = DataSpec(
+        embodiments={"point_gripper": EmbodimentSpec(id=0, state_dim=3, action_dim=3, has_action=True, normalizer={
+            "mode": "min_max", "stats": {"state": stats, "actions": stats}})},
+        views=["scene", "wrist"], image_size=[64, 64], horizon=head["horizon"],
+        max_state_dim=head["max_state_dim"], max_action_dim=head["max_action_dim"],
+    )
     return module
 
 
