@@ -13,7 +13,8 @@ Each step does what the Trainer does: the recipe's optimiser and schedule, ``gra
 the median step time of each arm and the median of the per-step fp32 / bf16 ratios, in wall-clock and in CPU
 seconds (on a loaded machine, a one-thread run's CPU time leaves out its waits for a core); the training loss (total and
 action loss) averaged over windows of ``--window`` steps; each arm's action loss at the end on ``--val-batches``
-batches drawn before training and never trained on (the same for all arms, evaluated with the same noise); and ``vla_zoo.precision.choose_precision``'s decision for this model.
+batches drawn before training and never trained on (the same for all arms, evaluated with the same noise); and
+``vla_zoo.precision.choose_precision``'s decision for this model.
 
     python benchmarks/precision_auto.py --steps 40                # the step-time ratio only
     python benchmarks/precision_auto.py --steps 500 --out benchmarks/results/precision_auto.json

@@ -58,7 +58,8 @@ class Trainer(LightningTrainer):
         plugins = kwargs.get("plugins")
         plugins = [] if plugins is None else list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
         device = accelerator_device(accelerator)
-        if (precision in ("bf16-mixed", "bf16") and device is not None and _plain_strategy(kwargs.get("strategy", "auto"))
+        plain = _plain_strategy(kwargs.get("strategy", "auto"))
+        if (precision in ("bf16-mixed", "bf16") and device is not None and plain
                 and not any(isinstance(p, Precision) for p in plugins)):
             kwargs["plugins"], precision = [*plugins, BF16MixedPrecision(device.type)], None
         super().__init__(precision=precision, **kwargs)
@@ -83,7 +84,8 @@ class SaveConfigToLogDirAndCheckpoints(SaveConfigCallback):
         self.overwrite = self.overwrite or bool(self.config.get("ckpt_path"))
         super().setup(trainer, pl_module, stage)
 
-    def on_save_checkpoint(self, trainer: LightningTrainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+    def on_save_checkpoint(self, trainer: LightningTrainer, pl_module: LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
         text = getattr(self, "_config_text", None)
         if text is not None:
             checkpoint[CONFIG_KEY] = text

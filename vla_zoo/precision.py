@@ -221,9 +221,10 @@ def choose_precision(module: nn.Module | None, accelerator: object = "auto", row
         source = "measured"
     speedup = measurement.get("speedup") or measurement["fp32_s"] / measurement["bf16_s"]
     layers = Counter(kind for (kind, *_), n in shapes.items() for _ in range(n))
+    plural = "s" if threads != 1 else ""
     what = (f"{units}; the model's {layers['linear']} linear layers and {layers['attention']} attentions "
-            f"({len(shapes)} shapes, {rows} rows, {threads} thread{'s' if threads != 1 else ''}) ran forward + backward {speedup:.2f}x as fast "
-            f"under bf16 autocast as in fp32 ({source}: {1e3 * measurement['bf16_s']:.2f} vs "
+            f"({len(shapes)} shapes, {rows} rows, {threads} thread{plural}) ran forward + backward {speedup:.2f}x "
+            f"as fast under bf16 autocast as in fp32 ({source}: {1e3 * measurement['bf16_s']:.2f} vs "
             f"{1e3 * measurement['fp32_s']:.2f} ms)")
     if speedup >= MIN_SPEEDUP:
         return PrecisionChoice("bf16-mixed", what, measurement)
