@@ -349,6 +349,8 @@ class LatentActionModel(nn.Module):
 
         Under DDP the batch moments are summed over ranks first, so every rank holds the same statistics; a rank
         without samples must still call this (with ``n = 0``) to join that collective."""
+        # fp32: under bf16 autocast z is bf16, and second moment minus squared mean would cancel in 8 mantissa bits
+        z = z.float()
         moments = torch.stack([z.sum(0), z.square().sum(0), z.new_full(z.shape[1:], z.shape[0])])  # [3, N, D]
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(moments)

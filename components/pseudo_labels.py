@@ -272,7 +272,8 @@ class LatentActionLabeler(_Labeler):
                 raise ValueError(f"LatentActionLabeler: {e}") from e
         out = self.objective(self.model, x_t, x_tH, rows(schema.ACTIONS), rows(schema.ACTION_MASK),
                              rows(schema.EMBODIMENT_ID), labelled)
-        return self.loss_weight * out["loss"], out["z"].detach()
+        # float: under bf16 autocast the latent is bf16, and the head's targets are normalised in fp32
+        return self.loss_weight * out["loss"], out["z"].detach().float()
 
     def targets(self, batch: dict, select: torch.Tensor) -> PseudoTargets | None:
         index = select.nonzero(as_tuple=True)[0]
@@ -300,7 +301,7 @@ class LatentActionLabeler(_Labeler):
             aux, z = self._co_train(batch, index)
         else:
             with torch.no_grad():
-                z = self.model.encode(*self._frames(batch, index))
+                z = self.model.encode(*self._frames(batch, index)).float()
         actions, mask = self._place(self._normalise(z), horizon, max_action_dim, n, d)
         slot = torch.full_like(index, self.embodiment_id)
         return PseudoTargets(index, actions, mask, slot, name=self.kind, aux_loss=aux)

@@ -48,3 +48,8 @@ ALL_KEYS = TENSOR_KEYS + (INSTRUCTION,)
 PRIVILEGED = "privileged"
 PRIVILEGED_MASK = "privileged_mask"
 OPTIONAL_TENSOR_KEYS = (PRIVILEGED, PRIVILEGED_MASK)
+
+
+def batch_size(batch: dict) -> int:
+    """Samples in a collated batch (for ``lightning.pytorch.callbacks.ThroughputMonitor(batch_size_fn=...)``)."""
+    return len(batch[ACTIONS])

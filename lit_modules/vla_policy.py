@@ -70,6 +70,7 @@ class VLAPolicy(LightningModule):
         image_augmentation: nn.Module | None = None,
         privileged_head: nn.Module | None = None,
         privileged_loss_weight: float = 1.0,
+        compile_backend: str | None = None,
     ) -> None:
         """
         Args:
@@ -92,6 +93,10 @@ class VLAPolicy(LightningModule):
                 goal positions) from the VL tokens (``components.privileged_head.PrivilegedStateHead``), trained
                 with weight ``privileged_loss_weight`` beside the action loss. Its gradient reaches the backbone;
                 inference never uses it. Logged as ``{train,val}/privileged_loss``.
+            compile_backend: ``torch.compile`` backend (e.g. ``inductor``) for the action head's transformer
+                blocks, compiled in place (``nn.Module.compile``: state-dict keys and checkpoints unchanged). The
+                embodiment adapters stay eager: their grouping by embodiment depends on the batch's data.
+                None runs everything eagerly.
         """
         super().__init__()
         check_schedule(lr_schedule, warmup_ratio)
@@ -131,6 +136,12 @@ class VLAPolicy(LightningModule):
                 f"backbone.out_dim ({vl_dim}) != action_head.cross_attention_dim ({head_dim}): set the backbone's "
                 f"`project_to` and the head's `cross_attention_dim` to the same width in the recipe"
             )
+        backend = self.hparams.get("compile_backend")
+        if backend and not getattr(self, "_compiled", False):
+            blocks = getattr(self.action_head, "blocks", None)
+            for part in blocks if blocks is not None else [self.action_head]:
+                part.compile(backend=backend)
+            self._compiled = True
 
     def _load_initial_weights(self, path: str) -> None:
         import os

@@ -12,21 +12,60 @@ Three ways to run it, all equivalent::
 
 from __future__ import annotations
 
+import logging
 import os
 import pickle
 import warnings
-from typing import Any
+from typing import Any, Literal, Optional, Union
 
 import yaml
 from jsonargparse import set_parsing_settings
-from lightning.pytorch import LightningDataModule, LightningModule, Trainer
+from lightning.fabric.plugins.precision.precision import _PRECISION_INPUT
+from lightning.pytorch import LightningDataModule, LightningModule
+from lightning.pytorch import Trainer as LightningTrainer
 from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.plugins.precision import Precision
+from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 
 from datamodules.progress import configure_logging
 from lit_modules.checkpoint import CONFIG_KEY, load_run_config, refusal, safe_unpickling
 from vla_zoo.callbacks import CheckpointOnSignal, StepsProgressBar, StopOnNonFiniteLoss
+from vla_zoo.precision import BF16MixedPrecision, accelerator_device, resolve_auto
+
+log = logging.getLogger("lightning.pytorch.vla_zoo")  # Lightning's handler prints it with the run's other notices
+
+
+def _plain_strategy(strategy: Any) -> bool:
+    """Strategies that use the accelerator's own precision plugin (sharded ones bring their own)."""
+    if isinstance(strategy, str):
+        return strategy in ("auto", "single_device") or strategy.startswith("ddp")
+    return isinstance(strategy, (DDPStrategy, SingleDeviceStrategy))
+
+
+class Trainer(LightningTrainer):
+    """Lightning's Trainer with ``precision="auto"`` (``vla_zoo.precision``), and ``bf16-mixed`` that clips
+    gradients with fused optimisers (``BF16MixedPrecision``) under the single-device and DDP strategies.
+
+    The CLI resolves ``auto`` for its model before building the Trainer; built directly, the Trainer resolves it
+    from generic layer shapes.
+    """
+
+    def __init__(self, *, precision: Optional[Union[_PRECISION_INPUT, Literal["auto"]]] = None, **kwargs: Any) -> None:
+        accelerator = kwargs.get("accelerator", "auto")
+        if precision == "auto":
+            choice = resolve_auto(None, accelerator)
+            log.info("precision auto -> %s: %s", choice.precision, choice.reason)
+            precision = choice.precision
+        plugins = kwargs.get("plugins")
+        plugins = [] if plugins is None else list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
+        device = accelerator_device(accelerator)
+        plain = _plain_strategy(kwargs.get("strategy", "auto"))
+        if (precision in ("bf16-mixed", "bf16") and device is not None and plain
+                and not any(isinstance(p, Precision) for p in plugins)):
+            kwargs["plugins"], precision = [*plugins, BF16MixedPrecision(device.type)], None
+        super().__init__(precision=precision, **kwargs)
 
 
 class SaveConfigToLogDirAndCheckpoints(SaveConfigCallback):
@@ -37,7 +76,7 @@ class SaveConfigToLogDirAndCheckpoints(SaveConfigCallback):
     ``lit_modules.checkpoint.load_run_config(ckpt)`` gets it back and a checkpoint rebuilds its model alone.
     """
 
-    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+    def setup(self, trainer: LightningTrainer, pl_module: LightningModule, stage: str) -> None:
         # Keep the whole resolved config as text once; it is cheap and identical on every rank.
         self._config_text = self.parser.dump(self.config, skip_none=False, skip_validation=True)
         if stage != "fit":
@@ -48,13 +87,14 @@ class SaveConfigToLogDirAndCheckpoints(SaveConfigCallback):
         self.overwrite = self.overwrite or bool(self.config.get("ckpt_path"))
         super().setup(trainer, pl_module, stage)
 
-    def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+    def on_save_checkpoint(self, trainer: LightningTrainer, pl_module: LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
         text = getattr(self, "_config_text", None)
         if text is not None:
             checkpoint[CONFIG_KEY] = text
 
 
-def default_checkpoint_dirs(trainer: Trainer) -> list[str]:
+def default_checkpoint_dirs(trainer: LightningTrainer) -> list[str]:
     """Gives every ``ModelCheckpoint`` without a ``dirpath`` the run's stable ``<default_root_dir>/checkpoints``
     (Lightning's default is the logger's version directory, new for every run, so ``--ckpt_path last`` would find
     nothing); returns the directories the run's checkpoints go to."""
@@ -122,17 +162,8 @@ class VLAZooCLI(LightningCLI):
         kwargs.setdefault("parser_kwargs", {"parser_mode": "omegaconf+", "prog": "vla-zoo"})
         # Recipes set `seed_everything` themselves; an unset seed must still be reproducible from the saved config.
         kwargs.setdefault("seed_everything_default", True)
+        kwargs.setdefault("trainer_class", Trainer)
         super().__init__(LightningModule, LightningDataModule, args=args, run=run, **kwargs)
-
-    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
-        # Every run that shows a bar gets ours (StepsProgressBar says why), unless its recipe lists a bar itself.
-        config = self.config_init[self.subcommand] if self.subcommand else self.config_init
-        trainer = config.get("trainer") or {}
-        callbacks = trainer.get("callbacks")
-        callbacks = [] if callbacks is None else callbacks if isinstance(callbacks, list) else [callbacks]
-        if trainer.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
-            trainer["callbacks"] = [*callbacks, StepsProgressBar()]
-        return with_csv_beside_tensorboard(super().instantiate_trainer(**kwargs))
 
 
     def add_arguments_to_parser(self, parser: Any) -> None:
@@ -169,6 +200,21 @@ class VLAZooCLI(LightningCLI):
                 super()._run_subcommand(subcommand)
         except pickle.UnpicklingError as e:
             raise refusal(self.config_init[subcommand].get("ckpt_path"), e) from None
+
+    def instantiate_trainer(self, **kwargs: Any) -> LightningTrainer:
+        """Resolves ``trainer.precision: auto`` for this run's model (its linear layers' shapes), logging why; adds
+        our progress bar and a CSV logger beside TensorBoard."""
+        config = self._get(self.config_init, "trainer", default={})
+        if config.get("precision") == "auto" and "precision" not in kwargs:
+            choice = resolve_auto(self.model, config.get("accelerator", "auto"))
+            log.info("precision auto -> %s: %s", choice.precision, choice.reason)
+            kwargs["precision"] = choice.precision
+        # Every run that shows a bar gets ours (StepsProgressBar says why), unless its recipe lists a bar itself.
+        callbacks = config.get("callbacks")
+        callbacks = [] if callbacks is None else callbacks if isinstance(callbacks, list) else [callbacks]
+        if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
+            config["callbacks"] = [*callbacks, StepsProgressBar()]
+        return with_csv_beside_tensorboard(super().instantiate_trainer(**kwargs))
 
 
 def with_csv_beside_tensorboard(trainer: Trainer) -> Trainer:

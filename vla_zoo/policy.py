@@ -14,11 +14,27 @@ key and dims), as the server does. A finite state outside the range its embodime
 (``min_max``: the training min and max; ``q01_q99``: the 1st and 99th percentiles) is clipped to that range, as in
 training, with one warning per embodiment and key per policy; ``mean_std`` statistics define no range and pass
 such values through unchanged.
+
+``precision`` stores weights in bf16, cast once when the policy is built (a copy, if the module is also used
+elsewhere, e.g. being trained), rather than casting every weight again on every call as autocast over fp32 weights
+does: batch-1 inference is bound by reading weights, and bf16 weights halve the bytes read.
+
+- ``"bf16-mixed"``: the weights of the linear layers (almost all the bytes) in bf16, the rest (norms, embeddings,
+  position tables) in fp32, the two systems run under bf16 autocast: the matmuls run in bf16 on weights that need
+  no cast, while norms, softmax and the residual stream stay fp32, so actions match autocast's accuracy.
+- ``"bf16-true"``: every weight and activation in bf16: fewest bytes, but the residual stream and the Euler
+  integration round to bf16 (several times the action error of ``bf16-mixed``).
+
+Where the CPU has no bf16 units (``vla_zoo.machine.bf16_units``) bf16 is emulated and slow; a warning says so.
+``benchmarks/policy_precision.py`` measures the latency and the action error against fp32.
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import importlib
+import logging
 import os
 import warnings
 from typing import Any
@@ -31,6 +47,44 @@ from datamodules.normalization import Normalizer
 from datamodules.spec import EmbodimentSpec
 from lit_modules.checkpoint import load_module, load_run_config
 from vla_zoo.deploy.validation import validate_observation
+
+log = logging.getLogger(__name__)
+
+#: Inference precisions (module docstring): fp32; linear layers' weights in bf16 under autocast; all in bf16.
+PRECISIONS = ("32-true", "bf16-mixed", "bf16-true")
+
+
+def _linear_layers(module: Any) -> list[Any]:
+    """Layers that multiply by a weight matrix (``nn.Linear``, per-embodiment adapters: anything declaring
+    ``in_features``/``out_features``)."""
+    return [m for m in module.modules() if isinstance(getattr(m, "in_features", None), int)
+            and isinstance(getattr(m, "out_features", None), int)]
+
+
+def _weights_in(module: Any, precision: str, device: torch.device, copy_first: bool) -> Any:
+    """``module`` with its weights stored as ``precision`` says (a copy if ``copy_first`` and a cast is needed, so a
+    module trained elsewhere is never changed under its trainer)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
+    if precision == "32-true":
+        return module
+    bf16 = [p for layer in ([module] if precision == "bf16-true" else _linear_layers(module))
+            for p in layer.parameters() if p.is_floating_point()]
+    if all(p.dtype == torch.bfloat16 for p in bf16):
+        return module
+    from vla_zoo.machine import bf16_units
+
+    if bf16_units(device) is None:
+        log.warning("precision=%r on %s, which has no bf16 units: bf16 is emulated there and slower than fp32",
+                    precision, device)
+    module = copy.deepcopy(module) if copy_first else module
+    if precision == "bf16-true":
+        return module.to(torch.bfloat16)
+    for layer in _linear_layers(module):
+        for param in layer.parameters():  # an adapter's per-embodiment weights sit in its parameter lists
+            if param.is_floating_point():
+                param.data = param.data.to(torch.bfloat16)
+    return module
 
 
 def _import(class_path: str):
@@ -55,6 +109,7 @@ class Policy:
         seed: int = 0,
         device: str | torch.device = "cpu",
         num_samples: int = 1,
+        precision: str = "32-true",
     ) -> None:
         if system2_period < 1:
             raise ValueError(f"system2_period must be >= 1, got {system2_period}")
@@ -63,9 +118,10 @@ class Policy:
         if getattr(module, "data_spec", None) is None:
             raise ValueError("the model carries no data spec (normalisers, embodiments): train it with a "
                              "datamodule that provides `data_spec()`, e.g. datamodules.mixture.MixtureDataModule")
-        self.module = module.to(device).eval()
-        self.spec = module.data_spec
         self.device = torch.device(device)
+        self.precision = precision
+        self.module = _weights_in(module, precision, self.device, copy_first=True).to(device).eval()
+        self.spec = module.data_spec
         self.system2_period, self.num_steps, self.seed = system2_period, num_steps, seed
         self.num_samples = num_samples
         self._normalizers: dict[str, Normalizer] = {}
@@ -81,6 +137,8 @@ class Policy:
             raise ValueError(f"checkpoint {path!r}: its recipe's model.class_path {class_path!r} is not a "
                              "LightningModule, so this file was not written by `vla-zoo fit`")
         module = load_module(module_cls, path, map_location=device)
+        # Loaded for this policy alone: cast in place (no copy).
+        module = _weights_in(module, kwargs.get("precision", "32-true"), torch.device(device), copy_first=False)
         return cls(module, device=device, **kwargs)
 
     def metadata(self) -> dict[str, Any]:
@@ -142,6 +200,13 @@ class Policy:
         return {"actions": actions[0].numpy().astype(np.float32)}
 
     # ------------------------------------------------------------------ the two systems
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        """bf16-mixed: autocast casts the activations only (the linear layers' weights are bf16 already); otherwise
+        nothing (not autocast(enabled=False), which would switch off a caller's own autocast)."""
+        if self.precision != "bf16-mixed":
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16)
+
     def _normalizer(self, embodiment: str) -> tuple[EmbodimentSpec, Normalizer]:
         spec = self.spec.embodiment(embodiment)
         if embodiment not in self._normalizers:
@@ -161,7 +226,8 @@ class Policy:
     @torch.no_grad()
     def encode_observation(self, images: torch.Tensor, instructions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """System 2: uint8 images ``[B, V, 3, h, w]`` + instructions -> VL tokens ``[B, S, D]`` and mask ``[B, S]``."""
-        tokens, mask = self.module.backbone(images, instructions)
+        with self._autocast():
+            tokens, mask = self.module.backbone(images, instructions)
         return tokens, (mask if self.module.hparams.use_vl_mask else torch.ones_like(mask))
 
     @torch.no_grad()
@@ -191,10 +257,12 @@ class Policy:
         padded[:, : spec.state_dim] = normalizer.normalize(state, "state")
         embodiment_id = torch.full((state.shape[0] * num_samples,), spec.id, dtype=torch.long, device=self.device)
         # [B, ...] -> [B * n, ...], each observation's n copies adjacent, so the mean is over dim 1 of [B, n, H, A].
-        actions = self.module.action_head.sample(vl_tokens.repeat_interleave(num_samples, 0),
-                                                 vl_mask.repeat_interleave(num_samples, 0),
-                                                 padded.to(self.device).repeat_interleave(num_samples, 0),
-                                                 embodiment_id, num_steps=num_steps, generator=generator)
+        with self._autocast():
+            actions = self.module.action_head.sample(vl_tokens.repeat_interleave(num_samples, 0),
+                                                     vl_mask.repeat_interleave(num_samples, 0),
+                                                     padded.to(self.device, vl_tokens.dtype).repeat_interleave(
+                                                         num_samples, 0),
+                                                     embodiment_id, num_steps=num_steps, generator=generator)
         actions = actions.unflatten(0, (state.shape[0], num_samples)).float().mean(1)  # [B, H, A]; the norm is affine
         return normalizer.unnormalize(actions[..., : spec.action_dim].cpu(), "actions")
 

@@ -215,3 +215,22 @@ def test_recipes_wire_the_labelers(tmp_path) -> None:
     post = VLAZooCLI(args=["--config", str(root / "pretrain.yaml"), "--config", str(root / "posttrain.yaml"), *common],
                      run=False)
     assert not len(post.model.pseudo_labelers)
+
+
+def test_co_trained_latent_targets_under_bf16_autocast_match_fp32(pyramid) -> None:
+    """Under bf16-mixed the LAM's latent comes out of autocast in bf16; its running statistics must still be taken
+    in fp32: in bf16, second moment minus squared mean cancels, and the first step's targets reached ~6e4."""
+    seed_everything(0)
+    batch = batch_of(mixture(pyramid))
+    select = torch.ones(len(batch[schema.SOURCE_ID]), dtype=torch.bool)
+    labeler = co_trained()
+    twin = LatentActionLabeler(model=tiny_lam(), embodiment_id=LATENT_SLOT, co_train=True)
+    twin.load_state_dict(labeler.state_dict())
+    reference = twin.targets(batch, select).actions
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        targets = labeler.targets(batch, select).actions
+    assert targets.dtype == torch.float32
+    # Normalised by the batch's own statistics, no target can exceed sqrt(n - 1) in magnitude.
+    assert targets.abs().max() <= (len(select) - 1) ** 0.5 + 1e-3, targets.abs().max()
+    # What is left is bf16's rounding of the LAM's own forward (measured: mean |difference| 0.12 of unit scale).
+    assert (targets - reference).abs().mean() < 0.25

@@ -22,14 +22,14 @@ from tests.lit_modules.test_latent_action import OneThread
 from vla_zoo.policy import Policy
 
 
-def tiny_policy(**head_kwargs) -> VLAPolicy:
+def tiny_policy(compile_backend: str | None = None, **head_kwargs) -> VLAPolicy:
     backbone = SmolVLMBackbone(select_layer=1, project_to=64, tune_llm=True, image_size=32, patch_size=8,
                                vision_hidden_size=32, vision_layers=1, vision_heads=2, lm_hidden_size=64,
                                lm_layers=2, lm_heads=2)
     head = FlowMatchingActionHead(num_embodiments=2, max_state_dim=4, max_action_dim=4, horizon=8, hidden_dim=64,
                                   num_layers=2, num_heads=2, cross_attention_dim=64, embodiment_hidden_dim=64,
                                   dropout=0.0, **head_kwargs)
-    return VLAPolicy(backbone=backbone, action_head=head,
+    return VLAPolicy(backbone=backbone, action_head=head, compile_backend=compile_backend,
                      optimizer=partial(torch.optim.AdamW, lr=1e-3, betas=(0.95, 0.999), weight_decay=1e-5))
 
 
@@ -191,6 +191,54 @@ def test_in_process_observation_errors_name_the_key(trained) -> None:
     # Another size than the training frames, shared by every view, is resized by the backbone as before.
     large = {view: np.repeat(np.repeat(frame, 2, 0), 2, 1) for view, frame in images.items()}
     assert policy.get_action({**obs, "images": large})["actions"].shape == (8, 3)
+def test_bf16_policies_cast_a_copy_once_and_act_like_fp32(trained) -> None:
+    model, _, _ = trained
+    obs = _observation(TabletopEnv("point_gripper", image_size=32), 13)
+    policies = {p: Policy(model, seed=4, precision=p) for p in ("32-true", "bf16-mixed", "bf16-true")}
+    # Weights cast once, into copies: the module being trained stays fp32.
+    assert policies["32-true"].module is model and {p.dtype for p in model.parameters()} == {torch.float32}
+    assert {p.dtype for p in policies["bf16-true"].module.parameters()} == {torch.bfloat16}
+    mixed = policies["bf16-mixed"].module.action_head
+    assert mixed.blocks[0].to_q.weight.dtype == mixed.action_decoder.layer1.weights[0].dtype == torch.bfloat16
+    assert mixed.position_embedding.dtype == torch.float32  # what is not a matmul weight stays fp32
+    errors = {p: [] for p in ("bf16-mixed", "bf16-true")}
+    for _ in range(3):
+        expected = policies["32-true"].get_action(obs)["actions"]
+        for p in errors:
+            got = policies[p].get_action(obs)["actions"]
+            assert got.dtype == np.float32 and got.shape == expected.shape == (8, 3)
+            errors[p].append(np.abs(got - expected).max())
+    # The same flow from the same noise, actions in [-1, 1]: bf16 rounding only, and far less of it with the norms
+    # and the residual stream in fp32.
+    assert max(errors["bf16-mixed"]) < 0.02 and max(errors["bf16-true"]) < 0.1, errors
+    with pytest.raises(ValueError, match=r"precision must be one of \['32-true', 'bf16-mixed', 'bf16-true'\]"):
+        Policy(model, precision="bf16")
+
+
+def test_compiled_blocks_train_and_keep_their_state_dict_keys(pyramid) -> None:
+    torch.manual_seed(0)
+    eager, compiled = tiny_policy(), tiny_policy(compile_backend="eager")  # eager: dynamo's tracing, no codegen
+    compiled.load_state_dict(eager.state_dict())
+    for model in (eager, compiled):
+        model.configure_model()
+        model.configure_model()  # idempotent, as Lightning may call it again
+    blocks = compiled.action_head.blocks
+    assert all(b._compiled_call_impl is not None for b in blocks)
+    assert all(b._compiled_call_impl is None for b in eager.action_head.blocks)
+    assert compiled.state_dict().keys() == eager.state_dict().keys()  # checkpoints load either way
+    data = mixture(pyramid)
+    data.setup()
+    batch = next(iter(data.train_dataloader()))
+    losses = []
+    for model in (eager, compiled):
+        model.data_spec = data.data_spec()
+        model.log = lambda *args, **kwargs: None
+        torch.manual_seed(1)  # the same flow times and noise
+        loss = model.training_step(batch, 0)
+        loss.backward()
+        losses.append(loss.detach())
+    torch.testing.assert_close(losses[1], losses[0])
+    assert blocks[0].to_q.weight.grad is not None
 
 
 def test_backbone_and_head_width_mismatch_is_reported() -> None:

@@ -462,3 +462,18 @@ def test_binding_beyond_loopback_without_a_token_is_refused(monkeypatch, capsys)
         PolicyServer(make_policy(), host="0.0.0.0", token="")
     for host in ("127.0.0.1", "localhost", "::1", "127.0.0.2"):
         PolicyServer(make_policy(), host=host)  # loopback: no token needed (nothing is bound until serve())
+def test_precision_flag_reaches_checkpoint_policies_only(monkeypatch) -> None:
+    import argparse
+
+    from vla_zoo.deploy.loading import add_policy_arguments, policy_from_args
+    from vla_zoo.policy import Policy
+
+    parser = argparse.ArgumentParser()
+    add_policy_arguments(parser)
+    seen = {}
+    monkeypatch.setattr(Policy, "from_checkpoint", classmethod(lambda cls, path, **kw: seen.update(path=path, **kw)))
+    policy_from_args(parser.parse_args(["--checkpoint", "last.ckpt", "--precision", "bf16-true",
+                                        "--policy-kwargs", '{"system2_period": 4}']))
+    assert seen == {"path": "last.ckpt", "precision": "bf16-true", "system2_period": 4}
+    with pytest.raises(ValueError, match="--precision applies to --checkpoint"):
+        policy_from_args(parser.parse_args(["--policy", FACTORY, "--precision", "bf16-true"]))

@@ -24,6 +24,11 @@ def add_policy_arguments(parser: argparse.ArgumentParser) -> None:
         help='keyword arguments for Policy.from_checkpoint or the --policy factory, '
         'e.g. \'{"device": "cuda", "system2_period": 4}\'',
     )
+    parser.add_argument(
+        "--precision", choices=["32-true", "bf16-mixed", "bf16-true"], default=None,
+        help="with --checkpoint: bf16-mixed / bf16-true store the weights in bf16, cast once at load "
+        "(vla_zoo.policy.Policy); default 32-true",
+    )
 
 
 def import_factory(spec: str) -> Any:
@@ -42,9 +47,15 @@ def policy_from_args(args: argparse.Namespace, replay_stride: int | None = None)
     kwargs = json.loads(args.policy_kwargs)
     if not isinstance(kwargs, dict):
         raise ValueError(f"--policy-kwargs must be a JSON object, got {args.policy_kwargs!r}")
+    precision = getattr(args, "precision", None)
+    if precision is not None and not args.checkpoint:
+        raise ValueError("--precision applies to --checkpoint policies; give a --policy factory its own option "
+                         "through --policy-kwargs")
     if args.checkpoint:
         from vla_zoo.policy import Policy
 
+        if precision is not None:
+            kwargs["precision"] = precision
         return Policy.from_checkpoint(args.checkpoint, **kwargs)
     if args.replay:
         from vla_zoo.deploy.replay import ReplayPolicy
