@@ -40,6 +40,15 @@ def run_cli(args: list[str], entry: str = "module", cwd: Path | None = None, tim
 
 
 @pytest.fixture
+def one_thread():
+    """Tiny models are dominated by per-op overhead; two OpenMP threads on a shared 2-core machine are ~30x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
 def in_process_ddp():
     """For a test that fits with ``strategy: ddp`` in the pytest process itself (one device, to reach a check that
     only runs under DDP): afterwards destroy its process group and restore the environment it set. Otherwise the

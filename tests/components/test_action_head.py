@@ -10,13 +10,7 @@ SEED = 0  # thresholds below were calibrated over seeds 0, 1, 2
 N1_5 = dict(vl_layer_norm=True, vl_self_attention_layers=2, vl_self_attention_heads=4, num_future_tokens=3)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny models are dominated by per-op overhead; two OpenMP threads on a shared 2-core machine are ~30x slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_head(**overrides) -> FlowMatchingActionHead:

@@ -11,15 +11,6 @@ from vla_zoo.idm_protocol import (A_MAX, EPISODES, H, R2_THRESHOLD, STEPS, heldo
                                   train_idm)
 
 
-@pytest.fixture
-def one_thread():
-    # Two threads on a shared 2-core machine are slower than one for this small model.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.slow
 def test_idm_learns_actions_of_heldout_robot_episodes(one_thread) -> None:
     train_data, heldout_data, heldout, normalizer = robot_splits(EPISODES)

@@ -12,12 +12,7 @@ from components.backbones import ComposedBackbone
 from components.lora import LoRA, adapter_state_dict, has_lora, load_adapters, merge_lora, save_adapters
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_head(**overrides) -> FlowMatchingActionHead:

@@ -52,12 +52,7 @@ needs_fixtures = pytest.mark.skipif(FIXTURES is None, reason="parity fixtures no
                                     "beside the repository (or VLA_ZOO_GROOT_FIXTURES)")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def fixture_io(name: str) -> dict[str, torch.Tensor]:

@@ -30,12 +30,7 @@ from . import groot_synthetic as synthetic
 MODEL_TYPES = ["gr00t_n1", "gr00t_n1_5"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
