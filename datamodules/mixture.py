@@ -50,6 +50,7 @@ from datamodules.shards import (
     SampleError, decode_sample, is_url, iter_raw_samples, load_sidecars, sidecar_location, source_shards,
 )
 from datamodules.spec import DataSpec, EmbodimentSpec
+from datamodules.worker_signals import leave_stop_signals_to_the_trainer
 
 log = logging.getLogger(__name__)
 
@@ -646,10 +647,11 @@ class MixtureDataModule(LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         return _EpochLoader(self.make_dataset(), self._next_epoch, num_workers=self.num_workers,
-                            persistent_workers=False)
+                            persistent_workers=False, worker_init_fn=leave_stop_signals_to_the_trainer)
 
     def val_dataloader(self):
-        return DataLoader(self.make_dataset(val=True), batch_size=None, num_workers=self.num_workers)
+        return DataLoader(self.make_dataset(val=True), batch_size=None, num_workers=self.num_workers,
+                          worker_init_fn=leave_stop_signals_to_the_trainer)
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         errors = batch.pop(ERRORS_KEY, None) if isinstance(batch, dict) else None

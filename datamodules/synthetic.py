@@ -13,6 +13,7 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 
 from datamodules import schema
+from datamodules.worker_signals import leave_stop_signals_to_the_trainer
 
 
 class SyntheticChunkDataset(Dataset):
@@ -112,10 +113,12 @@ class SyntheticChunkDataModule(LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(self.train_set, batch_size=self.hparams.batch_size, shuffle=True,
-                          num_workers=self.hparams.num_workers, drop_last=True)
+                          num_workers=self.hparams.num_workers, drop_last=True,
+                          worker_init_fn=leave_stop_signals_to_the_trainer)
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.val_set, batch_size=self.hparams.batch_size, num_workers=self.hparams.num_workers)
+        return DataLoader(self.val_set, batch_size=self.hparams.batch_size, num_workers=self.hparams.num_workers,
+                          worker_init_fn=leave_stop_signals_to_the_trainer)
 
 
 def moving_square_pairs(n: int, image_size: int = 32, square: int = 6, max_shift: int = 6, seed: int = 0):

@@ -22,11 +22,13 @@ torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_cli(args: list[str], entry: str = "module", cwd: Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+def run_cli(args: list[str], entry: str = "module", cwd: Path | None = None, timeout: float = 300,
+            new_session: bool = False) -> subprocess.CompletedProcess:
     """Run the vla-zoo CLI in a subprocess, through a console script or ``python -m vla_zoo``.
 
     PYTHONPATH points at this checkout so the subprocess tests the code under test even where the installed
-    console script belongs to another checkout.
+    console script belongs to another checkout. ``new_session``: its own process group, so a signal it sends to its
+    group does not reach pytest.
     """
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}
     if entry == "module":
@@ -36,7 +38,8 @@ def run_cli(args: list[str], entry: str = "module", cwd: Path | None = None, tim
         if not script.exists():
             pytest.fail(f"console script {entry!r} is not installed next to {sys.executable}: run `pip install -e .`")
         cmd = [str(script), *args]
-    return subprocess.run(cmd, cwd=cwd or REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(cmd, cwd=cwd or REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout,
+                          start_new_session=new_session)
 
 
 @pytest.fixture

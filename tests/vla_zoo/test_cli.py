@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import signal
 from pathlib import Path
 
 import pytest
@@ -224,6 +225,22 @@ def test_a_diverging_fit_stops_at_its_first_non_finite_loss(tmp_path: Path) -> N
 
     with pytest.raises(NonFiniteLossError, match=r"training loss is (nan|inf) at step \d+ .*non_finite_loss"):
         main([*_fit_args(tmp_path), "--model.init_args.lr=1e30", "--trainer.max_steps=20"])
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_to_the_whole_process_group_still_saves_the_checkpoint(tmp_path: Path, signum: int) -> None:
+    """Ctrl+C and a scheduler's job kill reach the DataLoader workers too: they must not die of it (the fit would
+    fail with "DataLoader worker ... killed by signal" before saving), and the trainer then shuts them down."""
+    minimal = yaml.safe_load(Path(MINIMAL).read_text())
+    to_group = {"class_path": "tests.vla_zoo.fit_fixtures.SignalAtStep",
+                "init_args": {"step": 3, "signum": int(signum), "group": True}}
+    overlay = tmp_path / "preempted.yaml"
+    overlay.write_text(yaml.safe_dump({"trainer": {"callbacks": [*minimal["trainer"]["callbacks"], to_group]}}))
+    cut = run_cli([*_fit_args(tmp_path), "--trainer.max_steps=8", "--data.init_args.num_workers=2",
+                   "--config", str(overlay)], new_session=True)
+    assert cut.returncode == 128 + signum, cut.stderr[-3000:]
+    assert "killed by signal" not in cut.stderr and "exited unexpectedly" not in cut.stderr, cut.stderr[-3000:]
+    assert read_checkpoint(tmp_path / "checkpoints" / "last.ckpt")["global_step"] == 3
 
 
 def test_sigterm_saves_a_checkpoint_exits_nonzero_and_ckpt_path_last_resumes(tmp_path: Path) -> None:
