@@ -14,8 +14,9 @@ recipes of ``recipes/pyramid/`` with one fixed budget (``--pretrain-steps``, ``-
 - ``e<N>``: ``b``'s pretraining checkpoint post-trained on the first N robot demonstrations (``--e-demos``, default
   10 and 25; ``--arms e`` runs them all).
 
-Results merge into ``--out`` (``benchmarks/results/pyramid_study.json``): ``arms -> {description, seeds -> {pick_place,
-push, episodes_per_family, train_minutes, ...}}``, plus ``budget``, ``machine`` and ``commands``. A run is
+Every pretraining checkpoint is also rolled out as it is, before post-training, on the same scenes (``pretrained``:
+did pretraining learn the task at all?). Results merge into ``--out`` (``benchmarks/results/pyramid_study.json``):
+``arms -> {description, seeds -> {pick_place, push, pretrained, episodes_per_family, train_minutes, ...}}``, plus ``budget``, ``machine`` and ``commands``. A run is
 incremental: seeds already in the JSON are skipped, finished stages (a ``DONE.json`` in their folder) are reused,
 e.g. ``b``'s pretraining by ``e``; a stage or the JSON is locked while one process works on it, so seeds may run in
 parallel processes. ``--table`` prints the markdown table of the JSON: mean and spread over seeds, and for each
@@ -213,6 +214,9 @@ class Study:
                         source["shards"] = str(labels / "neural_idm_point_gripper")
                 pre_extra.append(f"--data.init_args.sources={_flag(sources)}")
             stages.append(("pretrain", pre, self.fit(arm.pretrain, pre, seed, self.pretrain_steps, *pre_extra)))
+            # Before post-training, on the robot's held-out scenes: did pretraining learn the task at all?
+            zero_shot = pre.parent / "eval_pretrained"
+            stages.append(("eval_pretrained", zero_shot, self.evaluate(checkpoint(pre), zero_shot)))
             post_extra.append(f"--model.init_args.init_from={checkpoint(pre)}")
         if arm.demos is not None:
             sources = recipe_data("posttrain")["sources"]
@@ -338,6 +342,10 @@ def run_arm(study: Study, name: str, arm: Arm, seed: int) -> dict[str, Any]:
     tasks = results["tasks"]
     minutes = {stage: round(rec["seconds"] / 60, 2) for stage, (_, rec) in records.items()}
     train = [stage for stage in minutes if not stage.startswith("eval")]
+    pretrained = {}
+    if "eval_pretrained" in records:
+        zero_shot = json.loads((records["eval_pretrained"][0] / "results.json").read_text())["tasks"]
+        pretrained = {task: zero_shot[task]["success_rate"] for task in TASKS}
     by_objects = {}
     for n in study.objects_levels:
         level = json.loads((records[f"eval_objects{n}"][0] / "results.json").read_text())["tasks"]
@@ -352,6 +360,7 @@ def run_arm(study: Study, name: str, arm: Arm, seed: int) -> dict[str, Any]:
         "pretrain_run": str(records["pretrain"][0]) if "pretrain" in records else None,
         "checkpoint": str(records["posttrain"][0] / "checkpoints" / "last.ckpt"),
         "commands": [rec["command"] for _, rec in records.values()],
+        **({"pretrained": pretrained} if pretrained else {}),
         **({"by_objects": by_objects} if by_objects else {}),
     }
 
@@ -427,13 +436,17 @@ def _spread(values: Sequence[float]) -> str:
 def table(data: dict[str, Any]) -> str:
     """The markdown table of the study's JSON: per arm mean ± standard deviation over seeds, then each difference."""
     arms_ = data["arms"]
-    lines = ["| arm | what | seeds | pick_place | push | train minutes (mean) |", "|---|---|---|---|---|---|"]
+    lines = ["| arm | what | seeds | pick_place | push | before post-training: pick_place / push | train minutes (mean) |",
+             "|---|---|---|---|---|---|---|"]
     for name, arm in arms_.items():
         seeds = list(arm["seeds"].values())
         if not seeds:
             continue
+        zero_shot = [s["pretrained"] for s in seeds if "pretrained" in s]
+        before = " / ".join(_spread([z[task] for z in zero_shot]) for task in TASKS) if zero_shot else "-"
         row = [name, arm["description"], str(len(seeds)), _spread([s["pick_place"] for s in seeds]),
-               _spread([s["push"] for s in seeds]), f"{sum(s['train_minutes'] for s in seeds) / len(seeds):.1f}"]
+               _spread([s["push"] for s in seeds]), before,
+               f"{sum(s['train_minutes'] for s in seeds) / len(seeds):.1f}"]
         lines.append("| " + " | ".join(row) + " |")
     pairs = [p for p in DIFFERENCES] + [(n, "b") for n in arms_ if n.startswith("e")]
     pairs = [(x, y) for x, y in pairs if arms_.get(x, {}).get("seeds") and arms_.get(y, {}).get("seeds")]

@@ -29,11 +29,13 @@ def test_stages_share_b_pretraining_and_carry_the_budget():
     known = study_module.arms([10])
     stages = {name: study.stages(name, arm, seed=2) for name, arm in known.items()}
     names = {name: [stage for stage, _, _ in s] for name, s in stages.items()}
-    assert names == {"a": ["posttrain", "eval"], "b": ["pretrain", "posttrain", "eval"],
-                     "c": ["pretrain", "posttrain", "eval"], "d": ["idm", "label", "pretrain", "posttrain", "eval"],
-                     "e10": ["pretrain", "posttrain", "eval"]}
+    pretrained = ["pretrain", "eval_pretrained", "posttrain", "eval"]
+    assert names == {"a": ["posttrain", "eval"], "b": pretrained, "c": pretrained,
+                     "d": ["idm", "label", *pretrained], "e10": pretrained}
     folder = lambda name, stage: dict((s, f) for s, f, _ in stages[name])[stage]  # noqa: E731
     assert folder("e10", "pretrain") == folder("b", "pretrain") == study.runs / "b" / "s2" / "pretrain"
+    # b's pretrained checkpoint is rolled out once, before post-training, for b and every e arm
+    assert folder("e10", "eval_pretrained") == folder("b", "eval_pretrained") == study.runs / "b" / "s2" / "eval_pretrained"
     command = lambda name, stage: dict((s, c) for s, _, c in stages[name])[stage]  # noqa: E731
     assert "--trainer.max_steps=600" in command("c", "pretrain") and "--seed_everything=2" in command("c", "pretrain")
     assert "--trainer.max_steps=200" in command("a", "posttrain") and "--data.init_args.batch_size=8" in command("a", "posttrain")
@@ -48,6 +50,8 @@ def test_stages_share_b_pretraining_and_carry_the_budget():
     assert robot == [{"name": "robot", "shards": ".cache/vla_zoo/tabletop_robot10/robot", "embodiment": "point_gripper",
                       "cache": True}]
     assert command("b", "eval")[-6:] == ["--seed", "1000", "--videos", "0", "--out", str(folder("b", "eval"))]
+    pre_checkpoint = str(folder("b", "pretrain") / "checkpoints" / "last.ckpt")
+    assert command("b", "eval_pretrained")[command("b", "eval_pretrained").index("--checkpoint") + 1] == pre_checkpoint
 
 
 def test_robot_demos_come_from_the_recipes_preset_unless_tiers_override():
@@ -98,8 +102,12 @@ def _fake_runs(monkeypatch, rates: dict[str, float]) -> list[str]:
     def run_stage(label, folder, command):
         calls.append(label)
         if label.split()[-1].startswith("eval"):
-            arm, objects = label.split()[0], label.split()[-1].removeprefix("eval").removeprefix("_objects")
-            k = int(objects) if objects else round(rates[arm] * 10)  # level n: n of 10
+            arm, kind = label.split()[0], label.split()[-1].removeprefix("eval")
+            if kind == "_pretrained":  # before post-training: half the arm's rate
+                k = round(rates[arm] * 10) // 2
+            else:
+                objects = kind.removeprefix("_objects")
+                k = int(objects) if objects else round(rates[arm] * 10)  # level n: n of 10
             folder.mkdir(parents=True, exist_ok=True)
             tasks = {t: {"successes": k, "episodes": 10, "success_rate": k / 10} for t in ("pick_place", "push")}
             (folder / "results.json").write_text(json.dumps({"tasks": tasks}))
@@ -118,15 +126,17 @@ def test_results_merge_incrementally_skip_finished_seeds_and_keep_one_budget(tmp
     study_module.main(["--arms", "a", "b", "--seeds", "0", "1", *common])
     assert calls == ["prepare .cache/vla_zoo/tabletop_large"] + [
         f"{arm} s{seed} {stage}" for seed in (0, 1) for arm, stages in
-        (("a", ["posttrain", "eval"]), ("b", ["pretrain", "posttrain", "eval"])) for stage in stages]
+        (("a", ["posttrain", "eval"]), ("b", ["pretrain", "eval_pretrained", "posttrain", "eval"]))
+        for stage in stages]
     calls.clear()
     data = study_module.main(["--arms", "b", "c", "--seeds", "1", *common])
-    assert calls[1:] == ["c s1 pretrain", "c s1 posttrain", "c s1 eval"]  # b s1 was in the JSON already
+    assert calls[1:] == ["c s1 pretrain", "c s1 eval_pretrained", "c s1 posttrain", "c s1 eval"]  # b s1: done
     assert {arm: sorted(v["seeds"]) for arm, v in data["arms"].items()} == {"a": ["0", "1"], "b": ["0", "1"],
                                                                           "c": ["1"]}
     entry = data["arms"]["b"]["seeds"]["0"]
     assert (entry["pick_place"], entry["push"], entry["episodes_per_family"], entry["train_minutes"]) == (0.6, 0.6, 10, 2.0)
     assert entry["successes"] == {"pick_place": 6, "push": 6} and entry["demos"] == 3
+    assert entry["pretrained"] == {"pick_place": 0.3, "push": 0.3} and "pretrained" not in data["arms"]["a"]["seeds"]["0"]
     assert data["budget"]["posttrain_steps"] == 2000 and data["commands"]["a"][0].split()[1:4] == ["-m", "vla_zoo", "fit"]
     assert "cpu" in data["machine"]
     with pytest.raises(SystemExit, match=r"holds results of another budget .* Pass the same budget flags, or --out"):
@@ -135,7 +145,8 @@ def test_results_merge_incrementally_skip_finished_seeds_and_keep_one_budget(tmp
     capsys.readouterr()
     study_module.main(["--table", "--out", str(out)])
     text = capsys.readouterr().out
-    assert "| b | pretrain on sim + robot_b, post-train on the 50 robot demonstrations | 2 | 0.60 ± 0.00 |" in text
+    assert ("| b | pretrain on sim + robot_b, post-train on the 50 robot demonstrations | 2 | 0.60 ± 0.00 | 0.60 ± 0.00 "
+            "| 0.30 ± 0.00 / 0.30 ± 0.00 |") in text
     assert "| b - a | +0.50, p = " in text and "(12/20 vs 2/20)" in text and "| c - b | -0.10" in text
 
     # a difficulty level asked for later runs only its evaluations, for every finished entry
@@ -168,8 +179,10 @@ def test_study_runs_every_arm_end_to_end_at_a_tiny_budget(tmp_path, monkeypatch)
                        "--videos", "0", "--python", study_module.IN_PROCESS, "--out", str(out), *TINY])
     data = json.loads(out.read_text())
     assert sorted(data["arms"]) == ["a", "b", "c", "d", "e2"]
-    for arm in data["arms"].values():
+    for name, arm in data["arms"].items():
         entry = arm["seeds"]["0"]
         assert entry["episodes_per_family"] == 1 and set(entry["successes"]) == {"pick_place", "push"}
+        assert ("pretrained" in entry) == (name != "a"), name  # every pretrained arm's zero-shot rollout
+    assert "| b |" in study_module.table(data) and "before post-training" in study_module.table(data)
     assert data["arms"]["e2"]["seeds"]["0"]["demos"] == 2
     assert (tmp_path / "runs" / "pyramid" / "d" / "s0" / "labels" / "neural_idm_point_gripper" / "source.json").is_file()
