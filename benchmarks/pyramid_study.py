@@ -16,14 +16,14 @@ recipes of ``recipes/pyramid/`` with one fixed budget (``--pretrain-steps``, ``-
 
 Every pretraining checkpoint is also rolled out as it is, before post-training, on the same scenes (``pretrained``:
 did pretraining learn the task at all?). Results merge into ``--out`` (``benchmarks/results/pyramid_study.json``):
-``arms -> {description, seeds -> {pick_place, push, pretrained, episodes_per_family, train_minutes, ...}}``, plus ``budget``, ``machine`` and ``commands``. A run is
-incremental: seeds already in the JSON are skipped, finished stages (a ``DONE.json`` in their folder) are reused,
-e.g. ``b``'s pretraining by ``e``; a stage or the JSON is locked while one process works on it, so seeds may run in
-parallel processes. ``--table`` prints the markdown table of the JSON: mean and spread over seeds, and for each
-difference (b-a, c-b, d-b, e-b) Fisher's exact test on the pooled episodes and Welch's t-test over seeds.
-``--objects-levels 1 2 4 6`` also rolls every arm out with that many objects in each scene (the target and the rest
-distractors; the pyramid's scenes hold 2-4), the same episodes otherwise: success per difficulty level (added to
-finished entries by running only the missing evaluations).
+``arms -> {description, seeds -> {pick_place, push, pretrained, episodes_per_family, train_minutes, ...}}``, plus
+``budget``, ``machine`` and ``commands``. A run is incremental: seeds already in the JSON are skipped, finished stages
+(a ``DONE.json`` in their folder) are reused, e.g. ``b``'s pretraining by ``e``; a stage or the JSON is locked while
+one process works on it, so seeds may run in parallel processes. ``--table`` prints the markdown table of the JSON:
+mean and spread over seeds, and for each difference (b-a, c-b, d-b, e-b) Fisher's exact test on the pooled episodes
+and Welch's t-test over seeds. ``--objects-levels 1 2 4 6`` also rolls every arm out with that many objects in each
+scene (the target and the rest distractors; the pyramid's scenes hold 2-4), the same episodes otherwise: success per
+difficulty level (added to finished entries by running only the missing evaluations).
 
     python benchmarks/pyramid_study.py --arms a b c --seeds 0 1 2
     python benchmarks/pyramid_study.py --arms d e --seeds 0
@@ -436,8 +436,8 @@ def _spread(values: Sequence[float]) -> str:
 def table(data: dict[str, Any]) -> str:
     """The markdown table of the study's JSON: per arm mean ± standard deviation over seeds, then each difference."""
     arms_ = data["arms"]
-    lines = ["| arm | what | seeds | pick_place | push | before post-training: pick_place / push | train minutes (mean) |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| arm | what | seeds | pick_place | push | before post-training: pick_place / push "
+             "| train minutes (mean) |", "|---|---|---|---|---|---|---|"]
     for name, arm in arms_.items():
         seeds = list(arm["seeds"].values())
         if not seeds:
