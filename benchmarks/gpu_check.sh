@@ -80,7 +80,9 @@ $extra
       init_args: {batch_size_fn: datamodules.schema.batch_size, window_size: $window}
 model:
   init_args:
-    compile_backend: $backend
+    action_head:
+      init_args:
+        compile_backend: $backend
 $data
 EOF
 }

@@ -85,7 +85,7 @@ def vl_features(module, images: np.ndarray, instruction: str) -> torch.Tensor:
     for i in range(0, len(images), 64):
         batch = torch.as_tensor(images[i:i + 64]).permute(0, 1, 4, 2, 3).contiguous()
         tokens, mask = module.backbone(batch, [instruction] * len(batch))
-        if not module.hparams.use_vl_mask:  # as the deployed policy reads them (vla_zoo.policy.Policy)
+        if not getattr(module.action_head, "use_vl_mask", True):  # as the action head reads them
             mask = torch.ones_like(mask)
         out.append((tokens * mask[..., None]).flatten(1))
     return torch.cat(out)

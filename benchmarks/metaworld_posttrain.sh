@@ -55,6 +55,7 @@ case "$demos" in
 esac
 case "$arm" in *_pretrained*) configs+=(--config recipes/metaworld/posttrain_pretrained.yaml) ;; esac
 case "$arm" in regression*) configs+=(--config recipes/ablations/regression_head.yaml) ;; esac
+case "$arm" in regression*_pretrained*) configs+=("--model.init_args.init_from.parts=[backbone]") ;; esac
 case "$arm" in *_conv*) configs+=(--config recipes/ablations/composed_backbone.yaml
   --config recipes/ablations/conv_vision.yaml) ;; esac
 case "$arm" in *_kp*) configs+=(--config recipes/ablations/keypoints.yaml) ;; esac

@@ -28,7 +28,7 @@ mkdir -p "$out"
 source "$(dirname "$0")/run_overlay.sh"
 write_run_overlay "$out" "$steps" "$(( steps / 2 ))"
 cat >> "$out/overlay.yaml" <<YAML
-    - class_path: vla_zoo.evaluation.ClosedLoopEvalCallback
+    - class_path: vla_zoo.callbacks.ClosedLoopEvalCallback
       init_args:
         policy_factory: vla_zoo.policy.policy_from_module
         make_env: tabletop
@@ -43,7 +43,8 @@ YAML
 vision=()  # layered before posttrain.yaml, whose frozen LM then applies
 case "$arm" in *_vit*) vision+=(--config recipes/ablations/vit_vision.yaml) ;; esac
 extra=()
-case "$arm" in regression*) extra+=(--config recipes/ablations/regression_head.yaml) ;; esac
+case "$arm" in regression*) extra+=(--config recipes/ablations/regression_head.yaml
+  "--model.init_args.init_from={path: runs/pretrain/checkpoints/last.ckpt, parts: [backbone]}") ;; esac
 case "$arm" in *_scratch) extra+=(--model.init_args.init_from=null) ;; esac
 case "$arm" in *_vit*) ;; *_scratch) extra+=(--model.init_args.backbone.init_args.tune_llm=true) ;; esac
 start=$(date +%s)

@@ -18,7 +18,7 @@ velocity that the update integrates, as in the released code.
     never samples t > s; the released code's (s - u)/s differs slightly and can give t < 0)
 Sampling: A^0 ~ N(0, I);  A^{t + 1/K} = A^t + (1/K) V(phi, A^t, q) for t = 0, 1/K, ..., (K-1)/K.
 
-The VL attention mask is honoured (the released N1 code ignores it). A sample whose VL mask is all False gets a zero
+The VL attention mask is honoured (the released N1 code ignores it; ``use_vl_mask=False`` reproduces that). A sample whose VL mask is all False gets a zero
 cross-attention output in every cross block (its actions then depend on state and time only) and never NaN.
 
 GR00T N1.5 is configuration of the same head: ``vl_layer_norm`` and ``vl_self_attention_layers`` process the VL
@@ -188,6 +188,11 @@ class FlowMatchingActionHead(nn.Module):
     ``tune_diffusion_model`` the DiT (time embedding, blocks, output norm and projection); frozen parts stay in eval
     mode. ``lora`` wraps the DiT blocks' linears with peft LoRA adapters (``components.lora``) and needs
     ``tune_diffusion_model=False``: the adapters train, the DiT weights stay as loaded.
+
+    ``use_vl_mask=False`` attends to padded VL tokens too, as the released N1 code does (an ablation, not a
+    recommendation). ``compile_backend`` (e.g. ``inductor``) compiles the DiT blocks in place
+    (``nn.Module.compile``: state-dict keys and checkpoints unchanged); the embodiment adapters stay eager, as their
+    grouping by embodiment depends on the batch's data. None runs everything eagerly.
     """
 
     def __init__(
@@ -221,6 +226,8 @@ class FlowMatchingActionHead(nn.Module):
         tune_projector: bool = True,
         tune_diffusion_model: bool = True,
         lora: LoRA | None = None,
+        use_vl_mask: bool = True,
+        compile_backend: str | None = None,
     ) -> None:
         super().__init__()
         if max_seq_len is not None and max_seq_len < horizon:
@@ -264,6 +271,10 @@ class FlowMatchingActionHead(nn.Module):
                 raise ValueError("action head: lora trains adapters on frozen DiT weights; set tune_diffusion_model: "
                                  "false with it (or drop lora to train the whole DiT)")
             add_lora(self.blocks, lora, DIT_LORA_TARGETS)
+        self.use_vl_mask = use_vl_mask
+        if compile_backend:
+            for block in self.blocks:
+                block.compile(backend=compile_backend)
 
     def tunable_parts(self) -> dict[str, list[nn.Module | nn.Parameter]]:
         """What ``tune_projector`` and ``tune_diffusion_model`` switch (the N1.5 VL layers and future tokens always
@@ -331,6 +342,8 @@ class FlowMatchingActionHead(nn.Module):
 
     def _vl_context(self, vl_tokens: torch.Tensor, vl_mask: torch.Tensor) -> VLContext:
         """The VL conditioning: N1.5's LayerNorm and masked self-attention over the tokens (if configured)."""
+        if not self.use_vl_mask:
+            vl_mask = torch.ones_like(vl_mask)  # [B, S] all True: padded tokens are attended too
         context = VLContext.build(vl_tokens, vl_mask)
         if self.vl_norm is None and not len(self.vl_blocks):
             return context

@@ -21,13 +21,14 @@ class PrivilegedStateHead(nn.Module):
 
     ``num_queries`` learned queries attend over the tokens (honouring the mask), so the readout can pick out the
     patches where an object is; an MLP maps the attended features to the P targets. Mean pooling would average away
-    exactly the spatial information this head exists to train.
+    exactly the spatial information this head exists to train. ``loss_weight`` scales its loss where the policy adds
+    it to the action loss.
     """
 
     def __init__(self, vl_dim: int, out_dim: int, num_queries: int = 4, num_heads: int = 4,
-                 hidden_dim: int = 256) -> None:
+                 hidden_dim: int = 256, loss_weight: float = 1.0) -> None:
         super().__init__()
-        self.out_dim = out_dim
+        self.out_dim, self.loss_weight = out_dim, loss_weight
         self.queries = nn.Parameter(torch.randn(num_queries, vl_dim) * vl_dim ** -0.5)
         self.attention = nn.MultiheadAttention(vl_dim, num_heads, batch_first=True)
         # No LayerNorm on the attended features: on the conv tower's tokens they differ across scenes mostly by a

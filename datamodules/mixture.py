@@ -40,7 +40,7 @@ from typing import Any, Optional, Protocol, runtime_checkable
 
 import numpy as np
 import torch
-from lightning.pytorch import Callback, LightningDataModule
+from lightning.pytorch import LightningDataModule
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
@@ -725,22 +725,3 @@ class MixtureDataModule(LightningDataModule):
         # The model learned in the checkpoint's units: keep its statistics even if the shards changed since.
         self.normalizers.update(normalizers_from_state(state))
         self.modalities.update(state["modalities"])
-
-
-class MixtureMonitor(Callback):
-    """Logs, as scalars of every logger (TensorBoard's Scalars tab), per source the training samples drawn so far
-    (``data/samples_<source>``) and their fraction (``data/frac_<source>``), and the skipped-sample counts
-    (``data/errors_<source>_<kind>``)."""
-
-    def __init__(self, log_every_n_steps: int = 50) -> None:
-        self.log_every_n_steps = log_every_n_steps
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        dm = trainer.datamodule
-        if not isinstance(dm, MixtureDataModule) or (trainer.global_step % self.log_every_n_steps):
-            return
-        total = sum(dm.drawn_counts.values()) or 1
-        metrics = {f"data/frac_{name}": dm.drawn_counts[i] / total for i, name in enumerate(dm.source_names)}
-        metrics.update({f"data/samples_{name}": float(dm.drawn_counts[i]) for i, name in enumerate(dm.source_names)})
-        metrics.update({f"data/errors_{key.replace('/', '_')}": float(n) for key, n in dm.error_counts.items()})
-        pl_module.log_dict(metrics, on_step=True, on_epoch=False, batch_size=1)

@@ -14,6 +14,7 @@ filesystem paths a run started from Python may keep in its hyper-parameters (``i
 
 from __future__ import annotations
 
+import copy
 import os
 import pathlib
 import pickle
@@ -34,6 +35,42 @@ MIXTURE_STATE_KEY = "MixtureDataModule"
 
 #: Classes a checkpoint may hold beyond torch's default ``weights_only`` set. Building them runs no user code.
 SAFE_GLOBALS: list[Any] = [pathlib.PosixPath, pathlib.WindowsPath, pathlib.PurePosixPath, pathlib.PureWindowsPath]
+
+
+#: Callbacks that moved into ``vla_zoo.callbacks``: old class path -> new.
+MOVED_CLASS_PATHS = {f"{old}.{name}": f"vla_zoo.callbacks.{name}" for old, name in (
+    ("datamodules.mixture", "MixtureMonitor"), ("vla_zoo.evaluation", "ClosedLoopEvalCallback"),
+    ("vla_zoo.open_loop", "OpenLoopEvalCallback"))}
+
+
+def upgrade_run_config(config: dict[str, Any]) -> dict[str, Any]:
+    """A run config written before ``VLAPolicy``'s arguments were grouped and the callbacks moved to
+    ``vla_zoo.callbacks``, rewritten into today's layout (a current config comes back equal; the input is kept)."""
+    config = copy.deepcopy(config)
+    trainer = config.get("trainer") if isinstance(config.get("trainer"), dict) else {}
+    for callback in trainer.get("callbacks") or []:
+        if isinstance(callback, dict) and callback.get("class_path") in MOVED_CLASS_PATHS:
+            callback["class_path"] = MOVED_CLASS_PATHS[callback["class_path"]]
+    model = config.get("model") if isinstance(config.get("model"), dict) else {}
+    args = model.get("init_args")
+    if not str(model.get("class_path", "")).endswith("VLAPolicy") or not isinstance(args, dict):
+        return config
+    if "warmup_ratio" in args or isinstance(args.get("lr_schedule"), str):
+        args["lr_schedule"] = {"kind": args.pop("lr_schedule", "cosine"), "warmup_ratio": args.pop("warmup_ratio", 0.05)}
+    if "frame_index" in args or "image_augmentation" in args:
+        args["observation"] = {"frame_index": args.pop("frame_index", 0),
+                               "augmentation": args.pop("image_augmentation", None)}
+    parts = args.pop("init_from_parts", None)
+    if args.get("init_from") and parts is not None and list(parts) != ["backbone", "action_head"]:
+        args["init_from"] = {"path": args["init_from"], "parts": list(parts)}
+    # Moved into the component they configure; a default value is dropped (the component may not take it).
+    for key, owner, name, default in (("use_vl_mask", "action_head", "use_vl_mask", True),
+                                      ("compile_backend", "action_head", "compile_backend", None),
+                                      ("privileged_loss_weight", "privileged_head", "loss_weight", 1.0)):
+        value = args.pop(key, default)
+        if value != default and isinstance(args.get(owner), dict):
+            args[owner]["init_args"] = {**(args[owner].get("init_args") or {}), name: value}
+    return config
 
 
 class UnsafeCheckpointError(ValueError):
@@ -89,11 +126,23 @@ def load_run_config(checkpoint: str | os.PathLike | dict[str, Any]) -> dict[str,
             f"checkpoint has no '{CONFIG_KEY}' entry: it was not written by the vla-zoo CLI "
             "(train with `vla-zoo fit --config ...` to embed the recipe)"
         )
-    return yaml.safe_load(checkpoint[CONFIG_KEY])
+    return upgrade_run_config(yaml.safe_load(checkpoint[CONFIG_KEY]))
+
+
+def upgraded_hyperparameters(hparams: dict[str, Any], class_path: str) -> dict[str, Any]:
+    """A checkpoint's ``hyper_parameters`` (a module's init arguments, as Lightning stores them) through
+    ``upgrade_run_config``."""
+    class_path = hparams.get("_class_path", class_path)
+    return upgrade_run_config({"model": {"class_path": class_path, "init_args": dict(hparams)}})["model"]["init_args"]
 
 
 def load_module(module_cls: type, path: str | os.PathLike, **kwargs: Any) -> Any:
-    """``module_cls.load_from_checkpoint(path, **kwargs)`` through Lightning's ``weights_only=True`` path."""
+    """``module_cls.load_from_checkpoint(path, **kwargs)`` through Lightning's ``weights_only=True`` path, with the
+    checkpoint's hyper-parameters in today's layout (``upgrade_run_config``)."""
+    hparams = read_checkpoint(path, mmap=True).get("hyper_parameters") or {}
+    upgraded = upgraded_hyperparameters(hparams, f"{module_cls.__module__}.{module_cls.__qualname__}")
+    # Lightning passes the stored arguments with these on top and drops names the constructor does not take.
+    kwargs = {**{k: v for k, v in upgraded.items() if not k.startswith("_") and hparams.get(k) != v}, **kwargs}
     try:
         with safe_unpickling():
             return module_cls.load_from_checkpoint(path, weights_only=True, **kwargs)

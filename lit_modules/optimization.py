@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -20,6 +21,18 @@ def check_schedule(lr_schedule: str, warmup_ratio: float) -> None:
         raise ValueError(f"lr_schedule must be one of {sorted(LR_SCHEDULES)}, got {lr_schedule!r}")
     if not 0.0 <= warmup_ratio < 1.0:
         raise ValueError(f"warmup_ratio must be in [0, 1), got {warmup_ratio}")
+
+
+@dataclass(frozen=True)
+class LRSchedule:
+    """Linear warm-up over ``warmup_ratio`` of the run's steps (paper: 5%), then ``kind``: ``cosine`` (paper),
+    ``linear`` or ``constant``. YAML: ``lr_schedule: {kind: cosine, warmup_ratio: 0.05}``."""
+
+    kind: str = "cosine"
+    warmup_ratio: float = 0.05
+
+    def __post_init__(self) -> None:
+        check_schedule(self.kind, self.warmup_ratio)
 
 
 def configure_optimizers(

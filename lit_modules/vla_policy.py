@@ -17,7 +17,9 @@ trains and keeps the data contract (``data_spec``) in its checkpoints for it.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, is_dataclass
 from typing import Any
 
 import torch
@@ -33,7 +35,7 @@ from datamodules import schema
 from datamodules.spec import DataSpec
 from lit_modules.checkpoint import DATA_SPEC_KEY, read_checkpoint
 from lit_modules.distributed import require_find_unused_parameters
-from lit_modules.optimization import check_schedule, configure_optimizers, paper_adamw
+from lit_modules.optimization import LRSchedule, configure_optimizers, paper_adamw
 
 
 
@@ -54,6 +56,33 @@ def shuffled_vl_loss(head: nn.Module, tokens: torch.Tensor, mask: torch.Tensor, 
         return head.loss(tokens.roll(1, 0), mask.roll(1, 0), state, actions, action_mask, embodiment_id)["loss"]
 
 
+@dataclass(frozen=True)
+class InitFrom:
+    """A checkpoint whose ``parts`` (each must match it exactly) start a run: YAML ``init_from: {path: CKPT, parts:
+    [backbone]}`` puts a new action head on a pretrained backbone; a plain ``init_from: CKPT`` restores both."""
+
+    path: str
+    parts: Sequence[str] = ("backbone", "action_head")
+
+
+@dataclass(frozen=True)
+class PolicyInput:
+    """What the policy takes from a batch's images: the frame ``images[:, frame_index]`` (0 = the anchor step t),
+    passed through ``augmentation`` in training steps only (e.g. ``components.augmentation.RandomShift``; validation
+    and inference see the images as they are)."""
+
+    frame_index: int = 0
+    augmentation: nn.Module | None = None
+
+
+def _as(cls: type, value: Any) -> Any:
+    """``value`` as ``cls`` where it is the plain dict a checkpoint's hyper-parameters keep (or a path for
+    ``InitFrom``)."""
+    if isinstance(value, Mapping):
+        return cls(**value)
+    return cls(value) if cls is InitFrom and isinstance(value, (str, os.PathLike)) else value
+
+
 class VLAPolicy(LightningModule):
     def __init__(
         self,
@@ -61,55 +90,45 @@ class VLAPolicy(LightningModule):
         action_head: Callable[[], nn.Module],
         pseudo_labelers: Sequence[nn.Module] = (),
         optimizer: OptimizerCallable = paper_adamw,
-        warmup_ratio: float = 0.05,
-        lr_schedule: str = "cosine",
-        frame_index: int = 0,
-        use_vl_mask: bool = True,
-        init_from: str | None = None,
-        init_from_parts: Sequence[str] = ("backbone", "action_head"),
-        image_augmentation: nn.Module | None = None,
+        lr_schedule: LRSchedule = LRSchedule(),
+        observation: PolicyInput = PolicyInput(),
+        init_from: str | InitFrom | None = None,
         privileged_head: nn.Module | None = None,
-        privileged_loss_weight: float = 1.0,
-        compile_backend: str | None = None,
     ) -> None:
         """
         Args:
             backbone: System 2 factory (or module): ``(images [B,V,3,h,w] uint8, instructions) -> (tokens, mask)``.
-            action_head: System 1 factory (or module) with ``loss(...)`` and ``sample(...)``.
+            action_head: System 1 factory (or module) with ``loss(...)`` and ``sample(...)``; how it attends to the
+                VL tokens (``use_vl_mask``) and whether it is compiled (``compile_backend``) are its own arguments.
             pseudo_labelers: modules producing extra targets for actionless data (see module docstring).
             optimizer: optimiser factory; default AdamW(1e-4, betas 0.95/0.999, wd 1e-5) as in the paper.
-            warmup_ratio: linear warm-up as a fraction of the run's steps (paper: 5%).
-            lr_schedule: ``cosine`` (paper), ``linear`` or ``constant`` after warm-up.
-            frame_index: which frame of the batch's ``images[:, T]`` the policy sees (0 = the anchor step t).
-            use_vl_mask: honour the VL attention mask. False reproduces the released N1 code, which attends to
-                padded tokens (an ablation, not a recommendation).
-            init_from: a checkpoint whose weights start this run (post-training from a pretrained model). Unlike
-                ``--ckpt_path`` it restores neither optimiser nor step: a new run starts from those weights.
-            init_from_parts: which parts ``init_from`` restores (each must match the checkpoint exactly); e.g.
-                ``[backbone]`` to put a new action head (the regression baseline) on a pretrained backbone.
-            image_augmentation: applied to the policy's training images only (e.g.
-                ``components.augmentation.RandomShift``); validation and inference see the images as they are.
+            lr_schedule: warm-up and decay (``LRSchedule``; paper: 5% warm-up, then cosine).
+            observation: which frame of the batch's images the policy sees and how training augments it
+                (``PolicyInput``).
+            init_from: a checkpoint whose weights start this run (post-training from a pretrained model), as a path
+                (backbone and action head) or ``InitFrom(path, parts)``. Unlike ``--ckpt_path`` it restores neither
+                optimiser nor step: a new run starts from those weights.
             privileged_head: an auxiliary readout of the batch's ``privileged`` state (simulator-only object and
                 goal positions) from the VL tokens (``components.privileged_head.PrivilegedStateHead``), trained
-                with weight ``privileged_loss_weight`` beside the action loss. Its gradient reaches the backbone;
-                inference never uses it. Logged as ``{train,val}/privileged_loss``.
-            compile_backend: ``torch.compile`` backend (e.g. ``inductor``) for the action head's transformer
-                blocks, compiled in place (``nn.Module.compile``: state-dict keys and checkpoints unchanged). The
-                embodiment adapters stay eager: their grouping by embodiment depends on the batch's data.
-                None runs everything eagerly.
+                with its ``loss_weight`` beside the action loss. Its gradient reaches the backbone; inference never
+                uses it. Logged as ``{train,val}/privileged_loss``.
         """
         super().__init__()
-        check_schedule(lr_schedule, warmup_ratio)
+        lr_schedule, observation = _as(LRSchedule, lr_schedule), _as(PolicyInput, observation)
+        init_from = _as(InitFrom, init_from) if init_from else None
         # From YAML, LightningCLI stores the parsed config of every injected component, so the checkpoint
         # rebuilds them alone. Module objects passed from Python are not pickled into the hyper-parameters; pass
         # them again to load_from_checkpoint.
         live = [name for name, value in (("backbone", backbone), ("action_head", action_head),
                                          ("pseudo_labelers", pseudo_labelers), ("optimizer", optimizer),
-                                         ("image_augmentation", image_augmentation),
+                                         ("observation", observation.augmentation),
                                          ("privileged_head", privileged_head))
                 if isinstance(value, nn.Module) or (name == "pseudo_labelers" and len(value))
                 or (name == "optimizer" and not isinstance(value, type))]
         self.save_hyperparameters(ignore=live)
+        for name in ("lr_schedule", "observation", "init_from"):  # plain data in checkpoints (weights_only loads)
+            if is_dataclass(self.hparams.get(name)):
+                self.hparams[name] = asdict(self.hparams[name])
         # LightningCLI replaces hparams with the parsed config: keep the callables themselves, outside nn.Module's
         # registry (a module passed directly would otherwise be registered twice and saved under two names).
         for name, value in (("_backbone_factory", backbone), ("_head_factory", action_head),
@@ -119,7 +138,8 @@ class VLAPolicy(LightningModule):
         self.backbone = backbone if isinstance(backbone, nn.Module) else None
         self.action_head = action_head if isinstance(action_head, nn.Module) else None
         self.pseudo_labelers = nn.ModuleList(pseudo_labelers)
-        self.image_augmentation = image_augmentation
+        self.lr_schedule, self.frame_index, self.init_from = lr_schedule, observation.frame_index, init_from
+        self.image_augmentation = observation.augmentation
         self.privileged_head = privileged_head
         self.data_spec: DataSpec | None = None  # normalisers + embodiment map, set from the datamodule
 
@@ -136,22 +156,16 @@ class VLAPolicy(LightningModule):
                 f"backbone.out_dim ({vl_dim}) != action_head.cross_attention_dim ({head_dim}): set the backbone's "
                 f"`project_to` and the head's `cross_attention_dim` to the same width in the recipe"
             )
-        backend = self.hparams.get("compile_backend")
-        if backend and not getattr(self, "_compiled", False):
-            blocks = getattr(self.action_head, "blocks", None)
-            for part in blocks if blocks is not None else [self.action_head]:
-                part.compile(backend=backend)
-            self._compiled = True
 
-    def _load_initial_weights(self, path: str) -> None:
-        import os
-
+    def _load_initial_weights(self, init_from: str | InitFrom) -> None:
+        init_from = _as(InitFrom, init_from)
+        path = os.fspath(init_from.path)
         if not os.path.isfile(path):
             raise FileNotFoundError(
                 f"model.init_args.init_from: checkpoint {path!r} not found (run the pretraining recipe first, or "
                 "point init_from at an existing .ckpt)"
             )
-        parts = tuple(f"{p}." for p in self.hparams.init_from_parts)
+        parts = tuple(f"{p}." for p in init_from.parts)
         state = read_checkpoint(path)["state_dict"]
         state = {k: v for k, v in state.items() if k.startswith(parts)}
         grow_embodiment_slots(self, state)
@@ -160,7 +174,7 @@ class VLAPolicy(LightningModule):
         # the user is post-training a different architecture by mistake.
         core = [k for k in missing + unexpected if k.startswith(parts)]
         if core or not state:
-            raise ValueError(f"init_from {path!r}: {list(self.hparams.init_from_parts)} do not match the checkpoint "
+            raise ValueError(f"init_from {path!r}: {list(init_from.parts)} do not match the checkpoint "
                              f"(first mismatches: {core[:5]}); use the same sizes as the pretraining recipe")
         self._initialised = True
 
@@ -168,8 +182,8 @@ class VLAPolicy(LightningModule):
         self.configure_model()
         # Only a Trainer run starts from init_from; load_from_checkpoint (deployment) never calls setup, so a
         # post-trained checkpoint does not need the pretraining checkpoint to exist on the robot's machine.
-        if stage == "fit" and self.hparams.init_from and not getattr(self, "_initialised", False):
-            self._load_initial_weights(self.hparams.init_from)
+        if stage == "fit" and self.init_from is not None and not getattr(self, "_initialised", False):
+            self._load_initial_weights(self.init_from)
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         spec = getattr(datamodule, "data_spec", None)
         if callable(spec):
@@ -195,7 +209,7 @@ class VLAPolicy(LightningModule):
 
     # ------------------------------------------------------------------ training
     def _vl_tokens(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        images = batch[schema.IMAGES][:, self.hparams.frame_index]  # [B, V, 3, h, w]
+        images = batch[schema.IMAGES][:, self.frame_index]  # [B, V, 3, h, w]
         if self.training and self.image_augmentation is not None:
             images = self.image_augmentation(images)
         return self.backbone(images, list(batch[schema.INSTRUCTION]))
@@ -228,14 +242,12 @@ class VLAPolicy(LightningModule):
 
     def _step(self, batch: dict, stage: str) -> torch.Tensor:
         tokens, mask = self._vl_tokens(batch)  # [B, S, D], [B, S]
-        if not self.hparams.use_vl_mask:
-            mask = torch.ones_like(mask)
         rows = self._training_rows(batch)
         batch_size = tokens.shape[0]
         aux = [r.aux_loss for r in rows if r.aux_loss is not None]
         privileged = self._privileged_loss(tokens, mask, batch, stage)
         if privileged is not None:
-            aux.append(self.hparams.privileged_loss_weight * privileged)
+            aux.append(self.privileged_head.loss_weight * privileged)
         for r in rows:
             if r.aux_loss is not None:
                 self.log(f"{stage}/aux_loss_{r.name}", r.aux_loss.detach(), batch_size=batch_size)
@@ -304,8 +316,8 @@ class VLAPolicy(LightningModule):
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self):
-        hp = self.hparams
-        return configure_optimizers(self, self._optimizer_factory, hp.lr_schedule, hp.warmup_ratio)
+        schedule = self.lr_schedule
+        return configure_optimizers(self, self._optimizer_factory, schedule.kind, schedule.warmup_ratio)
 
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

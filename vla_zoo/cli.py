@@ -30,7 +30,14 @@ from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 
 from datamodules.progress import configure_logging
-from lit_modules.checkpoint import CONFIG_KEY, load_run_config, refusal, safe_unpickling
+from lit_modules.checkpoint import (
+    CONFIG_KEY,
+    load_run_config,
+    read_checkpoint,
+    refusal,
+    safe_unpickling,
+    upgraded_hyperparameters,
+)
 from vla_zoo.callbacks import CheckpointOnSignal, StepsProgressBar, StopOnNonFiniteLoss
 from vla_zoo.precision import BF16MixedPrecision, accelerator_device, resolve_auto
 
@@ -173,12 +180,22 @@ class VLAZooCLI(LightningCLI):
         parser.add_lightning_class_args(CheckpointOnSignal, "checkpoint_on_signal")
 
     def _parse_ckpt_path(self) -> None:
-        # LightningCLI reads `--ckpt_path`'s hyper-parameters before building the model: with our allow-list too.
-        try:
-            with safe_unpickling():
-                super()._parse_ckpt_path()
-        except pickle.UnpicklingError as e:
-            raise refusal(self.config[self.config.subcommand].get("ckpt_path"), e) from None
+        """LightningCLI's: the model config takes ``--ckpt_path``'s hyper-parameters before the model is built; read
+        here like every checkpoint (``read_checkpoint``: weights_only with our allow-list) and in today's layout."""
+        if not self.config.get("subcommand"):
+            return
+        ckpt_path = self.config[self.config.subcommand].get("ckpt_path")
+        if not ckpt_path or not os.path.isfile(ckpt_path):
+            return
+        hparams = dict(read_checkpoint(ckpt_path, mmap=True).get("hyper_parameters") or {})
+        hparams.pop("_instantiator", None)
+        if not hparams:
+            return
+        class_path = self.config[self.config.subcommand].get("model", {}).get("class_path", "")
+        hparams = upgraded_hyperparameters(hparams, hparams.get("_class_path", class_path))
+        if "_class_path" in hparams:
+            hparams = {"class_path": hparams.pop("_class_path"), "dict_kwargs": hparams}
+        self.config = self.parser.parse_object({self.config.subcommand: {"model": hparams}}, self.config)
 
     def _prepare_subcommand_kwargs(self, subcommand: str) -> dict[str, Any]:
         kwargs = super()._prepare_subcommand_kwargs(subcommand)

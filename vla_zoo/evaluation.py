@@ -3,7 +3,7 @@
 ``evaluate_closed_loop`` runs any policy (CONTRACTS.md: ``get_action(obs) -> {"actions": [H, A]}``, optional
 ``reset()``) on any env following the observation contract, executes each predicted chunk open-loop for
 ``execute_steps`` actions before asking again, and writes ``results.json``, a ``success.png`` bar chart and a few
-rollout GIFs. ``ClosedLoopEvalCallback`` does the same during training; ``python -m vla_zoo.evaluation`` does it
+rollout GIFs. ``vla_zoo.callbacks.ClosedLoopEvalCallback`` does the same during training; ``python -m vla_zoo.evaluation`` does it
 from a checkpoint or for the scripted experts::
 
     python -m vla_zoo.evaluation --env metaworld --checkpoint last.ckpt --tasks MT10 --episodes 10 --out eval/
@@ -22,15 +22,12 @@ import json
 import logging
 import math
 import os
-import time
 import zlib
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import gymnasium as gym
 import numpy as np
-from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.callbacks import WeightAveraging
 
 from envs.registry import ENVS, MakeEnv, expert, resolve_make_env, resolve_tasks
 
@@ -208,120 +205,6 @@ def save_gif(frames: list[np.ndarray], path: str | os.PathLike, fps: float) -> N
     images = [Image.fromarray(f) for f in frames[::stride]]
     duration = max(20, int(1000 * stride / fps))
     images[0].save(path, save_all=True, append_images=images[1:], duration=duration, loop=0)
-
-
-class ClosedLoopEvalCallback(Callback):
-    """Every ``every_n_val_epochs`` validation epochs, roll the model being trained out in simulation.
-
-    ``policy_factory(pl_module)`` wraps the LightningModule as a policy (or an ``env -> policy`` factory);
-    ``make_env`` is a callable, a registered env name (``"metaworld"``, ``"tabletop"``) or ``"module:callable"``,
-    built with ``env_kwargs``. Logs ``eval/success/<task>`` and ``eval/success/mean``; episodes are split over
-    processes and the counts summed, so every rank logs the same numbers. Rank 0 writes the report and
-    ``record_videos`` GIFs per task under ``<log_dir>/closed_loop/step_<global_step>``, and logs each GIF as an
-    animated image ``eval/rollout/<task>/<episode>`` (TensorBoard's Images tab; a video in Weights & Biases).
-
-    With weight averaging (Lightning's ``EMAWeightAveraging``), list this callback first: the averaging callback
-    swaps the averaged weights in for validation and back at the end of the validation epoch, so callbacks after it
-    would roll out the raw weights, not the ones the checkpoint deploys. ``setup`` refuses the other order.
-    """
-
-    def __init__(
-        self,
-        policy_factory: Callable[[LightningModule], PolicyOrFactory],
-        tasks: list[str] | str | None = None,
-        make_env: str | MakeEnv = "metaworld",
-        env_kwargs: dict[str, Any] | None = None,
-        episodes_per_task: int = 10,
-        every_n_val_epochs: int = 1,
-        seed: int = 0,
-        execute_steps: int | None = None,
-        max_steps: int | None = None,
-        record_videos: int = 1,
-    ) -> None:
-        self.policy_factory = policy_factory
-        self.tasks = resolve_tasks(make_env, tasks) if isinstance(make_env, str) else list(tasks or [])
-        if not self.tasks:
-            raise ValueError("ClosedLoopEvalCallback needs tasks")
-        self.make_env = resolve_make_env(make_env, **(env_kwargs or {}))
-        self.episodes_per_task = episodes_per_task
-        self.every_n_val_epochs = every_n_val_epochs
-        self.seed = seed
-        self.execute_steps = execute_steps
-        self.max_steps = max_steps
-        self.record_videos = record_videos
-        self._val_epochs = 0
-        self.last_results: dict[str, Any] | None = None
-
-    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        callbacks = trainer.callbacks
-        before = callbacks[: callbacks.index(self)] if self in callbacks else []
-        averaging = [type(c).__name__ for c in before if isinstance(c, WeightAveraging)]
-        if averaging:
-            raise ValueError(
-                f"trainer.callbacks: {averaging[0]} is listed before ClosedLoopEvalCallback, so the rollouts would "
-                f"score the raw weights (it swaps the averaged ones out at the end of validation, before later "
-                f"callbacks run); list ClosedLoopEvalCallback before {averaging[0]} in the recipe"
-            )
-
-    def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if trainer.sanity_checking:
-            return
-        self._val_epochs += 1
-        if self._val_epochs % self.every_n_val_epochs:
-            return
-        import torch
-
-        out_dir = None
-        if trainer.is_global_zero:
-            root = trainer.log_dir or trainer.default_root_dir
-            out_dir = Path(root) / "closed_loop" / f"step_{trainer.global_step}"
-        start = time.perf_counter()
-        log.info("closed-loop evaluation at step %d: %d episodes of each of %s", trainer.global_step,
-                 self.episodes_per_task, ", ".join(self.tasks))
-        results = evaluate_closed_loop(
-            self.policy_factory(pl_module),
-            self.make_env,
-            self.tasks,
-            self.episodes_per_task,
-            seed=self.seed,
-            execute_steps=self.execute_steps,
-            max_steps=self.max_steps,
-            record_videos=self.record_videos,
-            out_dir=out_dir,
-            rank=trainer.global_rank,
-            world_size=trainer.world_size,
-            progress=False,  # the trainer's bar holds the console; a line when done says what happened
-        )
-        counts = torch.tensor(
-            [[results["tasks"].get(t, {}).get(k, 0) for k in ("successes", "episodes")] for t in self.tasks],
-            dtype=torch.float64,
-            device=pl_module.device,
-        )
-        if trainer.world_size > 1:
-            counts = trainer.strategy.reduce(counts, reduce_op="sum")
-        rates = (counts[:, 0] / counts[:, 1]).tolist()
-        for task, rate in zip(self.tasks, rates):
-            pl_module.log(f"eval/success/{task}", rate, sync_dist=False)
-        pl_module.log("eval/success/mean", float(np.mean(rates)), sync_dist=False)
-        self.last_results = {"success": dict(zip(self.tasks, rates)), "average": float(np.mean(rates))}
-        if out_dir is not None:
-            self._log_videos(trainer, out_dir / "videos")
-        log.info("closed-loop success at step %d: %s (mean %.2f) in %.0f s", trainer.global_step,
-                 ", ".join(f"{t} {r:.2f}" for t, r in zip(self.tasks, rates)), self.last_results["average"],
-                 time.perf_counter() - start)
-        if out_dir is not None and trainer.world_size > 1:
-            totals = {t: {"successes": int(s), "episodes": int(n)} for t, (s, n) in zip(self.tasks, counts.tolist())}
-            write_report({**self.last_results, "tasks": totals, "seed": self.seed}, out_dir)
-
-
-    def _log_videos(self, trainer: Trainer, videos: Path) -> None:
-        """Each recorded rollout as an animated image ``eval/rollout/<task>/<episode>`` (``vla_zoo.media``)."""
-        from vla_zoo.media import log_gif
-
-        for task in self.tasks:
-            for path in sorted(videos.glob(f"{task}_episode*.gif")):
-                episode = path.stem[len(task) + len("_episode"):].split("_")[0]  # "003" of task_episode003_success
-                log_gif(trainer, f"eval/rollout/{task}/{episode}", path, trainer.global_step)
 
 
 def _load_policy(args: argparse.Namespace) -> PolicyOrFactory:

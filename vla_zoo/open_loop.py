@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from lightning.pytorch import Callback, LightningModule, Trainer
 
 from datamodules.episode import Episode
 from vla_zoo.deploy.validation import validate_observation
@@ -102,7 +101,7 @@ def open_loop_eval(
 
     ``execute_every`` defaults to the policy's horizon (execute whole chunks); ``action_names`` maps an embodiment
     to names for the plot panels (default ``a0, a1, ...``). Actionless episodes are skipped and counted.
-    ``on_plot(name, figure)`` receives each episode's figure (``OpenLoopEvalCallback`` logs it).
+    ``on_plot(name, figure)`` receives each episode's figure (``vla_zoo.callbacks.OpenLoopEvalCallback`` logs it).
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -160,54 +159,6 @@ def open_loop_eval(
     }
     (out_dir / "open_loop.json").write_text(json.dumps(result, indent=2))
     return result
-
-
-class OpenLoopEvalCallback(Callback):
-    """Every ``every_n_val_epochs`` validation epochs, ``open_loop_eval`` of the model being trained on the first
-    ``max_episodes`` episodes of the shard source ``shards``.
-
-    Rank 0 runs it (the episodes are few; other ranks wait at the next collective), writes ``open_loop.json`` and the
-    plots under ``<log_dir>/open_loop/step_<global_step>``, logs ``eval/open_loop/mse/<embodiment>`` and each
-    episode's plot as a figure ``eval/open_loop/episode_XXXX`` (TensorBoard's Images tab). ``policy_factory`` wraps
-    the LightningModule as a policy, as for ``ClosedLoopEvalCallback``.
-    """
-
-    def __init__(
-        self,
-        policy_factory: Callable[[LightningModule], Any],
-        shards: str,
-        max_episodes: int = 2,
-        execute_every: int | None = None,
-        every_n_val_epochs: int = 1,
-    ) -> None:
-        self.policy_factory, self.shards = policy_factory, shards
-        self.max_episodes, self.execute_every, self.every_n_val_epochs = max_episodes, execute_every, every_n_val_epochs
-        self._val_epochs = 0
-        self.last_results: dict[str, Any] | None = None
-
-    def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if trainer.sanity_checking:
-            return
-        self._val_epochs += 1
-        if self._val_epochs % self.every_n_val_epochs or not trainer.is_global_zero:
-            return
-        from datamodules.episode import Modality
-        from datamodules.shards import load_sidecars, read_episodes
-        from vla_zoo.media import log_figure
-
-        sidecars = load_sidecars(self.shards)
-        names = {sidecars["source"]["embodiment"]: Modality.from_dict(sidecars["modality"]).action_names}
-        step = trainer.global_step
-        out_dir = Path(trainer.log_dir or trainer.default_root_dir) / "open_loop" / f"step_{step}"
-
-        def on_plot(name: str, figure: Any) -> None:
-            log_figure(trainer, f"eval/open_loop/{name}", figure, step)
-
-        results = open_loop_eval(self.policy_factory(pl_module), read_episodes(self.shards), out_dir,
-                                 self.max_episodes, self.execute_every, names, on_plot=on_plot)
-        for embodiment, summary in results["embodiments"].items():
-            pl_module.log(f"eval/open_loop/mse/{embodiment}", summary["mse"], rank_zero_only=True)
-        self.last_results = results
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

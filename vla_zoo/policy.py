@@ -228,7 +228,7 @@ class Policy:
         """System 2: uint8 images ``[B, V, 3, h, w]`` + instructions -> VL tokens ``[B, S, D]`` and mask ``[B, S]``."""
         with self._autocast():
             tokens, mask = self.module.backbone(images, instructions)
-        return tokens, (mask if self.module.hparams.use_vl_mask else torch.ones_like(mask))
+        return tokens, mask
 
     @torch.no_grad()
     def act(

@@ -7,7 +7,8 @@ import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from datamodules.mixture import MixtureDataModule, MixtureMonitor, normalizers_from_state
+from datamodules.mixture import MixtureDataModule, normalizers_from_state
+from vla_zoo.callbacks import MixtureMonitor
 from tests.datamodules.preparer import WriteShards
 
 

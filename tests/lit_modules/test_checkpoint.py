@@ -6,6 +6,7 @@ from __future__ import annotations
 import builtins
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -106,3 +107,87 @@ def test_the_mixture_state_key_is_the_datamodule_name() -> None:
     from datamodules.mixture import MixtureDataModule
 
     assert MixtureDataModule.__qualname__ == MIXTURE_STATE_KEY  # Lightning stores datamodule state under it
+
+
+# A VLAPolicy as a recipe writes it today, and the same model in the layout checkpoints had before its arguments
+# were grouped (head, schedule, frame and augmentation at the top level) and the callbacks moved.
+TINY_POLICY = {
+    "backbone": {"class_path": "components.backbones.SmolVLMBackbone", "init_args": {
+        "select_layer": 1, "project_to": 32, "image_size": 32, "patch_size": 8, "vision_hidden_size": 32,
+        "vision_layers": 1, "vision_heads": 2, "lm_hidden_size": 32, "lm_layers": 1, "lm_heads": 2}},
+    "action_head": {"class_path": "components.action_head.FlowMatchingActionHead", "init_args": {
+        "num_embodiments": 1, "max_state_dim": 4, "max_action_dim": 4, "horizon": 4, "hidden_dim": 32,
+        "num_layers": 1, "num_heads": 2, "cross_attention_dim": 32, "embodiment_hidden_dim": 32}},
+}
+OLD_LAYOUT = {"warmup_ratio": 0.1, "lr_schedule": "linear", "frame_index": 0, "use_vl_mask": False,
+              "init_from": "pre.ckpt", "init_from_parts": ["backbone"], "image_augmentation": None,
+              "privileged_head": None, "privileged_loss_weight": 1.0, "compile_backend": None}
+OLD_CALLBACKS = [{"class_path": "datamodules.mixture.MixtureMonitor", "init_args": {"log_every_n_steps": 5}},
+                 {"class_path": "lightning.pytorch.callbacks.LearningRateMonitor"}]
+
+
+def test_a_checkpoint_in_the_old_layout_loads_and_predicts_the_same_actions(tmp_path) -> None:
+    from lightning.pytorch.cli import instantiate_module
+
+    from datamodules.normalization import Normalizer
+    from datamodules.spec import DataSpec
+    from lit_modules.checkpoint import DATA_SPEC_KEY, upgrade_run_config
+    from lit_modules.optimization import LRSchedule
+    from lit_modules.vla_policy import InitFrom, VLAPolicy
+    from tests.vla_zoo.policy_fixtures import make_observation
+    from vla_zoo.cli import VLAZooCLI
+    from vla_zoo.policy import Policy
+
+    policy_path = "lit_modules.vla_policy.VLAPolicy"
+    old_args = {**TINY_POLICY, **OLD_LAYOUT}
+    new = upgrade_run_config({"model": {"class_path": policy_path, "init_args": old_args},
+                              "trainer": {"callbacks": OLD_CALLBACKS}})
+    assert new["trainer"]["callbacks"][0]["class_path"] == "vla_zoo.callbacks.MixtureMonitor"
+    assert new["trainer"]["callbacks"][1] == OLD_CALLBACKS[1]
+    new_args = new["model"]["init_args"]
+    assert new_args == {**TINY_POLICY, "privileged_head": None,
+                        "action_head": {**TINY_POLICY["action_head"], "init_args": {
+                            **TINY_POLICY["action_head"]["init_args"], "use_vl_mask": False}},
+                        "lr_schedule": {"kind": "linear", "warmup_ratio": 0.1},
+                        "observation": {"frame_index": 0, "augmentation": None},
+                        "init_from": {"path": "pre.ckpt", "parts": ["backbone"]}}
+    assert upgrade_run_config(new) == new  # today's layout passes unchanged
+
+    # The model today's code builds from the upgraded config, saved as the CLI saved it in the old layout.
+    torch.manual_seed(0)
+    model = instantiate_module(VLAPolicy, {**new_args, "init_from": None})
+    model.configure_model()
+    normalizer = Normalizer({"state": {"min": [-1.0] * 3, "max": [1.0] * 3},
+                             "actions": {"min": [-1.0] * 3, "max": [1.0] * 3}})
+    model.data_spec = DataSpec.from_dict({
+        "embodiments": {"point_gripper": {"id": 0, "state_dim": 3, "action_dim": 3, "has_action": True,
+                                          "normalizer": normalizer.to_dict(), "modality": None}},
+        "views": ["scene", "wrist"], "image_size": [32, 32], "horizon": 4, "max_state_dim": 4, "max_action_dim": 4,
+    })
+    old_args["init_from"] = None
+    path = tmp_path / "old.ckpt"
+    torch.save({"state_dict": model.state_dict(), DATA_SPEC_KEY: model.data_spec.to_dict(),
+                "pytorch-lightning_version": "2.5.0",
+                CONFIG_KEY: yaml.safe_dump({"model": {"class_path": policy_path, "init_args": old_args},
+                                            "trainer": {"callbacks": OLD_CALLBACKS}}),
+                "hyper_parameters": {"_class_path": policy_path, **old_args,
+                                     "_instantiator": "lightning.pytorch.cli.instantiate_module"}}, path)
+    assert load_run_config(path)["trainer"]["callbacks"][0]["class_path"] == "vla_zoo.callbacks.MixtureMonitor"
+
+    loaded = Policy.from_checkpoint(path).module
+    assert loaded.action_head.use_vl_mask is False and loaded.lr_schedule == LRSchedule("linear", 0.1)
+    observation = make_observation(np.random.default_rng(0), image_size=32)
+    observation["state"] = observation["state"][:3]
+    expected = Policy(model, seed=3).get_action(observation)["actions"]
+    np.testing.assert_array_equal(Policy(loaded, seed=3).get_action(observation)["actions"], expected)
+
+    # `--ckpt_path` (validate, resume) puts the checkpoint's arguments into the run's config the same way.
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({"model": {"class_path": policy_path, "init_args": TINY_POLICY},
+                                      "data": {"class_path": "datamodules.synthetic.SyntheticChunkDataModule"},
+                                      "trainer": {"logger": False, "enable_checkpointing": False,
+                                                  "limit_val_batches": 0, "enable_progress_bar": False}}))
+    cli = VLAZooCLI(args=["validate", "--config", str(recipe), "--ckpt_path", str(path)])
+    assert cli.model.lr_schedule == LRSchedule("linear", 0.1) and cli.model.init_from is None
+    assert cli.config.validate.model.init_args.action_head.init_args.use_vl_mask is False
+    assert InitFrom("x").parts == ("backbone", "action_head")

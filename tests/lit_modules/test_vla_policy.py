@@ -17,7 +17,7 @@ from components.embodiment import EmbodimentLinear
 from datamodules.mixture import MixtureDataModule
 from envs.tabletop import TabletopEnv, TabletopPyramid
 from lit_modules.checkpoint import DATA_SPEC_KEY, read_checkpoint
-from lit_modules.vla_policy import VLAPolicy, shuffled_vl_loss
+from lit_modules.vla_policy import InitFrom, VLAPolicy, shuffled_vl_loss
 from tests.lit_modules.test_latent_action import OneThread
 from vla_zoo.policy import Policy
 
@@ -28,8 +28,8 @@ def tiny_policy(compile_backend: str | None = None, **head_kwargs) -> VLAPolicy:
                                lm_layers=2, lm_heads=2)
     head = FlowMatchingActionHead(num_embodiments=2, max_state_dim=4, max_action_dim=4, horizon=8, hidden_dim=64,
                                   num_layers=2, num_heads=2, cross_attention_dim=64, embodiment_hidden_dim=64,
-                                  dropout=0.0, **head_kwargs)
-    return VLAPolicy(backbone=backbone, action_head=head, compile_backend=compile_backend,
+                                  dropout=0.0, compile_backend=compile_backend, **head_kwargs)
+    return VLAPolicy(backbone=backbone, action_head=head,
                      optimizer=partial(torch.optim.AdamW, lr=1e-3, betas=(0.95, 0.999), weight_decay=1e-5))
 
 
@@ -252,9 +252,8 @@ def test_backbone_and_head_width_mismatch_is_reported() -> None:
 
 def test_init_from_missing_checkpoint_names_the_key(tmp_path) -> None:
     model = tiny_policy()
-    model.hparams.init_from = str(tmp_path / "nope.ckpt")
     with pytest.raises(FileNotFoundError, match="init_from"):
-        model._load_initial_weights(model.hparams.init_from)
+        model._load_initial_weights(InitFrom(str(tmp_path / "nope.ckpt")))
 
 
 def test_image_augmentation_applies_to_training_steps_only(pyramid) -> None:
@@ -292,7 +291,7 @@ def test_init_from_a_checkpoint_with_fewer_embodiment_slots_keeps_them_and_adds_
     grown = tiny_policy()
     grown.action_head.expand_embodiments(3)  # as a recipe with num_embodiments: 3 builds it
     fresh = {k: v.clone() for k, v in grown.state_dict().items()}
-    grown._load_initial_weights(str(path))
+    grown._load_initial_weights(InitFrom(str(path)))
     after, before = grown.state_dict(), pretrained.state_dict()
     added = set(after) - set(before)
     assert added and all(k.rpartition(".")[0].endswith(("weights", "biases")) and k.endswith(".2") for k in added)
@@ -415,10 +414,10 @@ def test_privileged_head_trains_the_backbone_and_stays_out_of_inference(pyramid)
         losses.append(float(loss))
     assert losses[-1] < 0.6 * losses[0], losses[::10]  # 1.10 -> 0.46 measured (seed 0)
     # The training step adds it to the action loss with its weight.
-    model.hparams.privileged_loss_weight = 0.0
+    model.privileged_head.loss_weight = 0.0
     torch.manual_seed(1)
     without = float(model.training_step(batch, 0))
-    model.hparams.privileged_loss_weight = 1.0
+    model.privileged_head.loss_weight = 1.0
     torch.manual_seed(1)
     assert float(model.training_step(batch, 0)) == pytest.approx(without + losses[-1], rel=0.2)
     # A policy built without the head (deployment) loads the checkpoint and drops the readout's weights.

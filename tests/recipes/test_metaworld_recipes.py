@@ -16,7 +16,7 @@ if importlib.util.find_spec("metaworld") is None:
 
 from envs.metaworld.generate import MetaWorldDemos  # noqa: E402
 from vla_zoo.cli import VLAZooCLI  # noqa: E402
-from vla_zoo.evaluation import ClosedLoopEvalCallback  # noqa: E402
+from vla_zoo.callbacks import ClosedLoopEvalCallback  # noqa: E402
 
 RECIPES = REPO_ROOT / "recipes"
 BASE = ["pretrain.yaml", "metaworld/posttrain_scratch.yaml"]
@@ -65,7 +65,8 @@ def test_recipe_instantiates_consistently(overlays, head, init_from, tiers, epis
     assert all(0 <= slot < num_slots for slot in data.embodiments.values())
     for labeler in model.pseudo_labelers:
         assert labeler.embodiment_id not in {data.embodiments[s.embodiment] for s in data.sources if s.has_action}
-    assert model.hparams.init_from == init_from
+    assert (model.init_from and model.init_from.path) == init_from
+    assert model.init_from is None or list(model.init_from.parts) == ["backbone", "action_head"]
     evals = [c for c in cli.trainer.callbacks if isinstance(c, ClosedLoopEvalCallback)]
     assert len(evals) == 1 and len(evals[0].tasks) == 10
 

@@ -1,17 +1,28 @@
 """vla_zoo.callbacks: our replacements compute what the Lightning callbacks they replace compute; a non-finite loss
-stops the fit; a signal saves a checkpoint to resume from."""
+stops the fit; a signal saves a checkpoint to resume from; the closed-loop evaluation logs success rates of the
+weights the checkpoint deploys."""
 
 from __future__ import annotations
 
+import json
+import math
 import signal
 
 import lightning as L
 import pytest
 import torch
+from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import EMAWeightAveraging, ModelCheckpoint, WeightAveraging
 
 from tests.vla_zoo.fit_fixtures import SignalAtStep
-from vla_zoo.callbacks import CheckpointOnSignal, ForeachEMAWeightAveraging, NonFiniteLossError, StopOnNonFiniteLoss
+from tests.vla_zoo.test_evaluation import GainModule, GainPolicy, LineEnv
+from vla_zoo.callbacks import (
+    CheckpointOnSignal,
+    ClosedLoopEvalCallback,
+    ForeachEMAWeightAveraging,
+    NonFiniteLossError,
+    StopOnNonFiniteLoss,
+)
 
 
 class _Regression(L.LightningModule):
@@ -153,3 +164,61 @@ def test_sigint_saves_a_checkpoint_equal_to_an_uninterrupted_run_at_that_step_an
     assert resumed.global_step == 8
     assert resumed.optimizers[0].state_dict()["state"][0]["step"] == 8  # AdamW's moments continued, not restarted
     assert resumed.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.01 * 0.9 ** 8)
+
+
+@pytest.mark.parametrize("gain, expected", [(1.0, 1.0), (0.0, 0.0)])
+def test_callback_logs_success_per_task_and_mean_every_n_validations(tmp_path, gain, expected):
+    evaluations = []
+
+    def factory(module):
+        evaluations.append(module.current_epoch)
+        return GainPolicy(module)
+
+    callback = ClosedLoopEvalCallback(factory, tasks=["reachable", "blocked"], make_env=LineEnv, episodes_per_task=2,
+                                      every_n_val_epochs=2, record_videos=1)
+    trainer = Trainer(max_epochs=4, callbacks=[callback], default_root_dir=tmp_path, logger=False,
+                      enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                      num_sanity_val_steps=1)
+    trainer.fit(GainModule(gain))
+    assert evaluations == [1, 3]  # after the 2nd and 4th validation, never in the sanity check
+    metrics = trainer.callback_metrics
+    assert float(metrics["eval/success/reachable"]) == expected
+    assert float(metrics["eval/success/blocked"]) == 0.0
+    assert float(metrics["eval/success/mean"]) == pytest.approx(expected / 2)
+    report = json.loads((tmp_path / "closed_loop" / f"step_{trainer.global_step}" / "results.json").read_text())
+    assert report["success"] == {"reachable": expected, "blocked": 0.0}
+    assert math.isclose(callback.last_results["average"], expected / 2)
+
+
+class DriftingGainModule(GainModule):
+    """SGD moves ``gain`` by -0.25 every step (loss = gain), so the raw and the averaged weights differ."""
+
+    def training_step(self, batch, batch_idx):
+        return self.gain.sum() + batch[0].sum() * 0
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.25)
+
+
+def test_callback_rolls_out_the_averaged_weights_and_refuses_an_order_that_would_not(tmp_path):
+    from lightning.pytorch.callbacks import EMAWeightAveraging
+
+    seen = []
+
+    def factory(module):
+        seen.append(float(module.gain))
+        return GainPolicy(module)
+
+    def fit(callbacks):
+        trainer = Trainer(max_epochs=1, callbacks=callbacks, default_root_dir=tmp_path, logger=False,
+                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                          num_sanity_val_steps=0)
+        trainer.fit(DriftingGainModule(1.0))
+
+    evaluate = ClosedLoopEvalCallback(factory, tasks=["reachable"], make_env=LineEnv, episodes_per_task=1,
+                                      record_videos=0)
+    fit([evaluate, EMAWeightAveraging(decay=0.5)])
+    # Raw gain after the two steps: 0.75, 0.5. EMA: the first update copies (0.75), the second 0.5*0.75 + 0.5*0.5.
+    assert seen == [pytest.approx(0.625)]
+    with pytest.raises(ValueError, match="list ClosedLoopEvalCallback before EMAWeightAveraging"):
+        fit([EMAWeightAveraging(decay=0.5), evaluate])

@@ -1,21 +1,21 @@
 """The closed-loop evaluator on a toy env whose outcome is known in advance: success counting, early stop,
-chunk execution and re-planning, seeding, process split, the report files, errors, and the training callback."""
+chunk execution and re-planning, seeding, process split, the report files and errors (its training callback:
+tests/vla_zoo/test_callbacks.py)."""
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 
 import gymnasium as gym
 import numpy as np
 import pytest
 import torch
 import yaml
-from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch import LightningModule
 from PIL import Image
 
-from vla_zoo.evaluation import ClosedLoopEvalCallback, episode_seed, evaluate_closed_loop
+from vla_zoo.evaluation import episode_seed, evaluate_closed_loop
 
 START = 5.0
 
@@ -219,64 +219,6 @@ class GainPolicy:
 
     def get_action(self, observation):
         return {"actions": np.array([[-self.gain * np.sign(observation["state"][0]), 0.0]], np.float32)}
-
-
-@pytest.mark.parametrize("gain, expected", [(1.0, 1.0), (0.0, 0.0)])
-def test_callback_logs_success_per_task_and_mean_every_n_validations(tmp_path, gain, expected):
-    evaluations = []
-
-    def factory(module):
-        evaluations.append(module.current_epoch)
-        return GainPolicy(module)
-
-    callback = ClosedLoopEvalCallback(factory, tasks=["reachable", "blocked"], make_env=LineEnv, episodes_per_task=2,
-                                      every_n_val_epochs=2, record_videos=1)
-    trainer = Trainer(max_epochs=4, callbacks=[callback], default_root_dir=tmp_path, logger=False,
-                      enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                      num_sanity_val_steps=1)
-    trainer.fit(GainModule(gain))
-    assert evaluations == [1, 3]  # after the 2nd and 4th validation, never in the sanity check
-    metrics = trainer.callback_metrics
-    assert float(metrics["eval/success/reachable"]) == expected
-    assert float(metrics["eval/success/blocked"]) == 0.0
-    assert float(metrics["eval/success/mean"]) == pytest.approx(expected / 2)
-    report = json.loads((tmp_path / "closed_loop" / f"step_{trainer.global_step}" / "results.json").read_text())
-    assert report["success"] == {"reachable": expected, "blocked": 0.0}
-    assert math.isclose(callback.last_results["average"], expected / 2)
-
-
-class DriftingGainModule(GainModule):
-    """SGD moves ``gain`` by -0.25 every step (loss = gain), so the raw and the averaged weights differ."""
-
-    def training_step(self, batch, batch_idx):
-        return self.gain.sum() + batch[0].sum() * 0
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.25)
-
-
-def test_callback_rolls_out_the_averaged_weights_and_refuses_an_order_that_would_not(tmp_path):
-    from lightning.pytorch.callbacks import EMAWeightAveraging
-
-    seen = []
-
-    def factory(module):
-        seen.append(float(module.gain))
-        return GainPolicy(module)
-
-    def fit(callbacks):
-        trainer = Trainer(max_epochs=1, callbacks=callbacks, default_root_dir=tmp_path, logger=False,
-                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                          num_sanity_val_steps=0)
-        trainer.fit(DriftingGainModule(1.0))
-
-    evaluate = ClosedLoopEvalCallback(factory, tasks=["reachable"], make_env=LineEnv, episodes_per_task=1,
-                                      record_videos=0)
-    fit([evaluate, EMAWeightAveraging(decay=0.5)])
-    # Raw gain after the two steps: 0.75, 0.5. EMA: the first update copies (0.75), the second 0.5*0.75 + 0.5*0.5.
-    assert seen == [pytest.approx(0.625)]
-    with pytest.raises(ValueError, match="list ClosedLoopEvalCallback before EMAWeightAveraging"):
-        fit([EMAWeightAveraging(decay=0.5), evaluate])
 
 
 def test_policy_flags_reach_the_checkpoint_policy(monkeypatch):

@@ -272,7 +272,7 @@ def test_import_then_export_gives_the_checkpoint_back_bit_identically(tmp_path):
     imported = torch.load(tmp_path / "head.ckpt", weights_only=True)  # tensors and plain data only
     info = imported[IMPORT_KEY]
     assert info["embodiments"] == {"my_arm": 1, "other_arm": 2}
-    head = FlowMatchingActionHead(**info["action_head"])  # what init_from loads into (init_from_parts: [action_head])
+    head = FlowMatchingActionHead(**info["action_head"])  # what init_from loads into (parts: [action_head])
     head.load_state_dict({k.removeprefix("action_head."): v for k, v in imported["state_dict"].items()})
     assert main(["export", str(tmp_path / "head.ckpt"), str(tmp_path / "out")]) == 0
     exported = load_file(str(tmp_path / "out" / "model.safetensors"))
@@ -346,15 +346,15 @@ def test_imported_head_starts_a_lora_fit_through_init_from(tmp_path):
     the adapters start at the identity, so the policy's head computes the reference's velocity."""
     from components.backbones import ComposedBackbone
     from components.lora import LoRA
-    from lit_modules.vla_policy import VLAPolicy
+    from lit_modules.vla_policy import InitFrom, VLAPolicy
 
     name = "n1_5_head_tiny"
     assert main(["import", str(FIXTURES / name), str(tmp_path / "head.ckpt")]) == 0
     kwargs = head_kwargs(read_config(FIXTURES / name))
     head = FlowMatchingActionHead(**kwargs, tune_diffusion_model=False, lora=LoRA(rank=2))
     policy = VLAPolicy(ComposedBackbone(project_to=kwargs["cross_attention_dim"]), head,
-                       init_from=str(tmp_path / "head.ckpt"), init_from_parts=["action_head"])
-    policy._load_initial_weights(str(tmp_path / "head.ckpt"))
+                       init_from=InitFrom(str(tmp_path / "head.ckpt"), ["action_head"]))
+    policy._load_initial_weights(policy.init_from)
     io = fixture_io(name)
     torch.testing.assert_close(velocity(policy.action_head.eval(), io), io["expected_velocity"], rtol=0, atol=1e-5)
     assert any(".lora_" in n for n, p in policy.action_head.named_parameters() if p.requires_grad)

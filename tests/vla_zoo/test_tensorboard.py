@@ -13,8 +13,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tests.vla_zoo.policy_fixtures import make_episodes
 from tests.vla_zoo.test_evaluation import GainModule, GainPolicy, LineEnv
 from vla_zoo.deploy.replay import ReplayPolicy
-from vla_zoo.evaluation import ClosedLoopEvalCallback
-from vla_zoo.open_loop import OpenLoopEvalCallback
+from vla_zoo.callbacks import ClosedLoopEvalCallback, OpenLoopEvalCallback
 
 
 def _events(log_dir: str) -> EventAccumulator:

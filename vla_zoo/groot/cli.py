@@ -17,7 +17,8 @@ offline tokenizer stands in, which only suits tests.
 ``export`` writes a vla-zoo checkpoint (imported, or trained from one; LoRA adapters merged) back as
 ``config.json`` + ``model.safetensors`` + ``experiment_cfg/metadata.json`` under the reference names; an imported
 checkpoint exported gives the reference tensors (dtype included), ``config.json`` and ``metadata.json`` back.
-A folder with only an action head imports (and exports) the head alone, for ``init_from_parts: [action_head]``.
+A folder with only an action head imports (and exports) the head alone, for ``init_from: {path: OUT.ckpt, parts:
+[action_head]}``.
 Bad input stops with a message naming the file and the key, exit status 1, and nothing written.
 """
 
@@ -183,7 +184,7 @@ def import_checkpoint(src: str | Path, out: str | Path, embodiments: list[str] =
                "parts": ["backbone", "action_head"] if bb_kw is not None else ["action_head"],
                "policy": spec is not None}
     if spec is None:
-        summary["note"] = ("no backbone tensors: a head for init_from_parts [action_head]" if bb_kw is None else
+        summary["note"] = ("no backbone tensors: a head for init_from {path, parts: [action_head]}" if bb_kw is None else
                            f"no {METADATA}: weights for init_from only, no statistics for a policy")
     if bb_kw is not None and tokenizer is None:
         summary["tokenizer"] = ("none given: the offline test tokenizer stands in, which the released LM cannot "
@@ -226,6 +227,7 @@ def _import_record(checkpoint: dict[str, Any]) -> dict[str, Any]:
     if CONFIG_KEY not in checkpoint:
         return {}
     init_from = (yaml.safe_load(checkpoint[CONFIG_KEY])["model"].get("init_args") or {}).get("init_from")
+    init_from = init_from.get("path") if isinstance(init_from, dict) else init_from  # InitFrom(path, parts)
     if not init_from or not Path(init_from).is_file():
         return {}
     start = _read(Path(init_from))
