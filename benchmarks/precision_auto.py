@@ -49,10 +49,10 @@ class Arm:
         self.model, self.precision, self.clip = model.train(), precision, clip
         self.logged: dict[str, float] = {}
         model.log = lambda name, value, **kwargs: self.logged.__setitem__(name, float(value))
-        hp = model.hparams
+        schedule = model.lr_schedule
         self.optimizer = model._optimizer_factory([p for p in model.parameters() if p.requires_grad])
-        self.scheduler = get_scheduler(LR_SCHEDULES[hp.lr_schedule], self.optimizer,
-                                       num_warmup_steps=int(hp.warmup_ratio * total_steps),
+        self.scheduler = get_scheduler(LR_SCHEDULES[schedule.kind], self.optimizer,
+                                       num_warmup_steps=int(schedule.warmup_ratio * total_steps),
                                        num_training_steps=total_steps)
         self.rng = torch.Generator().manual_seed(seed).get_state()
         self.times: list[float] = []  # wall seconds per step

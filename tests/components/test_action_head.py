@@ -121,6 +121,29 @@ def test_padded_vl_tokens_do_not_change_the_output(config):
     assert (head(noisy, t, changed, mask, state, ids) - out).abs().amax(dim=(1, 2))[mask.any(1)].min() > 1e-3
 
 
+def test_without_the_vl_mask_the_head_attends_to_padded_tokens_as_the_released_code_does():
+    torch.manual_seed(SEED)
+    masked = tiny_head().eval()
+    unmasked = tiny_head(use_vl_mask=False).eval()
+    unmasked.load_state_dict(masked.state_dict())
+    vl, mask, state, ids = random_inputs(masked)
+    noisy, t = torch.randn(6, masked.horizon, masked.max_action_dim), torch.rand(6)
+    everything = torch.ones_like(mask)
+    torch.testing.assert_close(unmasked(noisy, t, vl, mask, state, ids), masked(noisy, t, vl, everything, state, ids),
+                               rtol=0, atol=0)
+    g = torch.Generator()
+    torch.testing.assert_close(unmasked.sample(vl, mask, state, ids, generator=g.manual_seed(3)),
+                               masked.sample(vl, everything, state, ids, generator=g.manual_seed(3)), rtol=0, atol=0)
+    assert not torch.allclose(unmasked(noisy, t, vl, mask, state, ids), masked(noisy, t, vl, mask, state, ids))
+
+
+def test_compile_backend_compiles_the_dit_blocks_in_place_with_the_same_state_dict_keys():
+    eager, compiled = tiny_head(), tiny_head(compile_backend="eager")  # eager: dynamo's tracing, no codegen
+    assert all(b._compiled_call_impl is not None for b in compiled.blocks)
+    assert all(b._compiled_call_impl is None for b in eager.blocks)
+    assert compiled.state_dict().keys() == eager.state_dict().keys()
+
+
 def test_head_without_state_ignores_the_state():
     """``use_state=False`` (the no-proprioception ablation): velocity and samples do not move with the state."""
     vl, mask, state, ids = random_inputs(tiny_head())

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from lit_modules.optimization import check_schedule, configure_optimizers, paper_adamw
+from lit_modules.optimization import LRSchedule, check_schedule, configure_optimizers, paper_adamw
 
 
 class Stub(nn.Module):
@@ -70,3 +70,6 @@ def test_bad_schedule_settings_name_the_allowed_values() -> None:
     for ratio in (-0.1, 1.0):
         with pytest.raises(ValueError, match=r"warmup_ratio must be in \[0, 1\)"):
             check_schedule("cosine", ratio)
+    with pytest.raises(ValueError, match=r"lr_schedule must be one of .*got 'step'"):
+        LRSchedule(kind="step")
+    assert LRSchedule() == LRSchedule("cosine", 0.05)
