@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import signal
 
 # One intra-op thread per test process (and the CLI subprocesses it starts). The test models are tiny, and with
 # data-loader workers or a busy machine, two OpenMP threads on two cores spin-wait on each other: a training test
@@ -41,18 +40,6 @@ def run_cli(args: list[str], entry: str = "module", cwd: Path | None = None, tim
         cmd = [str(script), *args]
     return subprocess.run(cmd, cwd=cwd or REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout,
                           start_new_session=new_session)
-
-
-@pytest.fixture(autouse=True)
-def restore_stop_signal_handlers():
-    """Fits run in the pytest process may leave SIGINT/SIGTERM handlers behind (Lightning ignores SIGINT once it
-    has caught a KeyboardInterrupt, and sets it to SIG_DFL after destroying a process group); the next test starts
-    with the handlers pytest had."""
-    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    yield
-    for signum, handler in saved.items():
-        if signal.getsignal(signum) is not handler:
-            signal.signal(signum, handler)
 
 
 @pytest.fixture
