@@ -19,6 +19,8 @@ def leave_stop_signals_to_the_trainer(worker_id: int) -> None:
     """``worker_init_fn`` for every DataLoader of ours (runs in the worker, before its first batch)."""
     del worker_id
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if not hasattr(signal, "sigwaitinfo"):  # macOS, Windows: SIGTERM keeps its default action
+        return
     # Block SIGTERM and wait for it in a thread, which learns the sender's pid (a Python handler cannot).
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
     threading.Thread(target=_take_sigterm_from_parent_only, args=(os.getppid(),), daemon=True,
