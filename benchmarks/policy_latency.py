@@ -17,7 +17,7 @@ import time
 
 import numpy as np
 import torch
-import yaml
+from omegaconf import OmegaConf
 
 from datamodules.spec import DataSpec, EmbodimentSpec
 from lit_modules.vla_policy import VLAPolicy
@@ -28,6 +28,22 @@ from vla_zoo.machine import describe
 def build(spec: dict) -> torch.nn.Module:
     module, _, name = spec["class_path"].rpartition(".")
     return getattr(importlib.import_module(module), name)(**spec.get("init_args", {}))
+
+
+def recipe_policy_module(recipe: str) -> VLAPolicy:
+    """The recipe's VLAPolicy (its ``${...}`` references resolved) with random weights and a data spec for one 3-dim
+    embodiment with two 64 px views."""
+    spec = OmegaConf.to_container(OmegaConf.load(recipe), resolve=True)["model"]["init_args"]
+    head = spec["action_head"]["init_args"]
+    module = VLAPolicy(backbone=build(spec["backbone"]), action_head=build(spec["action_head"]))
+    stats = {"min": [-1.0] * 3, "max": [1.0] * 3}
+    module.data_spec = DataSpec(
+        embodiments={"point_gripper": EmbodimentSpec(id=0, state_dim=3, action_dim=3, has_action=True, normalizer={
+            "mode": "min_max", "stats": {"state": stats, "actions": stats}})},
+        views=["scene", "wrist"], image_size=[64, 64], horizon=head["horizon"],
+        max_state_dim=head["max_state_dim"], max_action_dim=head["max_action_dim"],
+    )
+    return module
 
 
 def timed(fn, calls: int) -> dict:
@@ -48,16 +64,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    recipe = yaml.safe_load(open(args.recipe))["model"]["init_args"]
-    head_args = recipe["action_head"]["init_args"]
-    model = VLAPolicy(backbone=build(recipe["backbone"]), action_head=build(recipe["action_head"]))
-    stats = {"min": [-1.0] * 3, "max": [1.0] * 3}
-    model.data_spec = DataSpec(
-        embodiments={"point_gripper": EmbodimentSpec(id=0, state_dim=3, action_dim=3, has_action=True, normalizer={
-            "mode": "min_max", "stats": {"state": stats, "actions": stats}})},
-        views=["scene", "wrist"], image_size=[64, 64], horizon=head_args["horizon"],
-        max_state_dim=head_args["max_state_dim"], max_action_dim=head_args["max_action_dim"],
-    )
+    model = recipe_policy_module(args.recipe)
     rng = np.random.default_rng(0)
     obs = {"embodiment": "point_gripper", "instruction": "put the red cube in the blue bowl", "state": np.zeros(3),
            "images": {v: rng.integers(0, 256, (64, 64, 3), dtype=np.uint8) for v in ("scene", "wrist")}}
@@ -67,11 +74,11 @@ def main() -> None:
     system1.get_action(obs)  # fills the System 2 cache once
     head = model.action_head
     tokens, mask = full.encode_observation(full.observation_images(obs), [obs["instruction"]])
-    state = torch.zeros(1, head_args["max_state_dim"])
+    state = torch.zeros(1, model.data_spec.max_state_dim)
     eid = torch.zeros(1, dtype=torch.long)
     results = {
         "threads": args.threads,
-        "horizon": head_args["horizon"],
+        "horizon": model.data_spec.horizon,
         "num_inference_steps": head.num_inference_steps,
         "full_call": timed(lambda: full.get_action(obs), args.calls),
         "system1_call": timed(lambda: system1.get_action(obs), args.calls),

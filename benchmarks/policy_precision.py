@@ -30,29 +30,9 @@ import time
 import numpy as np
 import torch
 
+from benchmarks.policy_latency import recipe_policy_module
 from vla_zoo.machine import describe
 from vla_zoo.policy import Policy
-
-
-def recipe_policy_module(recipe: str):
-    """The recipe's VLAPolicy with random weights and a data spec for one 3-dim embodiment, two 64 px views."""
-    import yaml
-
-    from benchmarks.policy_latency import build
-    from datamodules.spec import DataSpec, EmbodimentSpec
-    from lit_modules.vla_policy import VLAPolicy
-
-    spec = yaml.safe_load(open(recipe))["model"]["init_args"]
-    head = spec["action_head"]["init_args"]
-    module = VLAPolicy(backbone=build(spec["backbone"]), action_head=build(spec["action_head"]))
-    stats = {"min": [-1.0] * 3, "max": [1.0] * 3}
-    module.data_spec = DataSpec(
-        embodiments={"point_gripper": EmbodimentSpec(id=0, state_dim=3, action_dim=3, has_action=True, normalizer={
-            "mode": "min_max", "stats": {"state": stats, "actions": stats}})},
-        views=["scene", "wrist"], image_size=[64, 64], horizon=head["horizon"],
-        max_state_dim=head["max_state_dim"], max_action_dim=head["max_action_dim"],
-    )
-    return module
 
 
 def observations(policy: Policy, count: int, seed: int = 0) -> list[dict]:
